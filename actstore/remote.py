@@ -1,0 +1,133 @@
+"""Storage access by URL: local paths, ``file://``, ``memory://``, ``s3://`` and any fsspec URL.
+
+One :class:`Location` holds a synchronous fsspec filesystem (for our own small objects and
+ranged reads) and the matching zarr store (for array metadata and shard writes).
+
+S3 endpoint and credentials come from the environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``…)
+or from ``storage_options``; they live only in memory and are never written to a store or a log.
+Remote calls that can fail transiently are retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fsspec
+from zarr.abc.store import Store as ZarrStore
+from zarr.storage import FsspecStore, LocalStore
+
+from .errors import StoreAccessError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_ATTEMPTS = 4
+RETRY_BASE_DELAY_S = 0.2
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _s3_options_from_env(storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    opts = dict(storage_options)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "endpoint_url" not in opts and "endpoint_url" not in opts.get("client_kwargs", {}):
+        opts["endpoint_url"] = endpoint
+    return opts
+
+
+@dataclass
+class Location:
+    """A store's root: the URL the user gave, a sync filesystem, the path in it, a zarr store."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    root: str
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    read_only: bool = True
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def zarr_store(self) -> ZarrStore:
+        if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
+            return LocalStore(self.root, read_only=self.read_only)
+        return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=self.read_only)
+
+    def exists(self, key: str) -> bool:
+        return call_with_retries(lambda: self.fs.exists(self.path(key)), self.url)
+
+    def read_json(self, key: str) -> Any:
+        raw = call_with_retries(lambda: self.fs.cat_file(self.path(key)), self.url)
+        return json.loads(raw)
+
+    def write_bytes_atomic(self, key: str, data: bytes) -> None:
+        """Write a whole object so readers see the old or the new bytes, never a mix."""
+        target = self.path(key)
+        if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
+            tmp = Path(f"{target}.{uuid.uuid4().hex}.partial")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+            return
+        # object stores and memory: a single put is atomic
+        call_with_retries(lambda: self.fs.pipe_file(target, data), self.url)
+
+    def du(self, key: str = "") -> int:
+        """Bytes stored under ``key``."""
+        path = self.path(key)
+        if not self.fs.exists(path):
+            return 0
+        return int(call_with_retries(lambda: self.fs.du(path, total=True), self.url))
+
+    def rm_tree(self) -> None:
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+
+
+def open_location(url: str, storage_options: Mapping[str, Any] | None = None, read_only: bool = True) -> Location:
+    """Resolve ``url`` (local path or fsspec URL) into a :class:`Location`."""
+    opts = dict(storage_options or {})
+    if is_local(url):
+        path = url[len("file://"):] if url.startswith("file://") else url
+        root = str(Path(path).expanduser().resolve())
+        return Location(url=root, fs=fsspec.filesystem("file"), root=root, read_only=read_only)
+    if url.startswith(("s3://", "s3a://")):
+        opts = _s3_options_from_env(opts)
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **opts)
+    except (ImportError, ValueError) as e:
+        raise StoreAccessError(f"cannot open {url}: {e}") from e
+    return Location(url=url.rstrip("/"), fs=fs, root=root.rstrip("/"), storage_options=opts, read_only=read_only)
+
+
+def call_with_retries(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS) -> T:
+    """Run ``fn``; retry transient storage failures with exponential backoff.
+
+    A missing object is not transient and is raised at once; so are permission errors.
+    Anything that still fails after the last attempt is raised as :class:`StoreAccessError`
+    (connection refused, bad endpoint, throttling...).
+    """
+    delay = RETRY_BASE_DELAY_S
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except (OSError, TimeoutError, ConnectionError) as e:
+            if attempt == attempts:
+                raise StoreAccessError(f"storage at {what} failed after {attempts} attempts: {e}") from e
+            log.warning("storage call to %s failed (%s); retrying in %.1fs", what, type(e).__name__, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")

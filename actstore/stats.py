@@ -1,0 +1,81 @@
+"""Per-hook running statistics, kept exact across shards, writers and resumes.
+
+Each commit adds a shard's sums, so a trainer can normalise without a warm-up pass:
+
+- ``count``: tokens seen;
+- ``sum_D``: sum of activation vectors (float64), giving the mean vector ``mean_D = sum_D / count``;
+- ``sum_sq_norm``: sum of ``||x||_2^2``, giving ``E||x||^2``, the scale SAELens normalises by
+  (``x * sqrt(D / E||x||^2)``, as in Anthropic's April 2024 update and SAELens'
+  ``normalize_activations="expected_average_only_in"``);
+- ``sum_norm``: sum of ``||x||_2``, for the mean norm that ``actstore info`` shows.
+
+Statistics are computed on the values as stored (after dtype rounding), in float64.
+Shape letters: N tokens, D width.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class RunningStats:
+    """Additive sums over tokens of one hook; merge by adding."""
+
+    count: int
+    sum_D: np.ndarray
+    sum_sq_norm: float
+    sum_norm: float
+
+    @classmethod
+    def zeros(cls, width: int) -> RunningStats:
+        return cls(0, np.zeros(width, np.float64), 0.0, 0.0)
+
+    @classmethod
+    def of(cls, acts_ND: np.ndarray) -> RunningStats:
+        x_ND = np.asarray(acts_ND, dtype=np.float64)
+        sq_N = np.einsum("nd,nd->n", x_ND, x_ND)
+        return cls(len(x_ND), x_ND.sum(axis=0), float(sq_N.sum()), float(np.sqrt(sq_N).sum()))
+
+    def merged(self, other: RunningStats) -> RunningStats:
+        return RunningStats(
+            self.count + other.count,
+            self.sum_D + other.sum_D,
+            self.sum_sq_norm + other.sum_sq_norm,
+            self.sum_norm + other.sum_norm,
+        )
+
+    @property
+    def mean_D(self) -> np.ndarray:
+        return self.sum_D / max(self.count, 1)
+
+    @property
+    def mean_sq_norm(self) -> float:
+        return self.sum_sq_norm / max(self.count, 1)
+
+    @property
+    def mean_norm(self) -> float:
+        return self.sum_norm / max(self.count, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        # the vector is float64 little-endian, base64: exact and compact (JSON floats are 3x larger)
+        return {
+            "count": self.count,
+            "sum": base64.b64encode(self.sum_D.astype("<f8").tobytes()).decode("ascii"),
+            "sum_encoding": "base64 float64 little-endian",
+            "sum_sq_norm": self.sum_sq_norm,
+            "sum_norm": self.sum_norm,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunningStats:
+        sum_D = np.frombuffer(base64.b64decode(data["sum"]), dtype="<f8").astype(np.float64)
+        return cls(int(data["count"]), sum_D, float(data["sum_sq_norm"]), float(data["sum_norm"]))
+
+    def summary(self) -> dict[str, Any]:
+        """Scalar view for the root attributes and ``actstore info``."""
+        return {"count": self.count, "mean_norm": self.mean_norm, "mean_sq_norm": self.mean_sq_norm}

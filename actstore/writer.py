@@ -1,0 +1,236 @@
+"""Writing a store: whole shards, data first, the commit record last.
+
+A :class:`StoreWriter` is a context manager. On entry it creates the store, or re-opens one
+made with the same :class:`~actstore.config.StoreConfig` (any difference is refused unless
+``overwrite=True``) and learns which shards are committed. ``write_shard`` stores one shard
+of every array (one object per array), then atomically rewrites this writer's commit record
+(:mod:`actstore.commits`). Several writers, one per rank, own disjoint shards of one store
+(``pending_shards(rank, world_size)``); a crashed writer is resumed by running it again.
+On a clean exit the root attributes get a summary of all commits (``n_tokens``, statistics).
+Shape letters: N tokens, D width.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.errors import ContainsArrayError, ContainsGroupError
+
+from .commits import CommitRecord, load_records, merge_records, write_record
+from .config import StoreConfig
+from .dtypes import encode_acts, fp8_dequantize, to_numpy, zarr_dtype
+from .errors import ConfigMismatchError, NotAnActstoreError, ShardError, StoreNotFoundError
+from .layout import COMMITS, POSITIONS, TOKENS, acts_path, array_specs, inner_codecs, scale_path
+from .reader import ROOT_ATTR, read_root_attrs
+from .remote import Location, open_location
+from .stats import RunningStats
+
+log = logging.getLogger(__name__)
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+class StoreWriter:
+    """Create or resume a store and write whole shards to it."""
+
+    def __init__(
+        self,
+        url: str,
+        config: StoreConfig,
+        *,
+        writer_id: int | str = 0,
+        overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+        io_threads: int = 8,
+    ):
+        self.url = url
+        self.config = config
+        self.writer_id = str(writer_id)
+        self.overwrite = overwrite
+        self.storage_options = dict(storage_options or {})
+        self.io_threads = io_threads
+        self.loc: Location | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self._record = CommitRecord(self.writer_id)
+        self._committed: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def __enter__(self) -> StoreWriter:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close(consolidate=exc_type is None)
+
+    def open(self) -> StoreWriter:
+        loc = open_location(self.url, self.storage_options, read_only=False)
+        self.loc = loc
+        if self.overwrite:
+            log.info("overwriting the store at %s", loc.url)
+            loc.rm_tree()
+        try:
+            existing = StoreConfig.from_json(read_root_attrs(loc))
+        except StoreNotFoundError:
+            existing = None
+        except NotAnActstoreError as e:
+            raise NotAnActstoreError(
+                f"{loc.url} already holds data that is not an actstore store; "
+                "choose another path (or overwrite it explicitly)"
+            ) from e
+        if existing is None:
+            self._write_root(n_tokens=0, state_stats={}, n_shards_committed=0)
+        else:
+            diffs = existing.differences(self.config)
+            if diffs:
+                raise ConfigMismatchError(
+                    f"the store at {loc.url} was made with another configuration ({'; '.join(diffs[:4])}"
+                    f"{'; ...' if len(diffs) > 4 else ''}); rerun with the same settings to resume, "
+                    "or overwrite it (overwrite=True / --overwrite), or pick another path"
+                )
+        self._create_arrays()
+        records = load_records(loc)
+        self._committed = set(merge_records(records).shards)
+        own = [r for r in records if r.writer_id == self.writer_id]
+        if own:
+            self._record = own[0]
+        self._pool = ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="actstore-write")
+        log.info("store %s: %d of %d shards committed", loc.url, len(self._committed), self.config.n_shards)
+        return self
+
+    def close(self, consolidate: bool = True) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if consolidate and self.loc is not None:
+            self.consolidate()
+
+    def consolidate(self) -> None:
+        """Write the summary of all writers' commits into the root attributes."""
+        state = merge_records(load_records(self._loc))
+        n = sum(b - a for a, b in map(self.config.shard_range, state.shards))
+        self._write_root(n_tokens=n, state_stats=state.stats, n_shards_committed=len(state.shards))
+
+    # ---- shards ---------------------------------------------------------------------------
+    @property
+    def committed_shards(self) -> set[int]:
+        """Shards committed by any writer (as of opening) or by this one since."""
+        return set(self._committed)
+
+    def pending_shards(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Uncommitted shards owned by ``rank``: shard ``s`` belongs to rank ``s % world_size``."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        return [s for s in range(rank, self.config.n_shards, world_size) if s not in self._committed]
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        return self.config.shard_range(shard)
+
+    def write_shard(
+        self,
+        shard: int,
+        *,
+        tokens: ArrayLike,
+        positions: ArrayLike,
+        acts: Mapping[str, ArrayLike],
+    ) -> None:
+        """Store every array's data for ``shard``, then commit it.
+
+        ``tokens`` and ``positions`` are ``[N]`` integers and ``acts[hook]`` is ``[N, D]`` for
+        every hook of the store, where ``N`` is the shard's length (``shard_range``).
+        """
+        if self._pool is None:
+            raise RuntimeError("StoreWriter is not open; use it as a context manager")
+        if not 0 <= shard < self.config.n_shards:
+            raise ShardError(f"shard {shard} is outside 0..{self.config.n_shards - 1}")
+        if shard in self._committed:
+            raise ShardError(f"shard {shard} is already committed; write only pending_shards()")
+        start, stop = self.config.shard_range(shard)
+        n = stop - start
+        regions = {TOKENS: _int32_column(tokens, n, "tokens"), POSITIONS: _int32_column(positions, n, "positions")}
+        missing, extra = set(self.config.hooks) - set(acts), set(acts) - set(self.config.hooks)
+        if missing or extra:
+            raise ShardError(f"shard {shard}: acts must cover exactly the store's hooks (missing {sorted(missing)}, unknown {sorted(extra)})")
+        shard_stats: dict[str, RunningStats] = {}
+        for hook in self.config.hooks:
+            x = to_numpy(acts[hook])
+            width = self.config.width(hook)
+            if x.shape != (n, width) or x.dtype.kind not in "fV":
+                raise ShardError(f"shard {shard}: acts[{hook!r}] must be a float [{n}, {width}] array, got {x.dtype} {list(x.shape)}")
+            stored, scale = encode_acts(x, self.config.dtype)
+            regions[acts_path(hook)] = stored
+            if scale is not None:
+                regions[scale_path(hook)] = scale
+                shard_stats[hook] = RunningStats.of(fp8_dequantize(stored, scale))
+            else:
+                shard_stats[hook] = RunningStats.of(stored.astype(np.float32))
+        futures = [self._pool.submit(self._put, path, start, stop, data) for path, data in regions.items()]
+        for f in futures:
+            f.result()
+        self._commit(shard, shard_stats)
+
+    def _put(self, path: str, start: int, stop: int, data: np.ndarray) -> None:
+        self._arrays[path][start:stop] = data
+
+    def _commit(self, shard: int, shard_stats: dict[str, RunningStats]) -> None:
+        record = self._record.with_shard(shard, shard_stats)
+        write_record(self._loc, record)
+        self._record = record
+        self._committed.add(shard)
+
+    # ---- creation -------------------------------------------------------------------------
+    @property
+    def _loc(self) -> Location:
+        if self.loc is None:
+            raise RuntimeError("StoreWriter is not open")
+        return self.loc
+
+    def _write_root(self, n_tokens: int, state_stats: dict[str, RunningStats], n_shards_committed: int) -> None:
+        attrs = self.config.to_json()
+        attrs["n_tokens"] = n_tokens
+        attrs["n_shards_committed"] = n_shards_committed
+        attrs["stats"] = {hook: s.summary() for hook, s in state_stats.items()}
+        doc = {"zarr_format": 3, "node_type": "group", "attributes": {ROOT_ATTR: attrs}}
+        self._loc.write_bytes_atomic("zarr.json", json.dumps(doc, indent=2).encode())
+
+    def _create_arrays(self) -> None:
+        cfg = self.config
+        root = zarr.open_group(self._loc.zarr_store(), mode="r+")
+        for name in ("acts", COMMITS) + (("scales",) if cfg.dtype == "float8_e4m3fn" else ()):
+            try:
+                root.require_group(name)
+            except ContainsArrayError as e:
+                raise ConfigMismatchError(f"{self._loc.url}/{name} is an array, not a group; overwrite the store") from e
+        for spec in array_specs(cfg):
+            try:
+                arr = root.create_array(
+                    spec.path,
+                    shape=(cfg.n_tokens_target, *spec.shape_tail),
+                    dtype=zarr_dtype(spec.dtype),
+                    shards=(cfg.shard_tokens, *spec.shape_tail),
+                    chunks=(cfg.chunk_tokens, *spec.shape_tail),
+                    compressors=inner_codecs(cfg, spec.dtype),
+                    fill_value=0,
+                    config={"write_empty_chunks": True},
+                )
+            except (ContainsArrayError, ContainsGroupError):
+                arr = root[spec.path]  # made by an earlier run or by another rank
+                if not isinstance(arr, zarr.Array) or arr.shape != (cfg.n_tokens_target, *spec.shape_tail):
+                    raise ConfigMismatchError(f"{self._loc.url}/{spec.path} exists with another shape; overwrite the store") from None
+            self._arrays[spec.path] = arr
+
+
+def _int32_column(x: ArrayLike, n: int, name: str) -> np.ndarray:
+    arr = to_numpy(x)
+    if arr.shape != (n,) or arr.dtype.kind not in "iu":
+        raise ShardError(f"{name} must be an integer [{n}] array, got {arr.dtype} {list(arr.shape)}")
+    if n and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+        raise ShardError(f"{name} values do not fit int32")
+    return arr.astype(np.int32, copy=False)
