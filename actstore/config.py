@@ -182,6 +182,7 @@ class StoreConfig:
         return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
     def with_(self, **changes: Any) -> StoreConfig:
+        """A copy with ``changes``; chunk and shard sizes stay as resolved unless changed too."""
         return replace(self, **changes)
 
 

@@ -2,9 +2,9 @@
 
 zarr-python 3.1 has no ``bfloat16`` data type, so this module registers one (and
 ``float8_e4m3fn``) under the names used by the zarr-extensions registry, backed by
-``ml_dtypes``. Both are also exposed through the ``zarr.data_type`` entry point, so any
-zarr-python in an environment where actstore is installed reads our stores; tensorstore reads
-them natively.
+``ml_dtypes``. zarr-python reads our stores once this module is imported
+(``import actstore.dtypes``; zarr 3.1 does not load data types from entry points);
+tensorstore reads them natively.
 
 The 1-byte lossy mode stores ``float8_e4m3fn`` values with one float32 scale per token:
 ``scale_N = max_d |x_ND| / 448`` (448 is the largest finite e4m3fn value) and
@@ -59,7 +59,7 @@ class Float8E4M3FN(BaseFloat):  # type: ignore[type-arg]
 
 
 def register_zarr_dtypes() -> None:
-    """Make zarr-python understand our dtypes (idempotent; also done through the entry point)."""
+    """Make zarr-python understand our dtypes (idempotent; done when this module is imported)."""
     data_type_registry.register(BFloat16._zarr_v3_name, BFloat16)
     data_type_registry.register(Float8E4M3FN._zarr_v3_name, Float8E4M3FN)
 

@@ -1,0 +1,48 @@
+"""``actstore info``: the table, the JSON, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import actstore
+from tests.conftest import make_config, make_data, write_shards
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True)
+
+
+def make_store(path):
+    cfg = make_config()
+    with actstore.open_store(str(path), "a", config=cfg) as w:
+        write_shards(w, cfg, make_data(cfg), [0, 1])
+    return cfg
+
+
+def test_info_table(tmp_path):
+    make_store(tmp_path / "s")
+    out = run_cli("info", str(tmp_path / "s"))
+    assert out.returncode == 0, out.stderr
+    for text in ("tiny-llama", "synthetic", "512 committed of 1,000", "bfloat16", "zstd-1", "blocks.1.hook_mlp_out", "compression"):
+        assert text in out.stdout
+
+
+def test_info_json(tmp_path):
+    make_store(tmp_path / "s")
+    out = run_cli("info", str(tmp_path / "s"), "--json")
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    assert s["n_tokens"] == 512 and s["n_tokens_target"] == 1000 and s["model"]["d_model"] == 48
+    assert s["compression_ratio"] > 1.0 and s["hooks"]["blocks.0.hook_resid_post"]["count"] == 512
+
+
+def test_info_errors_are_one_line_exit_2(tmp_path):
+    out = run_cli("info", str(tmp_path / "missing"))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: no store at")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    out = run_cli("info", str(tmp_path / "other"))
+    assert out.returncode == 2 and "not an actstore store" in out.stderr and "Traceback" not in out.stderr
