@@ -10,7 +10,8 @@ Layout of a format-1 store (a zarr v3 group)::
     commits/writer-<id>/      group whose attributes are that writer's commit record
 
 Every array is sharded along tokens with the same shard and inner-chunk sizes, so a shard is
-one object per array. Inner chunks are encoded ``bytes -> blosc(zstd, byte-shuffle) -> crc32c``,
+one object per array. Inner chunks are encoded ``bytes -> blosc(zstd, byte-shuffle, 1 MiB
+blocks) -> crc32c``,
 all standard zarr v3 codecs that tensorstore also reads.
 """
 
@@ -22,6 +23,11 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .config import StoreConfig
 from .dtypes import itemsize
+
+#: Blosc block size. Blosc's default at low levels is tens of KiB, which costs zstd most of the
+#: gain of byte-shuffling: on SmolLM2 bf16 activations 1.26x with the default, 1.43x with 1 MiB
+#: blocks, at the same speed (benchmarks/bench_store.py).
+BLOSC_BLOCK_BYTES = 1 << 20
 
 TOKENS = "tokens"
 POSITIONS = "positions"
@@ -73,7 +79,9 @@ def inner_codecs(cfg: StoreConfig, dtype: str) -> list[object]:
     codecs: list[object] = []
     if cfg.codec == "zstd":
         shuffle = "shuffle" if size > 1 else "noshuffle"
-        codecs.append(BloscCodec(cname="zstd", clevel=cfg.codec_level, shuffle=shuffle, typesize=size))
+        codecs.append(
+            BloscCodec(cname="zstd", clevel=cfg.codec_level, shuffle=shuffle, typesize=size, blocksize=BLOSC_BLOCK_BYTES)
+        )
     if cfg.checksums:
         codecs.append(Crc32cCodec())
     return codecs
