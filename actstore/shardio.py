@@ -1,4 +1,4 @@
-"""Reading inner chunks of sharded zarr v3 arrays directly, with cached shard indexes.
+"""Sharded zarr v3 arrays, read and written directly: cached shard indexes, parallel chunk codecs.
 
 zarr-python re-reads a shard's index for every partial read of that shard. Readers of a store
 (``Store.read``, the shuffled stream) read many small token ranges spread over many shards, so
@@ -7,6 +7,10 @@ end of the shard object; zarr v3 sharding spec) is fetched once with a suffix ra
 cached. Chunks are then fetched with ranged reads, batched through ``fs.cat_ranges`` so remote
 filesystems run them concurrently, and decoded: checksum, then blosc, then raw little-endian bytes.
 
+Writing mirrors it: each inner chunk is encoded on its own (so a thread pool spreads them over
+cores), then a shard is assembled as chunks in C order followed by its index, and stored as one
+object: the same bytes zarr-python's sharding codec writes, without its extra copies.
+
 Only the codec chains actstore writes are accepted (``actstore.layout``); zarr-python itself is
 the reference implementation this module is tested against.
 Shape letters: N tokens, D width.
@@ -14,9 +18,12 @@ Shape letters: N tokens, D width.
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +38,28 @@ from .remote import Location, call_with_retries
 
 _EMPTY = np.uint64(2**64 - 1)  # index entry of an absent chunk
 _BLOSC = numcodecs.Blosc()
+_SHUFFLES = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+
+
+@functools.cache
+def _blosc_encoder_cached(cname: str, clevel: int, shuffle: str, blocksize: int) -> numcodecs.Blosc:
+    return numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=_SHUFFLES[shuffle], blocksize=blocksize)
+
+
+@functools.cache
+def _decode_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="actstore-decode")
+
+
+def _blosc_nbytes(raw: memoryview) -> int:
+    """Decompressed size from a blosc frame header (bytes 4..8), checked before decoding into a buffer."""
+    if len(raw) < 16:
+        raise ValueError("frame shorter than a blosc header")
+    return int.from_bytes(raw[4:8], "little")
+
+
+def _blosc_encoder(conf: dict[str, Any]) -> numcodecs.Blosc:
+    return _blosc_encoder_cached(conf["cname"], int(conf["clevel"]), conf["shuffle"], int(conf.get("blocksize", 0)))
 
 
 @dataclass(frozen=True)
@@ -42,7 +71,8 @@ class ArrayLayout:
     dtype: np.dtype
     shard_tokens: int
     chunk_tokens: int
-    blosc: bool
+    blosc: dict[str, Any] | None
+    """The blosc codec's configuration, or None for uncompressed chunks."""
     crc: bool
 
     @property
@@ -66,6 +96,7 @@ class ArrayLayout:
             conf = sharding["configuration"]
             inner = conf["chunk_shape"]
             names = [c["name"] for c in conf["codecs"]]
+            blosc = next((c["configuration"] for c in conf["codecs"] if c["name"] == "blosc"), None)
             index_names = [c["name"] for c in conf["index_codecs"]]
         except (KeyError, TypeError, ValueError) as e:
             raise StoreFormatError(f"array {path} does not have actstore's layout: {e}") from e
@@ -79,7 +110,43 @@ class ArrayLayout:
             or shard_shape[0] % inner[0]
         ):
             raise StoreFormatError(f"array {path} uses codecs {names} or chunks actstore does not write")
-        return cls(path, shape, dtype, shard_shape[0], inner[0], "blosc" in names, "crc32c" in names)
+        return cls(path, shape, dtype, shard_shape[0], inner[0], blosc, "crc32c" in names)
+
+    # ---- encoding (the writer's side) ---------------------------------------------------
+    def encode_chunk(self, shard_data: np.ndarray, c: int) -> list[memoryview | bytes] | None:
+        """Inner chunk ``c`` of a shard's data, encoded as byte pieces (no needless copies),
+        or None if the chunk lies past the array's end.
+
+        A chunk that the array's end cuts is padded with the fill value (0), as zarr does.
+        """
+        first = c * self.chunk_tokens
+        if first >= len(shard_data):
+            return None
+        part = shard_data[first : first + self.chunk_tokens]
+        if len(part) < self.chunk_tokens:
+            pad = np.zeros((self.chunk_tokens - len(part), *part.shape[1:]), dtype=part.dtype)
+            part = np.concatenate([part, pad])
+        # typed as unsigned ints of the item size so blosc byte-shuffles with the right typesize
+        raw = np.ascontiguousarray(part).view(f"<u{self.dtype.itemsize}")
+        body = memoryview(_blosc_encoder(self.blosc).encode(raw) if self.blosc is not None else raw).cast("B")
+        if not self.crc:
+            return [body]
+        return [body, crc32c.crc32c(body).to_bytes(4, "little")]
+
+    def assemble_shard(self, chunks: Sequence[list[memoryview | bytes] | None]) -> list[memoryview | bytes]:
+        """The shard object as byte pieces: chunks in C order, then the index (offset and
+        length of each chunk) and its CRC32C."""
+        index = np.full((self.chunks_per_shard, 2), _EMPTY, dtype="<u8")
+        pieces: list[memoryview | bytes] = []
+        offset = 0
+        for c, chunk in enumerate(chunks):
+            if chunk is not None:
+                size = sum(len(p) for p in chunk)
+                index[c] = (offset, size)
+                offset += size
+                pieces.extend(chunk)
+        index_bytes = index.tobytes()
+        return [*pieces, index_bytes, crc32c.crc32c(index_bytes).to_bytes(4, "little")]
 
 
 class ShardedArrayReader:
@@ -136,45 +203,77 @@ class ShardedArrayReader:
         return blobs
 
     # ---- chunks ---------------------------------------------------------------------------
-    def read_chunks(self, chunks: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Decoded inner chunks ``(shard, chunk_in_shard)``, each of full chunk shape."""
+    def _fetch(self, chunks: Sequence[tuple[int, int]]) -> list[memoryview]:
+        """Raw bytes of each chunk. Chunks adjacent in a shard object are fetched as one range,
+        so reading a run of chunks is one large read, not many small ones."""
         indexes = self.shard_indexes(sorted({s for s, _ in chunks}))
-        paths, starts, ends = [], [], []
+        spans = []  # (shard, start, end) per requested chunk
         for shard, c in chunks:
             offset, nbytes = indexes[shard][c]
             if offset == _EMPTY and nbytes == _EMPTY:
                 raise MissingChunkError(f"{self.layout.path} shard {shard} chunk {c} is absent")
-            paths.append(self._shard_path(shard))
-            starts.append(int(offset))
-            ends.append(int(offset + nbytes))
-        blobs = self._cat_ranges(paths, starts, ends, [s for s, _ in chunks])
-        return [self._decode(raw, shard, c) for raw, (shard, c) in zip(blobs, chunks, strict=True)]
+            spans.append((shard, int(offset), int(offset + nbytes)))
+        order = sorted(range(len(spans)), key=lambda i: spans[i])
+        groups: list[list[int]] = []  # runs of requests served by one ranged read
+        for i in order:
+            if groups and spans[groups[-1][-1]][0] == spans[i][0] and spans[groups[-1][-1]][2] == spans[i][1]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        shards = [spans[g[0]][0] for g in groups]
+        blobs = self._cat_ranges(
+            [self._shard_path(s) for s in shards], [spans[g[0]][1] for g in groups], [spans[g[-1]][2] for g in groups], shards
+        )
+        out: list[memoryview] = [memoryview(b"")] * len(chunks)
+        for g, blob in zip(groups, blobs, strict=True):
+            view, base = memoryview(blob), spans[g[0]][1]
+            for i in g:
+                out[i] = view[spans[i][1] - base : spans[i][2] - base]
+        return out
 
-    def _decode(self, raw: bytes, shard: int, c: int) -> np.ndarray:
+    def _decode_into(self, raw: memoryview, shard: int, c: int, out: np.ndarray) -> None:
+        """Decode one chunk into ``out`` (a contiguous array of the chunk's shape)."""
         where = f"{self.layout.path} shard {shard} chunk {c}"
         if self.layout.crc:
             body, stored = raw[:-4], raw[-4:]
             if crc32c.crc32c(body) != int.from_bytes(stored, "little"):
                 raise CorruptChunkError(f"{where}: checksum mismatch (data is damaged)")
             raw = body
-        if self.layout.blosc:
+        target = out.view(np.uint8).reshape(-1)
+        if self.layout.blosc is not None:
             try:
-                raw = _BLOSC.decode(raw)
+                if _blosc_nbytes(raw) != target.nbytes:
+                    raise ValueError(f"holds {_blosc_nbytes(raw)} bytes, expected {target.nbytes}")
+                _BLOSC.decode(raw, out=target)
             except (RuntimeError, ValueError) as e:
                 raise CorruptChunkError(f"{where}: cannot decompress ({e})") from e
-        n_items = int(np.prod(self.layout.chunk_shape))
-        if len(raw) != n_items * self.layout.dtype.itemsize:
-            raise CorruptChunkError(f"{where}: decoded to {len(raw)} bytes, expected {n_items * self.layout.dtype.itemsize}")
-        return np.frombuffer(raw, dtype=self.layout.dtype.newbyteorder("<")).reshape(self.layout.chunk_shape)
+        else:
+            if len(raw) != target.nbytes:
+                raise CorruptChunkError(f"{where}: holds {len(raw)} bytes, expected {target.nbytes}")
+            target[:] = np.frombuffer(raw, dtype=np.uint8)
+
+    def _decode_all(self, chunks: Sequence[tuple[int, int]], outs: Sequence[np.ndarray]) -> None:
+        raws = self._fetch(chunks)
+        jobs = [(raws[i], *chunks[i], outs[i]) for i in range(len(chunks))]
+        if len(jobs) == 1:
+            self._decode_into(*jobs[0])
+        else:  # blosc and crc32c release the GIL: decode chunks on all cores
+            list(_decode_pool().map(lambda job: self._decode_into(*job), jobs))
+
+    def read_chunks(self, chunks: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Decoded inner chunks ``(shard, chunk_in_shard)``, each of full chunk shape."""
+        outs = [np.empty(self.layout.chunk_shape, dtype=self.layout.dtype) for _ in chunks]
+        self._decode_all(chunks, outs)
+        return outs
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens ``[start, stop)`` (the caller checks they are committed)."""
+        if stop <= start:
+            return np.empty((0, *self.layout.shape[1:]), dtype=self.layout.dtype)
         ct, cps = self.layout.chunk_tokens, self.layout.chunks_per_shard
         first, last = start // ct, (stop - 1) // ct
         ids = [(g // cps, g % cps) for g in range(first, last + 1)]
-        parts = self.read_chunks(ids) if stop > start else []
-        if not parts:
-            return np.empty((0, *self.layout.shape[1:]), dtype=self.layout.dtype)
-        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        out = np.empty((len(ids) * ct, *self.layout.shape[1:]), dtype=self.layout.dtype)
+        self._decode_all(ids, [out[i * ct : (i + 1) * ct] for i in range(len(ids))])
         offset = first * ct
         return out[start - offset : stop - offset]

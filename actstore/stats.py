@@ -9,7 +9,9 @@ Each commit adds a shard's sums, so a trainer can normalise without a warm-up pa
   ``normalize_activations="expected_average_only_in"``);
 - ``sum_norm``: sum of ``||x||_2``, for the mean norm that ``actstore info`` shows.
 
-Statistics are computed on the values as stored (after dtype rounding), in float64.
+Statistics are computed on the values as stored (after dtype rounding): per-token squared
+norms in float32, per-block sums of 1024 tokens in float32, and every running total in float64
+(relative error ~1e-7, deterministic for the same data).
 Shape letters: N tokens, D width.
 """
 
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+_BLOCK = 1024
 
 
 @dataclass
@@ -37,9 +41,13 @@ class RunningStats:
 
     @classmethod
     def of(cls, acts_ND: np.ndarray) -> RunningStats:
-        x_ND = np.asarray(acts_ND, dtype=np.float64)
+        """Sums over the tokens of ``acts_ND`` (any float dtype); see the module docstring."""
+        x_ND = np.asarray(acts_ND, dtype=np.float32)  # exact for bf16, fp16 and fp8 values
         sq_N = np.einsum("nd,nd->n", x_ND, x_ND)
-        return cls(len(x_ND), x_ND.sum(axis=0), float(sq_N.sum()), float(np.sqrt(sq_N).sum()))
+        sum_D = np.zeros(x_ND.shape[1], np.float64)
+        for first in range(0, len(x_ND), _BLOCK):
+            sum_D += x_ND[first : first + _BLOCK].sum(axis=0)
+        return cls(len(x_ND), sum_D, float(sq_N.sum(dtype=np.float64)), float(np.sqrt(sq_N).sum(dtype=np.float64)))
 
     def merged(self, other: RunningStats) -> RunningStats:
         return RunningStats(

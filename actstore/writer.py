@@ -2,8 +2,9 @@
 
 A :class:`StoreWriter` is a context manager. On entry it creates the store, or re-opens one
 made with the same :class:`~actstore.config.StoreConfig` (any difference is refused unless
-``overwrite=True``) and learns which shards are committed. ``write_shard`` stores one shard
-of every array (one object per array), then atomically rewrites this writer's commit record
+``overwrite=True``) and learns which shards are committed. ``write_shard`` encodes the shard's
+inner chunks in a thread pool and stores one object per array (:mod:`actstore.shardio`; zarr
+creates the arrays' metadata), then atomically rewrites this writer's commit record
 (:mod:`actstore.commits`). Several writers, one per rank, own disjoint shards of one store
 (``pending_shards(rank, world_size)``); a crashed writer is resumed by running it again.
 On a clean exit the root attributes get a summary of all commits (``n_tokens``, statistics).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,15 +23,26 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from .commits import CommitRecord, load_records, merge_records, write_record
 from .config import StoreConfig
 from .dtypes import encode_acts, fp8_dequantize, to_numpy, zarr_dtype
 from .errors import ConfigMismatchError, NotAnActstoreError, ShardError, StoreNotFoundError
-from .layout import COMMITS, POSITIONS, TOKENS, acts_path, array_specs, inner_codecs, scale_path
+from .layout import (
+    COMMITS,
+    POSITIONS,
+    TOKENS,
+    acts_path,
+    array_specs,
+    inner_codecs,
+    scale_path,
+    shard_key,
+)
 from .reader import ROOT_ATTR, read_root_attrs
-from .remote import Location, open_location
+from .remote import Location, call_with_retries, open_location
+from .shardio import ArrayLayout
 from .stats import RunningStats
 
 log = logging.getLogger(__name__)
@@ -57,7 +70,7 @@ class StoreWriter:
         self.storage_options = dict(storage_options or {})
         self.io_threads = io_threads
         self.loc: Location | None = None
-        self._arrays: dict[str, zarr.Array] = {}
+        self._layouts: dict[str, ArrayLayout] = {}
         self._record = CommitRecord(self.writer_id)
         self._committed: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None
@@ -158,7 +171,7 @@ class StoreWriter:
         missing, extra = set(self.config.hooks) - set(acts), set(acts) - set(self.config.hooks)
         if missing or extra:
             raise ShardError(f"shard {shard}: acts must cover exactly the store's hooks (missing {sorted(missing)}, unknown {sorted(extra)})")
-        shard_stats: dict[str, RunningStats] = {}
+        stats_jobs = {}
         for hook in self.config.hooks:
             x = to_numpy(acts[hook])
             width = self.config.width(hook)
@@ -168,16 +181,32 @@ class StoreWriter:
             regions[acts_path(hook)] = stored
             if scale is not None:
                 regions[scale_path(hook)] = scale
-                shard_stats[hook] = RunningStats.of(fp8_dequantize(stored, scale))
+                stats_jobs[hook] = self._pool.submit(lambda q=stored, s=scale: RunningStats.of(fp8_dequantize(q, s)))
             else:
-                shard_stats[hook] = RunningStats.of(stored.astype(np.float32))
-        futures = [self._pool.submit(self._put, path, start, stop, data) for path, data in regions.items()]
-        for f in futures:
+                stats_jobs[hook] = self._pool.submit(RunningStats.of, stored)
+        chunk_jobs = {
+            path: [self._pool.submit(self._layouts[path].encode_chunk, data, c) for c in range(self._layouts[path].chunks_per_shard)]
+            for path, data in regions.items()
+        }
+        puts = []
+        for path, jobs in chunk_jobs.items():
+            pieces = self._layouts[path].assemble_shard([j.result() for j in jobs])
+            puts.append(self._pool.submit(self._put_shard, path, shard, pieces))
+        for f in puts:
             f.result()
+        shard_stats = {hook: job.result() for hook, job in stats_jobs.items()}
         self._commit(shard, shard_stats)
 
-    def _put(self, path: str, start: int, stop: int, data: np.ndarray) -> None:
-        self._arrays[path][start:stop] = data
+    def _put_shard(self, path: str, shard: int, pieces: list[memoryview | bytes]) -> None:
+        """Store one shard object (visible to readers only once committed)."""
+        key = self._loc.path(shard_key(path, shard, len(self._layouts[path].shape)))
+        if isinstance(self._loc.fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(key), exist_ok=True)
+            with open(key, "wb") as f:
+                f.writelines(pieces)
+        else:
+            blob = b"".join(pieces)
+            call_with_retries(lambda: self._loc.fs.pipe_file(key, blob), self._loc.url)
 
     def _commit(self, shard: int, shard_stats: dict[str, RunningStats]) -> None:
         record = self._record.with_shard(shard, shard_stats)
@@ -224,7 +253,7 @@ class StoreWriter:
                 arr = root[spec.path]  # made by an earlier run or by another rank
                 if not isinstance(arr, zarr.Array) or arr.shape != (cfg.n_tokens_target, *spec.shape_tail):
                     raise ConfigMismatchError(f"{self._loc.url}/{spec.path} exists with another shape; overwrite the store") from None
-            self._arrays[spec.path] = arr
+            self._layouts[spec.path] = ArrayLayout.from_zarr_json(spec.path, arr.metadata.to_dict())
 
 
 def _int32_column(x: ArrayLike, n: int, name: str) -> np.ndarray:

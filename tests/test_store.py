@@ -101,9 +101,9 @@ class StoreSuite:
             x = stored_values(cfg, data[hook]).astype(np.float64)
             s = store.stats(hook)
             assert s.count == 1000
-            np.testing.assert_allclose(s.mean_D, x.mean(0), rtol=1e-12, atol=1e-12)
-            np.testing.assert_allclose(s.mean_sq_norm, (x**2).sum(1).mean(), rtol=1e-12)
-            np.testing.assert_allclose(s.mean_norm, np.linalg.norm(x, axis=1).mean(), rtol=1e-12)
+            np.testing.assert_allclose(s.mean_D, x.mean(0), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(s.mean_sq_norm, (x**2).sum(1).mean(), rtol=1e-6)
+            np.testing.assert_allclose(s.mean_norm, np.linalg.norm(x, axis=1).mean(), rtol=1e-6)
         root = json.loads(open_location(url).fs.cat_file(open_location(url).path("zarr.json")))
         assert root["attributes"]["actstore"]["n_tokens"] == 1000
         assert root["attributes"]["actstore"]["stats"][cfg.hooks[0]]["count"] == 1000
@@ -190,7 +190,7 @@ class StoreSuite:
         assert store.is_complete and store.n_tokens == 2000
         np.testing.assert_array_equal(store.tokens(), data["tokens"])
         x = stored_values(cfg, data[cfg.hooks[2]]).astype(np.float64)
-        np.testing.assert_allclose(store.stats(cfg.hooks[2]).mean_D, x.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(store.stats(cfg.hooks[2]).mean_D, x.mean(0), rtol=1e-6, atol=1e-6)
 
     def test_same_config_resumes_other_config_refused_and_data_kept(self, url):
         cfg = make_config()
