@@ -81,7 +81,13 @@ class Location:
             os.replace(tmp, target)
             return
         # object stores and memory: a single put is atomic
-        call_with_retries(lambda: self.fs.pipe_file(target, data), self.url)
+        try:
+            call_with_retries(lambda: self.fs.pipe_file(target, data), self.url)
+        except (FileNotFoundError, PermissionError) as e:
+            raise StoreAccessError(
+                f"cannot write to {self.url} ({type(e).__name__}: {e}); check that the bucket exists "
+                "and that your credentials may write there"
+            ) from e
 
     def du(self, key: str = "") -> int:
         """Bytes stored under ``key``."""

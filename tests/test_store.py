@@ -315,3 +315,24 @@ class TestS3Store(StoreSuite):
     @pytest.fixture
     def url(self, s3_server, unique):
         return f"s3://actstore-test/store-{unique}"
+
+    def test_credentials_from_storage_options_never_reach_the_store(self, url, s3_server):
+        secret = "sEcReT-key-material-123"
+        opts = {"key": "testing", "secret": secret, "endpoint_url": s3_server}
+        cfg = make_config()
+        write_all(url, cfg, make_data(cfg), storage_options=opts)
+        assert actstore.open_store(url, storage_options=opts).n_tokens == 1000
+        loc = open_location(url)
+        blobs = [loc.fs.cat_file(p) for p in loc.fs.find(loc.root)]
+        assert blobs and not any(secret.encode() in b or s3_server.encode() in b for b in blobs)
+
+    def test_missing_bucket_is_a_named_error(self, s3_server, unique):
+        with pytest.raises(actstore.StoreAccessError, match="bucket"):
+            actstore.open_store(f"s3://no-such-bucket-{unique}/x", "a", config=make_config()).open()
+
+    def test_unreachable_endpoint_is_a_named_error(self, s3_server, monkeypatch):
+        from tests.conftest import _free_port
+
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{_free_port()}")
+        with pytest.raises(actstore.StoreAccessError, match="cannot read"):
+            actstore.open_store("s3://actstore-test/unreachable", storage_options={"skip_instance_cache": True})
