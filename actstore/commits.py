@@ -33,11 +33,6 @@ class CommitRecord:
     shards: set[int] = field(default_factory=set)
     stats: dict[str, RunningStats] = field(default_factory=dict)
 
-    @property
-    def n_tokens(self) -> int:
-        counts = {s.count for s in self.stats.values()}
-        return counts.pop() if len(counts) == 1 else 0
-
     def with_shard(self, shard: int, shard_stats: dict[str, RunningStats]) -> CommitRecord:
         """A new record with ``shard`` added (self is left unchanged until the write succeeds)."""
         stats = dict(self.stats)

@@ -168,6 +168,7 @@ class Store:
     # ---- sizes ----------------------------------------------------------------------------
     @cached_property
     def _object_sizes(self) -> dict[str, int]:
+        self.loc.fs.invalidate_cache(self.loc.root)
         return {p: int(info["size"]) for p, info in self.loc.fs.find(self.loc.root, detail=True).items()}
 
     def summary(self) -> dict[str, Any]:

@@ -64,9 +64,6 @@ class Location:
             return LocalStore(self.root, read_only=self.read_only)
         return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=self.read_only)
 
-    def exists(self, key: str) -> bool:
-        return call_with_retries(lambda: self.fs.exists(self.path(key)), self.url)
-
     def read_json(self, key: str) -> Any:
         raw = call_with_retries(lambda: self.fs.cat_file(self.path(key)), self.url)
         return json.loads(raw)
@@ -88,13 +85,6 @@ class Location:
                 f"cannot write to {self.url} ({type(e).__name__}: {e}); check that the bucket exists "
                 "and that your credentials may write there"
             ) from e
-
-    def du(self, key: str = "") -> int:
-        """Bytes stored under ``key``."""
-        path = self.path(key)
-        if not self.fs.exists(path):
-            return 0
-        return int(call_with_retries(lambda: self.fs.du(path, total=True), self.url))
 
     def rm_tree(self) -> None:
         if self.fs.exists(self.root):

@@ -121,6 +121,17 @@ class StoreSuite:
             store.read(cfg.hooks[0], 200, 300)
         assert store.stats(cfg.hooks[0]).count == 512
 
+    def test_refresh_sees_shards_committed_after_opening(self, url):
+        cfg = make_config()
+        data = make_data(cfg)
+        with actstore.open_store(url, "a", config=cfg) as w:
+            write_shards(w, cfg, data, [0])
+            store = actstore.open_store(url)
+            write_shards(w, cfg, data, [1])
+            assert store.committed_shards == [0]
+            assert store.refresh().committed_shards == [0, 1]
+            np.testing.assert_array_equal(store.tokens(256, 512), data["tokens"][256:512])
+
     def test_interrupted_commit_is_invisible_and_resume_is_bit_identical(self, url, monkeypatch):
         cfg = make_config()
         data = make_data(cfg)
