@@ -29,7 +29,13 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 from .commits import CommitRecord, load_records, merge_records, write_record
 from .config import StoreConfig
 from .dtypes import encode_acts, fp8_dequantize, to_numpy, zarr_dtype
-from .errors import ConfigMismatchError, NotAnActstoreError, ShardError, StoreNotFoundError
+from .errors import (
+    ConfigMismatchError,
+    FormatVersionError,
+    NotAnActstoreError,
+    ShardError,
+    StoreNotFoundError,
+)
 from .layout import (
     COMMITS,
     POSITIONS,
@@ -87,8 +93,7 @@ class StoreWriter:
         loc = open_location(self.url, self.storage_options, read_only=False)
         self.loc = loc
         if self.overwrite:
-            log.info("overwriting the store at %s", loc.url)
-            loc.rm_tree()
+            self._remove_existing_store()
         try:
             existing = StoreConfig.from_json(read_root_attrs(loc))
         except StoreNotFoundError:
@@ -117,6 +122,23 @@ class StoreWriter:
         self._pool = ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="actstore-write")
         log.info("store %s: %d of %d shards committed", loc.url, len(self._committed), self.config.n_shards)
         return self
+
+    def _remove_existing_store(self) -> None:
+        """Delete the store at the URL, refusing to delete anything that is not a store."""
+        loc = self._loc
+        try:
+            read_root_attrs(loc)
+        except StoreNotFoundError:
+            if loc.fs.exists(loc.root) and loc.fs.ls(loc.root):
+                raise NotAnActstoreError(
+                    f"{loc.url} holds files but no actstore store; refusing to overwrite it, pick another path"
+                ) from None
+        except NotAnActstoreError as e:
+            raise NotAnActstoreError(f"{e}; refusing to overwrite it, pick another path") from None
+        except FormatVersionError:
+            pass  # a store from a newer actstore: still ours to replace when asked
+        log.info("overwriting the store at %s", loc.url)
+        loc.rm_tree()
 
     def close(self, consolidate: bool = True) -> None:
         if self._pool is not None:

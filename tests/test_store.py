@@ -225,6 +225,14 @@ class StoreSuite:
         store = actstore.open_store(url)
         assert store.config.dtype == "float32" and store.committed_shards == [0]
 
+    def test_overwrite_refuses_to_delete_what_is_not_a_store(self, url):
+        loc = open_location(url)
+        loc.fs.makedirs(loc.root, exist_ok=True)
+        loc.fs.pipe_file(loc.path("thesis.tex"), b"precious")
+        with pytest.raises(NotAnActstoreError, match="refusing to overwrite"):
+            actstore.open_store(url, "w", config=make_config()).open()
+        assert loc.fs.cat_file(loc.path("thesis.tex")) == b"precious"
+
     def test_bad_shard_writes_are_refused(self, url):
         cfg = make_config()
         data = make_data(cfg)
