@@ -10,14 +10,20 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-import typer
-from rich.console import Console
+# actstore shows its own progress; the libraries' loading bars (tqdm, read from the environment
+# when tqdm is imported) would bury it, and the one-line errors
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import actstore
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+import actstore  # noqa: E402
 
 app = typer.Typer(
     name="actstore",
@@ -48,6 +54,11 @@ def user_errors(fn: F) -> F:
 @app.callback()
 def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
 
 
 @app.command()
@@ -64,6 +75,72 @@ def info(
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
         render_summary(summary, Console())
+
+
+@app.command()
+@user_errors
+def harvest(
+    model: Annotated[str, typer.Option(help="Alias (smollm2-135m, gemma-2-2b, gemma-2-9b, llama-3.2-1b, llama-3.1-8b), local folder or HF id.")],
+    out: Annotated[str, typer.Option(help="Store path or URL (s3://bucket/prefix).")],
+    layers: Annotated[str, typer.Option(help="Blocks to capture: 0-25, 3,7,11, mixes, or all.")] = "all",
+    sites: Annotated[str, typer.Option(help="Comma list of resid_post, resid_pre, mlp_out, attn_out.")] = "resid_post",
+    dataset: Annotated[str, typer.Option(help="builtin:python-docs, a .txt/.jsonl/.parquet file, folder or glob, or an HF dataset.")] = "builtin:python-docs",
+    split: Annotated[str, typer.Option(help="Split of an HF dataset.")] = "train",
+    text_column: Annotated[str, typer.Option(help="Column holding the text (rows with input_ids are used as token ids).")] = "text",
+    tokens: Annotated[str, typer.Option(help="Tokens to store: 20000, 20k, 5M (rounded up to whole contexts).")] = "1M",
+    context_size: Annotated[int, typer.Option(help="Tokens per context window.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Context windows per forward pass.")] = 8,
+    bos: Annotated[bool, typer.Option("--bos/--no-bos", help="Put BOS at position 0 of every window.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the document order.")] = 0,
+    dtype: Annotated[str, typer.Option(help="Storage dtype: bfloat16, float16, float32, float8_e4m3fn.")] = "bfloat16",
+    codec: Annotated[str, typer.Option(help="zstd (byte-shuffled) or none.")] = "zstd",
+    chunk_tokens: Annotated[int, typer.Option(help="Tokens per inner chunk (0: at least 1 MiB).")] = 0,
+    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard, the unit of commit (0: 16 chunks).")] = 0,
+    revision: Annotated[str | None, typer.Option(help="HF revision of the model.")] = None,
+    model_dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA and AVX512-BF16/AMX CPUs, else float32), float32, bfloat16, float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace a store made with another configuration.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Run a model over text and store residual-stream activations; re-run the same command to resume."""
+    from pipelines.harvest import HarvestConfig, parse_count, parse_layers
+    from pipelines.harvest import harvest as run_harvest
+    from pipelines.models import model_depth
+    from pipelines.text import TextConfig
+
+    if model_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown --model-dtype {model_dtype!r}; choose auto, float32, bfloat16 or float16")
+    if codec not in ("zstd", "none"):
+        raise ValueError(f"unknown --codec {codec!r}; choose zstd or none")
+    n_layers = model_depth(model, revision) if layers.strip() == "all" else None
+    cfg = HarvestConfig(
+        model=model,
+        out=out,
+        layers=parse_layers(layers, n_layers),
+        sites=tuple(s.strip() for s in sites.split(",") if s.strip()),
+        text=TextConfig(dataset=dataset, split=split, text_column=text_column, context_size=context_size,
+                        prepend_bos=bos, seed=seed),
+        tokens=parse_count(tokens),
+        batch_size=batch_size,
+        dtype=dtype,  # type: ignore[arg-type]
+        codec=codec,  # type: ignore[arg-type]
+        chunk_tokens=chunk_tokens,
+        shard_tokens=shard_tokens,
+        revision=revision,
+        model_dtype=model_dtype,  # type: ignore[arg-type]
+        device=device,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    try:
+        result = run_harvest(cfg)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; committed shards are kept: rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(
+        f"{result.url}: {result.store_tokens:,} tokens committed"
+        + (f" ({result.tokens_written:,} this run, {result.tokens_per_s:,.0f} tok/s)" if result.tokens_written else "")
+    )
 
 
 def main() -> None:

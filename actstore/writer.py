@@ -57,7 +57,7 @@ ArrayLike = np.ndarray | torch.Tensor
 
 
 class StoreWriter:
-    """Create or resume a store and write whole shards to it."""
+    """Create or resume a store and write whole shards to it (``io_threads`` encode in parallel)."""
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from transformers import (
 )
 
 NAME = "smollm2-135m"
+N_LAYERS = 30
 
 
 def gguf_path() -> Path:

