@@ -25,11 +25,13 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) -m pipelines.store_demo --out runs/demo
+	$(VENV)/bin/actstore harvest --model smollm2-135m --layers 0-29 --dataset builtin:python-docs \
+		--tokens 20000 --out runs/demo
 	$(VENV)/bin/actstore info runs/demo
 
 bench: setup
 	$(PY) benchmarks/bench_store.py
+	$(PY) benchmarks/bench_harvest.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -41,13 +41,20 @@ class RunningStats:
 
     @classmethod
     def of(cls, acts_ND: np.ndarray) -> RunningStats:
-        """Sums over the tokens of ``acts_ND`` (any float dtype); see the module docstring."""
-        x_ND = np.asarray(acts_ND, dtype=np.float32)  # exact for bf16, fp16 and fp8 values
-        sq_N = np.einsum("nd,nd->n", x_ND, x_ND)
-        sum_D = np.zeros(x_ND.shape[1], np.float64)
-        for first in range(0, len(x_ND), _BLOCK):
-            sum_D += x_ND[first : first + _BLOCK].sum(axis=0)
-        return cls(len(x_ND), sum_D, float(sq_N.sum(dtype=np.float64)), float(np.sqrt(sq_N).sum(dtype=np.float64)))
+        """Sums over the tokens of ``acts_ND`` (any float dtype); see the module docstring.
+
+        Works through blocks of 1024 tokens converted to float32 one at a time, so each block
+        stays in cache instead of a whole float32 copy of the shard going through memory.
+        """
+        sum_D = np.zeros(acts_ND.shape[1], np.float64)
+        sum_sq = sum_norm = 0.0
+        for first in range(0, len(acts_ND), _BLOCK):
+            x_ND = np.asarray(acts_ND[first : first + _BLOCK], dtype=np.float32)  # exact for bf16, fp16, fp8
+            sq_N = np.einsum("nd,nd->n", x_ND, x_ND)
+            sum_D += x_ND.sum(axis=0)
+            sum_sq += float(sq_N.sum(dtype=np.float64))
+            sum_norm += float(np.sqrt(sq_N).sum(dtype=np.float64))
+        return cls(len(acts_ND), sum_D, sum_sq, sum_norm)
 
     def merged(self, other: RunningStats) -> RunningStats:
         return RunningStats(

@@ -14,21 +14,69 @@ Prints, measured side by side in one run on the same bytes:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numcodecs
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
 import actstore
 from actstore.dtypes import encode_acts, fp8_dequantize
-from pipelines import smollm2
-from pipelines.store_demo import Capture, capture_resid_post, store_config, write_capture
+from pipelines import corpus, smollm2
+from pipelines.capture import ActivationCapture, hook_name
+from pipelines.models import load_model
+from pipelines.text import TextConfig, token_windows
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Activations of N tokens: ids, positions, and ``acts[hook]`` float32 ``[N, D]``."""
+
+    tokens_N: np.ndarray
+    positions_N: np.ndarray
+    acts: dict[str, np.ndarray]
+
+
+def capture(lm, layers: list[int], n_tokens: int, context_size: int = 256, batch_size: int = 8) -> Capture:
+    """``hook_resid_post`` of ``layers`` over the first ``n_tokens`` tokens of the built-in corpus."""
+    windows = np.stack(list(itertools.islice(token_windows(TextConfig(context_size=context_size), lm.tokenizer), n_tokens // context_size)))
+    hooks = [hook_name(layer, "resid_post") for layer in layers]
+    parts: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
+    with ActivationCapture(lm.model, hooks) as cap:
+        for i in range(0, len(windows), batch_size):
+            for h, x in cap.run(torch.from_numpy(windows[i : i + batch_size])).items():
+                parts[h].append(x.float().numpy())
+    positions = np.tile(np.arange(context_size, dtype=np.int32), len(windows))
+    return Capture(windows.reshape(-1), positions, {h: np.concatenate(p) for h, p in parts.items()})
+
+
+def store_config(lm, cap: Capture, context_size: int, **changes) -> actstore.StoreConfig:
+    return actstore.StoreConfig(
+        model=actstore.ModelInfo(smollm2.NAME, lm.d_model, lm.n_layers),
+        dataset=actstore.DatasetInfo(corpus.NAME),
+        hooks=tuple(cap.acts),
+        n_tokens_target=len(cap.tokens_N),
+        context_size=context_size,
+        **changes,
+    )
+
+
+def write_capture(url: str, cap: Capture, cfg: actstore.StoreConfig, overwrite: bool = False) -> actstore.Store:
+    """Write a capture into a store, shard by shard."""
+    with actstore.open_store(url, "w" if overwrite else "a", config=cfg) as w:
+        for shard in w.pending_shards():
+            a, b = w.shard_range(shard)
+            w.write_shard(shard, tokens=cap.tokens_N[a:b], positions=cap.positions_N[a:b],
+                          acts={h: x[a:b] for h, x in cap.acts.items()})
+    return actstore.open_store(url)
 
 
 def best_of(repeats: int, fn) -> float:
@@ -85,13 +133,13 @@ def main() -> None:
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="actstore-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer = smollm2.load()
+    lm = load_model(smollm2.NAME)
     layers = [int(v) for v in args.layers.split(",")]
     t0 = time.perf_counter()
-    cap: Capture = capture_resid_post(model, tokenizer, layers, args.tokens, context_size=256)
+    cap = capture(lm, layers, args.tokens, context_size=256)
     console.print(f"captured {args.tokens} tokens x {len(layers)} layers of {smollm2.NAME} in {time.perf_counter() - t0:.1f}s")
     cap_bf16 = {h: encode_acts(x, "bfloat16")[0] for h, x in cap.acts.items()}
-    cfg = store_config(model, cap, 256)
+    cfg = store_config(lm, cap, 256)
     raw_bytes = sum(x.nbytes for x in cap_bf16.values())
 
     # ---- throughput, side by side -------------------------------------------------------

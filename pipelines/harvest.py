@@ -11,10 +11,9 @@ The loop, per rank (``torchrun`` sets ``RANK``/``WORLD_SIZE``; one process is ra
 3. run the model with early exit (:mod:`pipelines.capture`) batch by batch; each batch's
    activations go into a bounded queue that a background thread drains: it converts to the
    store dtype, assembles the shard, compresses and writes it, then commits. The queue bounds
-   memory and applies backpressure when storage is slower than the model. On CUDA the writer
-   overlaps the model; on a CPU-only run it writes each shard between forward passes, with
-   every core, because there a writer running beside the model stalls the model's threads by
-   more than the writing costs (``HarvestConfig.overlap_writes``).
+   memory and applies backpressure when storage is slower than the model. Each batch's
+   activations are dropped before the next forward pass and shards are assembled in reused
+   buffers: on a CPU, fresh half-gigabyte allocations per batch cost more than the writing.
 
 A killed harvest restarts from its last commit: shards are pure functions of (text, seed,
 model, batch size), and a batch never spans two shards, so re-running the same command yields a
@@ -23,6 +22,7 @@ store bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -98,10 +98,6 @@ class HarvestConfig:
     """Batches in flight between the model and the background writer."""
     writer_threads: int = 0
     """Threads compressing and writing shards (0: one per core)."""
-    overlap_writes: bool | None = None
-    """Write shards while the model runs (None: on CUDA, where the CPU is otherwise idle; on a
-    CPU-only run the writer and the model share the cores, and a shard written between forward
-    passes costs less than one written beside them, see benchmarks/bench_harvest.py)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -134,12 +130,20 @@ class HarvestResult:
     """Tokens this rank wrote in this run (0 when everything was already committed)."""
     loop_seconds: float
     """Wall time from the first forward pass to the last commit."""
+    flush_seconds: float
+    """Of which: waiting for the last shard's write after the last forward pass."""
     store_tokens: int
     """Tokens committed in the store after the run (as seen by this rank)."""
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens_written / self.loop_seconds if self.loop_seconds > 0 else 0.0
+
+    @property
+    def steady_tokens_per_s(self) -> float:
+        """Throughput without the final flush, which a long harvest amortises over many shards."""
+        busy = self.loop_seconds - self.flush_seconds
+        return self.tokens_written / busy if busy > 0 else 0.0
 
 
 def parse_count(spec: str) -> int:
@@ -272,16 +276,12 @@ _END = object()
 
 
 class BackgroundWriter:
-    """Drains batches from a bounded queue, assembles shards and writes them with a StoreWriter.
+    """Drains batches from a bounded queue, assembles shards and writes them with a StoreWriter,
+    while the producer goes on with the next batches (backpressure: ``put_batch`` blocks when
+    ``max_batches`` are waiting)."""
 
-    With ``overlap`` the producer goes on with the next shard while one is written (bounded by
-    the queue); without it, ``end_shard`` returns once the shard is committed, so writing never
-    competes with the model for the CPU.
-    """
-
-    def __init__(self, writer: actstore.StoreWriter, max_batches: int, overlap: bool = True):
+    def __init__(self, writer: actstore.StoreWriter, max_batches: int):
         self.writer = writer
-        self.overlap = overlap
         self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
         self.error: BaseException | None = None
         self.committed_tokens = 0
@@ -297,9 +297,6 @@ class BackgroundWriter:
     def end_shard(self, shard: int, tokens_N: np.ndarray, positions_N: np.ndarray) -> None:
         self._raise_if_failed()
         self.queue.put(("end", shard, (tokens_N, positions_N)))
-        if not self.overlap:
-            self.queue.join()
-            self._raise_if_failed()
 
     def close(self) -> None:
         self.queue.put(_END)
@@ -379,7 +376,7 @@ def harvest(
     first = next(windows, None)
     if first is None:
         raise DatasetError(f"dataset {cfg.text.dataset!r} yielded no tokens (is it empty?)")
-    windows = _chain(first, windows)
+    windows = itertools.chain([first], windows)
 
     writer = actstore.StoreWriter(cfg.out, store_cfg, writer_id=ranks.rank, overwrite=cfg.overwrite and ranks.rank == 0,
                                   storage_options=storage_options, io_threads=cfg.writer_threads or os.cpu_count() or 2)
@@ -393,13 +390,18 @@ def harvest(
     todo = sum(b - a for a, b in map(store_cfg.shard_range, pending))
     log.info("rank %d: %d shards (%d tokens) to harvest", ranks.rank, len(pending), todo)
 
-    overlap = lm.device.type == "cuda" if cfg.overlap_writes is None else cfg.overlap_writes
-    bg = BackgroundWriter(writer, cfg.queue_batches, overlap=overlap)
+    bg = BackgroundWriter(writer, cfg.queue_batches)
     done, t0 = 0, None
     try:
-        with ActivationCapture(lm.model, cfg.hooks) as cap, _progress(cfg.progress and ranks.rank == 0) as bar:
+        with (
+            ActivationCapture(lm.model, cfg.hooks, dtype=capture_dtype(cfg.dtype)) as cap,
+            _progress(cfg.progress and ranks.rank == 0) as bar,
+        ):
             task = bar.add_task("harvest", total=todo, rate="")
-            window_range = lambda s: tuple(t // T for t in store_cfg.shard_range(s))  # noqa: E731
+            def window_range(shard: int) -> tuple[int, int]:
+                a, b = store_cfg.shard_range(shard)
+                return a // T, b // T
+
             for shard, windows_WT in shard_windows(windows, pending, window_range):
                 a, b = store_cfg.shard_range(shard)
                 if len(windows_WT) * T != b - a:
@@ -410,14 +412,16 @@ def harvest(
                 t0 = t0 or time.perf_counter()
                 for first_w in range(0, len(windows_WT), cfg.batch_size):
                     ids_BT = torch.from_numpy(windows_WT[first_w : first_w + cfg.batch_size]).to(lm.device)
-                    acts = {h: _to_store_dtype(x, cfg.dtype) for h, x in cap.run(ids_BT).items()}
+                    acts = {h: x.cpu() for h, x in cap.run(ids_BT).items()}
                     bg.put_batch(shard, acts)
                     del acts  # not alive during the next forward pass
                     done += ids_BT.numel()
                     bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):,.0f} tok/s")
                 positions = np.tile(np.arange(T, dtype=np.int32), len(windows_WT))
                 bg.end_shard(shard, windows_WT.reshape(-1), positions)
+        t_flush = time.perf_counter()
         bg.close()
+        flush_s = time.perf_counter() - t_flush
     except BaseException:
         bg.close_quietly()
         writer.close(consolidate=False)
@@ -426,19 +430,14 @@ def harvest(
     ranks.barrier()
     writer.close(consolidate=ranks.rank == 0)
     store = actstore.open_store(cfg.out, storage_options=storage_options)
-    return HarvestResult(store.url, bg.committed_tokens, loop_s, store.n_tokens)
+    return HarvestResult(store.url, bg.committed_tokens, loop_s, flush_s if t0 else 0.0, store.n_tokens)
 
 
-def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-    yield first
-    yield from rest
-
-
-def _to_store_dtype(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Cast on the model's device (halving the copy for bf16), then move to host memory.
+def capture_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype activations are cast to as they are captured, on the model's device.
 
     torch's casts round to nearest even, as the store's own conversion does, so the stored bits
-    do not depend on where the cast happens. fp8 is quantised by the writer (per-token scales).
+    do not depend on where the cast happens; fp8 stays float32 here and is quantised by the
+    writer (per-token scales).
     """
-    target = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
-    return x.to(target).cpu()
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)

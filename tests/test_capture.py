@@ -76,3 +76,15 @@ def test_bad_hook_names(bad, message):
 def test_layer_past_depth_names_the_depth(model):
     with pytest.raises(ValueError, match="has 4 layers"):
         ActivationCapture(model, ["blocks.4.hook_resid_post"])
+
+
+def test_cast_while_capturing_equals_cast_after(model):
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
+    hooks = [hook_name(layer, site) for layer in (0, 2) for site in SITES]
+    with ActivationCapture(model, hooks) as cap:
+        full = cap.run(ids)
+    with ActivationCapture(model, hooks, dtype=torch.bfloat16) as cap:
+        cast = cap.run(ids)
+    for h in hooks:
+        assert cast[h].dtype == torch.bfloat16
+        assert torch.equal(cast[h], full[h].to(torch.bfloat16)), h
