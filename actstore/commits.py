@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import StoreFormatError
-from .layout import COMMITS, commit_path
+from .layout import COMMITS, commit_path, group_doc
 from .remote import Location, call_with_retries
 from .stats import RunningStats
 
@@ -73,7 +73,7 @@ def ranges_to_shards(ranges: list[list[int]]) -> set[int]:
 
 def write_record(loc: Location, record: CommitRecord) -> None:
     """Atomically replace ``record``'s zarr group metadata (the commit point)."""
-    doc = {"zarr_format": 3, "node_type": "group", "attributes": {RECORD_ATTR: record.to_json()}}
+    doc = group_doc({RECORD_ATTR: record.to_json()})
     loc.write_bytes_atomic(f"{commit_path(record.writer_id)}/zarr.json", json.dumps(doc).encode())
 
 

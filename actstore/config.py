@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -147,6 +147,10 @@ class StoreConfig:
     @property
     def n_shards(self) -> int:
         return math.ceil(self.n_tokens_target / self.shard_tokens)
+
+    def tokens_in(self, shards: Iterable[int]) -> int:
+        """Tokens held by ``shards``."""
+        return sum(b - a for a, b in map(self.shard_range, shards))
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         """Token range ``[start, stop)`` of ``shard``; the last one may be short."""

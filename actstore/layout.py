@@ -87,6 +87,11 @@ def inner_codecs(cfg: StoreConfig, dtype: str) -> list[object]:
     return codecs
 
 
+def group_doc(attributes: dict) -> dict:
+    """The ``zarr.json`` document of a zarr v3 group with ``attributes``."""
+    return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+
+
 def shard_key(path: str, shard: int, ndim: int) -> str:
     """Storage key of shard ``shard`` of a token-major array (zarr v3 default chunk keys)."""
     return f"{path}/c/{shard}" + "/0" * (ndim - 1)

@@ -96,7 +96,7 @@ class Store:
     @property
     def n_tokens(self) -> int:
         """Tokens in committed shards."""
-        return sum(b - a for a, b in map(self.config.shard_range, self._state.shards))
+        return self.config.tokens_in(self._state.shards)
 
     @property
     def n_tokens_target(self) -> int:

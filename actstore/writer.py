@@ -42,6 +42,7 @@ from .layout import (
     TOKENS,
     acts_path,
     array_specs,
+    group_doc,
     inner_codecs,
     scale_path,
     shard_key,
@@ -150,8 +151,7 @@ class StoreWriter:
     def consolidate(self) -> None:
         """Write the summary of all writers' commits into the root attributes."""
         state = merge_records(load_records(self._loc))
-        n = sum(b - a for a, b in map(self.config.shard_range, state.shards))
-        self._write_root(n_tokens=n, state_stats=state.stats, n_shards_committed=len(state.shards))
+        self._write_root(n_tokens=self.config.tokens_in(state.shards), state_stats=state.stats, n_shards_committed=len(state.shards))
 
     # ---- shards ---------------------------------------------------------------------------
     @property
@@ -248,8 +248,7 @@ class StoreWriter:
         attrs["n_tokens"] = n_tokens
         attrs["n_shards_committed"] = n_shards_committed
         attrs["stats"] = {hook: s.summary() for hook, s in state_stats.items()}
-        doc = {"zarr_format": 3, "node_type": "group", "attributes": {ROOT_ATTR: attrs}}
-        self._loc.write_bytes_atomic("zarr.json", json.dumps(doc, indent=2).encode())
+        self._loc.write_bytes_atomic("zarr.json", json.dumps(group_doc({ROOT_ATTR: attrs}), indent=2).encode())
 
     def _create_arrays(self) -> None:
         cfg = self.config

@@ -235,9 +235,9 @@ def store_config(cfg: HarvestConfig, lm: LoadedModel) -> actstore.StoreConfig:
 
 def dataset_info(text: TextConfig) -> actstore.DatasetInfo:
     """What the store records of the text: split and column only where they mean something."""
-    files = None if text.dataset.startswith("builtin:") else local_files(text.dataset)
     if text.dataset.startswith("builtin:"):
         return actstore.DatasetInfo(text.dataset)
+    files = local_files(text.dataset)
     if files is not None:
         tabular = any(f.suffix != ".txt" for f in files)
         return actstore.DatasetInfo(text.dataset, text_column=text.text_column if tabular else None)
@@ -313,7 +313,7 @@ def harvest(
         writer.open()
     T = store_cfg.context_size
     pending = writer.pending_shards(ranks.rank, ranks.world)
-    todo = sum(b - a for a, b in map(store_cfg.shard_range, pending))
+    todo = store_cfg.tokens_in(pending)
     log.info("rank %d: %d shards (%d tokens) to harvest", ranks.rank, len(pending), todo)
 
     bg = BackgroundWriter(writer, cfg.queue_batches)

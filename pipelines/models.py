@@ -101,6 +101,18 @@ def resolve_dtype(model_dtype: ModelDType, device: torch.device, gguf: bool = Fa
     return torch.float32
 
 
+def _unknown_model(name: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), a local model folder, or an HF id like org/name"
+    )
+
+
+def _cannot_load(name: str, e: Exception) -> ModelLoadError:
+    """One line for the libraries' multi-line load errors."""
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return ModelLoadError(f"cannot load model {name!r}: {first_line}")
+
+
 def model_depth(name: str, revision: str | None = None) -> int:
     """Number of blocks of ``name`` from its config alone (no weights are loaded)."""
     from transformers import AutoConfig
@@ -110,13 +122,12 @@ def model_depth(name: str, revision: str | None = None) -> int:
         return smollm2.N_LAYERS
     local = Path(name).expanduser()
     if not local.is_dir() and "/" not in target:
-        raise ModelLoadError(f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), a local model folder, or an HF id like org/name")
+        raise _unknown_model(name)
     try:
         config = AutoConfig.from_pretrained(str(local) if local.is_dir() else target, revision=revision,
                                             local_files_only=local.is_dir())
     except (OSError, ValueError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelLoadError(f"cannot load model {name!r}: {first_line}") from e
+        raise _cannot_load(name, e) from e
     return int(config.num_hidden_layers)
 
 
@@ -136,17 +147,13 @@ def load_model(name: str, *, revision: str | None = None, model_dtype: ModelDTyp
             tokenizer = AutoTokenizer.from_pretrained(target, revision=revision)
             model = AutoModelForCausalLM.from_pretrained(target, revision=revision, dtype=dtype)
         else:
-            raise ModelLoadError(
-                f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), a local model folder, "
-                "or an HF id like org/name"
-            )
+            raise _unknown_model(name)
     except ModelLoadError:
         raise
     except FileNotFoundError as e:
         raise ModelLoadError(str(e)) from e
     except (OSError, ValueError) as e:  # hub unreachable, repo missing, bad revision, not a model folder
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load model {name!r}: {first_line}") from e
+        raise _cannot_load(name, e) from e
     model = model.to(dev).eval()
     model.requires_grad_(False)
     log.info("loaded %s (%s) on %s in %s", name, target, dev, dtype)
