@@ -7,6 +7,8 @@ commit protocol so harvests are crash-safe and resumable. See ``docs/FORMAT.md``
     >>> import actstore
     >>> store = actstore.open_store("runs/smol")
     >>> acts = store.read("blocks.12.hook_resid_post", 0, 4096)   # [4096, 576] bfloat16
+    >>> for acts_BD in actstore.stream(store, "blocks.12.hook_resid_post", batch_size=4096, seed=0):
+    ...     ...                                                       # shuffled, float32 [4096, 576]
 """
 
 from . import dtypes  # noqa: F401  (registers zarr data types before any array is opened)
@@ -26,16 +28,29 @@ from .errors import (
 )
 from .reader import Store, open_store
 from .stats import RunningStats
+from .stream import (
+    Cursor,
+    EmptyStoreError,
+    FollowTimeoutError,
+    IndexedBatch,
+    Stream,
+    StreamConfig,
+    stream,
+)
 from .writer import StoreWriter
 
 __all__ = [
     "FORMAT_VERSION",
     "ActstoreError",
     "ConfigMismatchError",
+    "Cursor",
     "CorruptChunkError",
     "DatasetInfo",
+    "EmptyStoreError",
+    "FollowTimeoutError",
     "FormatVersionError",
     "MissingChunkError",
+    "IndexedBatch",
     "ModelInfo",
     "NotAnActstoreError",
     "RunningStats",
@@ -46,6 +61,9 @@ __all__ = [
     "StoreFormatError",
     "StoreNotFoundError",
     "StoreWriter",
+    "Stream",
+    "StreamConfig",
     "UncommittedRangeError",
     "open_store",
+    "stream",
 ]

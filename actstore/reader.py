@@ -121,24 +121,25 @@ class Store:
         """Activations ``[stop - start, D]`` of ``hook``: stored dtype, or float32 for fp8 stores."""
         self._check_hook(hook)
         start, stop = self._check_range(start, stop)
-        values = self._reader(acts_path(hook)).read(start, stop)
+        values = self.array_reader(acts_path(hook)).read(start, stop)
         if self.config.dtype == "float8_e4m3fn":
-            return fp8_dequantize(values, self._reader(scale_path(hook)).read(start, stop))
+            return fp8_dequantize(values, self.array_reader(scale_path(hook)).read(start, stop))
         return values
 
     def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         start, stop = self._check_range(start, stop)
-        return self._reader(TOKENS).read(start, stop)
+        return self.array_reader(TOKENS).read(start, stop)
 
     def positions(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         start, stop = self._check_range(start, stop)
-        return self._reader(POSITIONS).read(start, stop)
+        return self.array_reader(POSITIONS).read(start, stop)
 
     def zarr_array(self, path: str) -> zarr.Array:
         """zarr-python's own view of an array (``tokens``, ``acts/<hook>``…), all shards included."""
         return zarr.open_array(self.loc.zarr_store(), path=path, mode="r")
 
-    def _reader(self, path: str) -> ShardedArrayReader:
+    def array_reader(self, path: str) -> ShardedArrayReader:
+        """The chunk-level reader of array ``path`` (``tokens``, ``acts/<hook>``...), made once."""
         if path not in self._readers:
             try:
                 doc = self.loc.read_json(f"{path}/zarr.json")

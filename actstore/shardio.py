@@ -30,6 +30,7 @@ from typing import Any
 import crc32c
 import numcodecs
 import numpy as np
+from fsspec.asyn import AsyncFileSystem
 
 from .dtypes import numpy_dtype
 from .errors import CorruptChunkError, MissingChunkError, StoreFormatError
@@ -152,12 +153,14 @@ class ArrayLayout:
 class ShardedArrayReader:
     """Read token ranges of one array through cached shard indexes."""
 
-    def __init__(self, loc: Location, layout: ArrayLayout, index_cache_size: int = 8192):
+    def __init__(self, loc: Location, layout: ArrayLayout, index_cache_size: int = 8192, max_concurrency: int = 64):
         self.loc = loc
         self.layout = layout
         self._index_cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_size = index_cache_size
         self._lock = threading.Lock()
+        # object stores run a batch of ranged reads concurrently: bound how many are in flight
+        self._concurrency = {"batch_size": max_concurrency} if isinstance(loc.fs, AsyncFileSystem) else {}
 
     # ---- shard indexes --------------------------------------------------------------------
     def _shard_path(self, shard: int) -> str:
@@ -191,7 +194,7 @@ class ShardedArrayReader:
     def _cat_ranges(self, paths: list[str], starts: list, ends: list, shards: Sequence[int]) -> list[bytes]:
         try:
             blobs = call_with_retries(
-                lambda: self.loc.fs.cat_ranges(paths, starts, ends, on_error="return"), self.loc.url
+                lambda: self.loc.fs.cat_ranges(paths, starts, ends, on_error="return", **self._concurrency), self.loc.url
             )
         except FileNotFoundError as e:
             raise MissingChunkError(f"{self.layout.path}: shard object missing ({e})") from e
@@ -252,7 +255,10 @@ class ShardedArrayReader:
                 raise CorruptChunkError(f"{where}: holds {len(raw)} bytes, expected {target.nbytes}")
             target[:] = np.frombuffer(raw, dtype=np.uint8)
 
-    def _decode_all(self, chunks: Sequence[tuple[int, int]], outs: Sequence[np.ndarray]) -> None:
+    def read_chunks_into(self, chunks: Sequence[tuple[int, int]], outs: Sequence[np.ndarray]) -> None:
+        """Decode inner chunks ``(shard, chunk_in_shard)`` into ``outs`` (contiguous arrays of the
+        chunk's shape and byte size, any dtype view): one batch of ranged reads, then decoding
+        on all cores."""
         raws = self._fetch(chunks)
         jobs = [(raws[i], *chunks[i], outs[i]) for i in range(len(chunks))]
         if len(jobs) == 1:
@@ -263,7 +269,7 @@ class ShardedArrayReader:
     def read_chunks(self, chunks: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Decoded inner chunks ``(shard, chunk_in_shard)``, each of full chunk shape."""
         outs = [np.empty(self.layout.chunk_shape, dtype=self.layout.dtype) for _ in chunks]
-        self._decode_all(chunks, outs)
+        self.read_chunks_into(chunks, outs)
         return outs
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -274,6 +280,6 @@ class ShardedArrayReader:
         first, last = start // ct, (stop - 1) // ct
         ids = [(g // cps, g % cps) for g in range(first, last + 1)]
         out = np.empty((len(ids) * ct, *self.layout.shape[1:]), dtype=self.layout.dtype)
-        self._decode_all(ids, [out[i * ct : (i + 1) * ct] for i in range(len(ids))])
+        self.read_chunks_into(ids, [out[i * ct : (i + 1) * ct] for i in range(len(ids))])
         offset = first * ct
         return out[start - offset : stop - offset]

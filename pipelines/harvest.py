@@ -228,8 +228,10 @@ def store_config(cfg: HarvestConfig, lm: LoadedModel) -> actstore.StoreConfig:
         shard_tokens=shard,
         seed=cfg.text.seed,
         # what else changes the stored numbers: a resume must use the same
+        # (special_token_ids: what `actstore.stream(..., drop_special=True)` drops)
         extra={"model_dtype": str(lm.dtype).removeprefix("torch."), "batch_size": cfg.batch_size,
-               "shuffle_buffer": cfg.text.shuffle_buffer},
+               "shuffle_buffer": cfg.text.shuffle_buffer,
+               "special_token_ids": sorted(int(t) for t in lm.tokenizer.all_special_ids)},
     )
 
 

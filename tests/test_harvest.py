@@ -52,6 +52,19 @@ def assert_same_arrays(url_a, url_b):
         assert x.tobytes() == y.tobytes(), spec.path
 
 
+def test_harvested_store_streams_without_special_tokens(tiny_llama, tmp_path):
+    harvest(small_harvest(tiny_llama, tmp_path / "s", layers=(1,), sites=("resid_post",)))
+    store = actstore.open_store(str(tmp_path / "s"))
+    special = store.config.extra["special_token_ids"]
+    assert 1 in special  # the SmolLM2 tokenizer's BOS
+    tokens = store.tokens()
+    s = actstore.stream(store, "blocks.1.hook_resid_post", 100, drop_special=True, dtype=None)
+    index = np.concatenate([b.index_B.numpy() for b in s.indexed()])
+    assert sorted(index.tolist()) == [i for i in range(1024) if tokens[i] not in special]
+    b = next(actstore.stream(store, "blocks.1.hook_resid_post", 100, dtype=None).indexed())
+    np.testing.assert_array_equal(b.acts.view(torch.int16).numpy(), store.read("blocks.1.hook_resid_post")[b.index_B.numpy()].view(np.int16))
+
+
 @pytest.mark.parametrize("kind", ["tiny_llama", "tiny_gemma2"])
 def test_stored_activations_equal_an_independent_forward_pass(request, tmp_path, kind):
     model_dir = request.getfixturevalue(kind)

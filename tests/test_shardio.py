@@ -57,7 +57,7 @@ def test_reader_merges_adjacent_chunks_into_one_ranged_read(tmp_path, monkeypatc
         write_shards(w, cfg, data, w.pending_shards())
     store = actstore.open_store(url)
     hook = cfg.hooks[0]
-    reader = store._reader(f"acts/{hook}")
+    reader = store.array_reader(f"acts/{hook}")
     reader.shard_indexes(range(cfg.n_shards))  # index reads are cached from here on
     calls = []  # ranges per cat_ranges call
     real = reader.loc.fs.cat_ranges

@@ -1,0 +1,126 @@
+"""Pure, seeded token orders for the shuffled stream, and a measure of how well they mix.
+
+A stream visits a store in *passes*: one per epoch, or, while following a harvest that is still
+writing, one per *segment* (a fixed run of consecutive shards) of the first epoch. Each pass is
+ordered in two levels, every step a function of ``(sizes, seed, pass, rank, world)`` alone:
+
+1. **Chunks.** The pass's inner chunks (the unit of reading, about 1 MiB per hook) are put in a
+   seeded random order. Read in that order, they form one sequence of tokens; rank ``r`` of
+   ``w`` takes the tokens ``[r n / w, (r + 1) n / w)`` of it, so ranks are disjoint, cover the
+   pass, and differ in size by at most one token. A chunk cut by a rank boundary becomes a
+   *piece* (a token sub-range of a chunk).
+2. **Blocks.** A rank's pieces are cut, in order, into *blocks* that fit the memory budget. A
+   block is read whole, then its tokens are interleaved (:func:`interleave`): each piece's
+   tokens are put in random order and spread evenly over the block's output, piece ``i`` at
+   the slots ``(j + u_i) / n_i`` for ``j = 0..n_i - 1`` and a random phase ``u_i``. Any ``B``
+   consecutive output tokens then hold about ``B n_i / T`` tokens of piece ``i`` (``T`` the
+   block's tokens) with almost no spread, and at most one when a block holds ``B`` or more
+   pieces: the batches see as many different contexts as the block holds.
+
+Shuffle quality (:func:`same_context_rate`): the fraction of token pairs within a batch that
+come from the same context window, over the same fraction for an ideal uniform shuffle of the
+whole pass, ``sum_c s_c (s_c - 1) / (N (N - 1))`` for contexts of ``s_c`` tokens
+(:func:`ideal_same_context_rate`). A mixing buffer of ``P`` chunks drawn uniformly gives about
+``1 / P`` per pair; the interleave gives about ``(B / P - 1) / (B - 1)`` and nearly zero once
+``P >= B``.
+Shape letters: K pieces, T tokens in a block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+_STREAM_SALT = 0x5EED_AC75  # keeps stream orders apart from other uses of the same user seed
+
+
+def rng_for(seed: int, *key: int) -> np.random.Generator:
+    """An independent generator for one step of one pass (``key``: pass, block, rank...)."""
+    return np.random.default_rng([_STREAM_SALT, seed, *key])
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """Token sub-ranges of inner chunks, in reading order: chunk ``chunk_K[k]``, tokens
+    ``[lo_K[k], hi_K[k])`` counted from the chunk's first token."""
+
+    chunk_K: np.ndarray
+    lo_K: np.ndarray
+    hi_K: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.chunk_K)
+
+    @property
+    def n_tokens(self) -> int:
+        return int((self.hi_K - self.lo_K).sum())
+
+    def __getitem__(self, sl: slice) -> Pieces:
+        return Pieces(self.chunk_K[sl], self.lo_K[sl], self.hi_K[sl])
+
+
+def chunks_of_shards(
+    shards: Iterable[int], shard_tokens: int, chunk_tokens: int, n_tokens: int
+) -> Pieces:
+    """Every inner chunk of ``shards`` (sorted), whole; the store's last chunk may be short."""
+    cps = shard_tokens // chunk_tokens
+    ids = [s * cps + c for s in sorted(shards) for c in range(cps) if (s * cps + c) * chunk_tokens < n_tokens]
+    chunk_K = np.asarray(ids, dtype=np.int64)
+    hi_K = np.minimum(chunk_tokens, n_tokens - chunk_K * chunk_tokens)
+    return Pieces(chunk_K, np.zeros_like(chunk_K), hi_K)
+
+
+def rank_pieces(chunks: Pieces, seed: int, pass_key: Sequence[int], rank: int, world: int) -> Pieces:
+    """Level 1: the chunks in seeded order, then this rank's share of their tokens."""
+    perm = rng_for(seed, *pass_key).permutation(len(chunks))
+    ordered = Pieces(chunks.chunk_K[perm], chunks.lo_K[perm], chunks.hi_K[perm])
+    ends_K = np.cumsum(ordered.hi_K - ordered.lo_K)
+    starts_K = ends_K - (ordered.hi_K - ordered.lo_K)
+    total = int(ends_K[-1]) if len(ends_K) else 0
+    a, b = rank * total // world, (rank + 1) * total // world
+    keep = (ends_K > a) & (starts_K < b)
+    lo_K = ordered.lo_K[keep] + np.maximum(0, a - starts_K[keep])
+    hi_K = ordered.hi_K[keep] - np.maximum(0, ends_K[keep] - b)
+    return Pieces(ordered.chunk_K[keep], lo_K, hi_K)
+
+
+def split_blocks(pieces: Pieces, max_pieces: int) -> list[Pieces]:
+    """Level 2's unit: consecutive runs of at most ``max_pieces`` pieces (one chunk each)."""
+    return [pieces[i : i + max_pieces] for i in range(0, len(pieces), max_pieces)]
+
+
+def interleave(counts_K: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Output order of a block's tokens: piece ``k`` owns rows ``[off_k, off_k + counts_K[k])``
+    (offsets = exclusive cumulative sum); returns those row numbers, each once, each piece's
+    rows in random order and spread evenly over the output (see the module docstring)."""
+    counts_K = np.asarray(counts_K, dtype=np.int64)
+    T = int(counts_K.sum())
+    if T == 0:
+        return np.zeros(0, dtype=np.int64)
+    piece_T = np.repeat(np.arange(len(counts_K)), counts_K)
+    offsets_K = np.cumsum(counts_K) - counts_K
+    slot_T = np.arange(T) - offsets_K[piece_T]  # 0..n_k - 1 within each piece
+    order_T = np.lexsort((rng.random(T), piece_T))  # rows grouped by piece, random within each
+    phase_K = rng.random(len(counts_K))
+    key_T = (slot_T + phase_K[piece_T]) / counts_K[piece_T]
+    return order_T[np.argsort(key_T, kind="stable")]
+
+
+# ---- shuffle quality -----------------------------------------------------------------------
+def same_context_rate(context_batches: Iterable[np.ndarray]) -> float:
+    """Fraction of token pairs inside the same batch that share a context window."""
+    same = pairs = 0
+    for ctx_B in context_batches:
+        _, sizes = np.unique(np.asarray(ctx_B), return_counts=True)
+        same += int((sizes * (sizes - 1) // 2).sum())
+        pairs += len(ctx_B) * (len(ctx_B) - 1) // 2
+    return same / pairs if pairs else 0.0
+
+
+def ideal_same_context_rate(contexts_N: np.ndarray) -> float:
+    """The same fraction for a uniform random shuffle: ``sum_c s_c (s_c - 1) / (N (N - 1))``."""
+    _, sizes = np.unique(np.asarray(contexts_N), return_counts=True)
+    n = int(sizes.sum())
+    return float((sizes * (sizes - 1)).sum()) / (n * (n - 1)) if n > 1 else 0.0

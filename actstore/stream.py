@@ -1,0 +1,603 @@
+"""Globally shuffled, resumable, rank-sharded batches from a store: ``actstore.stream(...)``.
+
+    >>> for acts_BD in actstore.stream("runs/smol", "blocks.12.hook_resid_post", batch_size=4096):
+    ...     loss = sae(acts_BD.cuda())
+
+**Order.** Two levels, both pure functions of ``(sizes, seed, epoch, rank, world)``
+(:mod:`actstore.shuffle`): a seeded permutation of the committed chunks per epoch, split into
+disjoint token ranges per rank, then blocks of many chunks held in memory (``memory`` bytes for
+two blocks: the one being served and the one being read) whose tokens are interleaved so each
+batch draws from every chunk of the block. Every stored token (that passes the filters) is
+served exactly once per epoch. Batches run on across block and epoch boundaries, so all are
+full except perhaps the very last (dropped with ``drop_last=True``).
+
+**Filters.** ``min_position=p`` drops tokens at positions below ``p`` in their context window
+(position 0 is BOS when the store has ``prepend_bos``; the first few positions act as attention
+sinks with outsized norms). ``drop_token_ids`` drops tokens by id; ``drop_special=True`` adds
+the special-token ids the harvest recorded (``extra.special_token_ids``).
+
+**Normalisation** (``normalize="expected_norm"``): hook ``h`` is multiplied by
+``s_h = sqrt(D_h / E||x_h||^2)``, with ``E||x||^2`` from the store's statistics over all stored
+tokens, so the streamed vectors have ``E||s x||^2 = D`` (Anthropic, "Circuits Updates, April
+2024"; SAELens' ``normalize_activations="expected_average_only_in"``). ``Stream.scales`` holds
+``s_h``. A trainer folds it back so the SAE takes raw activations: with encoder pre-activations
+``(s x - b_dec) W_enc + b_enc`` and reconstruction ``x_hat = (f W_dec + b_dec) / s``, set
+``W_enc <- s W_enc``, ``W_dec <- W_dec / s``, ``b_dec <- b_dec / s`` (``b_enc`` and any
+threshold stay): pre-activations are unchanged and reconstructions come out in raw units.
+The statistics include the filtered tokens; BOS tokens, whose norms are large, make ``s`` a
+little smaller than the filtered tokens alone would (a constant factor, folded back exactly).
+
+**Prefetch.** A loader thread reads and decodes the next block (ranged reads, bounded
+concurrency, retries; chunks decoded on all cores) while an assembler thread gathers batches
+from the current one, ``prefetch`` batches ahead. On CUDA, batches are gathered into pinned
+memory and copied without blocking; dtype conversion and scaling then run on the device.
+
+**Resume.** ``state_dict()`` is the position after the last batch handed out;
+``load_state_dict()`` on a stream made with the same arguments continues with exactly the
+batches the original would have served.
+
+**Follow.** ``follow=True`` streams from a store a harvest is still writing: the first epoch
+is served in segments of consecutive shards (about one block per rank each), each as soon as
+all its shards are committed, and the stream ends when the last segment has been served
+(``follow_timeout`` seconds without a new commit raise :class:`FollowTimeoutError`).
+Shape letters: B batch, D width, H hooks, T tokens in a block.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from .commits import ranges_to_shards, shards_to_ranges
+from .dtypes import numpy_dtype
+from .errors import ActstoreError
+from .layout import POSITIONS, TOKENS, acts_path, scale_path
+from .prefetch import BufferPool, Prefetcher
+from .reader import Store, open_store
+from .shuffle import Pieces, chunks_of_shards, interleave, rank_pieces, rng_for, split_blocks
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+_TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float8_e4m3fn": torch.float8_e4m3fn}
+_NO_INDEX = torch.empty(0, dtype=torch.int64)
+_BLOCK_OVERHEAD_BYTES = 32  # per token: order, index and filter arrays beside the activations
+
+
+class EmptyStoreError(ActstoreError):
+    """The store has no committed tokens to stream."""
+
+
+class FollowTimeoutError(ActstoreError):
+    """``follow=True`` waited longer than ``follow_timeout`` for the next shard."""
+
+
+def parse_bytes(value: int | str) -> int:
+    """``2147483648``, ``"2GiB"``, ``"512MB"``, ``"1.5G"`` → bytes."""
+    if isinstance(value, int):
+        return value
+    units = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": 2**20,
+             "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12, "TIB": 2**40}
+    text = str(value).strip().upper()
+    number = text.rstrip("BKMGTI ")
+    unit = text[len(number):].strip()
+    try:
+        return int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"cannot read {value!r} as a size; write e.g. '2GiB', '512MB' or a number of bytes") from None
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """What to stream and how; the arguments of :func:`stream`."""
+
+    hooks: tuple[str, ...]
+    """Hooks to serve, token-aligned."""
+    batch_size: int
+    """Tokens per batch."""
+    seed: int = 0
+    """Seed of the order; a new seed (or epoch) gives a new order."""
+    epochs: int | None = 1
+    """Passes over the store; None streams without end."""
+    rank: int = 0
+    """This process's rank among ``world_size`` (each gets a disjoint part of every epoch)."""
+    world_size: int = 1
+    """Number of ranks sharing the store."""
+    min_position: int = 0
+    """Drop tokens whose position in their context window is below this."""
+    drop_token_ids: tuple[int, ...] = ()
+    """Drop tokens with these ids."""
+    drop_special: bool = False
+    """Also drop the special tokens the harvest recorded (BOS, EOS...)."""
+    normalize: Literal["none", "expected_norm"] = "none"
+    """``expected_norm``: scale each hook to ``E||x||^2 = D`` (see the module docstring)."""
+    dtype: str | None = "float32"
+    """torch dtype of the batches (``float32``, ``bfloat16``...); None: as stored (fp8 gives float32)."""
+    stack: bool = True
+    """Several hooks: one ``[B, H, D]`` tensor (equal widths); False: a dict of ``[B, D_h]``."""
+    memory: int = 2 << 30
+    """Bytes for the two blocks in memory; more means better mixing (see ``actstore.shuffle``)."""
+    prefetch: int = 4
+    """Batches assembled ahead of the consumer."""
+    drop_last: bool = False
+    """Drop the final batch if it is short."""
+    follow: bool = False
+    """Stream while a harvest writes the store; end when it is complete."""
+    poll_seconds: float = 1.0
+    """How often ``follow`` looks for new commits."""
+    follow_timeout: float | None = None
+    """Seconds ``follow`` waits for a new commit before raising; None waits indefinitely."""
+    device: str | None = None
+    """Where batches are delivered (``cuda``, ``cuda:1``...); None keeps them on the CPU."""
+    with_index: bool = False
+    """Also gather each token's index in the store (see :meth:`Stream.indexed`)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hooks", tuple(self.hooks))
+        object.__setattr__(self, "drop_token_ids", tuple(sorted({int(t) for t in self.drop_token_ids})))
+        if not self.hooks:
+            raise ValueError("stream needs at least one hook")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise ValueError(f"hooks are repeated: {list(self.hooks)}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be positive or None (endless), got {self.epochs}")
+        if self.world_size <= 0 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in 0..world_size-1, got rank {self.rank} of {self.world_size}")
+        if self.min_position < 0:
+            raise ValueError(f"min_position must be >= 0, got {self.min_position}")
+        if self.normalize not in ("none", "expected_norm"):
+            raise ValueError(f"normalize must be 'none' or 'expected_norm', got {self.normalize!r}")
+        if self.dtype is not None and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"unknown torch dtype {self.dtype!r}; use e.g. 'float32' or 'bfloat16'")
+        if self.memory <= 0 or self.prefetch <= 0 or self.poll_seconds <= 0:
+            raise ValueError("memory, prefetch and poll_seconds must be positive")
+        if self.follow_timeout is not None and self.follow_timeout <= 0:
+            raise ValueError(f"follow_timeout must be positive or None, got {self.follow_timeout}")
+
+    @property
+    def filters(self) -> bool:
+        return self.min_position > 0 or bool(self.drop_token_ids) or self.drop_special
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the stream stands: the next token is at ``offset`` in the output order of
+    block ``block`` of pass (``epoch``, ``segment``)."""
+
+    epoch: int = 0
+    segment: int = 0
+    block: int = 0
+    offset: int = 0
+    batches: int = 0
+    """Batches handed out so far."""
+    tokens: int = 0
+    """Tokens handed out so far."""
+
+
+class IndexedBatch(NamedTuple):
+    """A batch and where its tokens are in the store."""
+
+    acts: torch.Tensor | dict[str, torch.Tensor]
+    """As the plain iteration yields: ``[B, D]``, ``[B, H, D]`` or a dict of ``[B, D_h]``."""
+    index_B: torch.Tensor
+    """int64 token index of each row (``store.tokens(i, i + 1)`` is its token id)."""
+
+
+@dataclass
+class _Block:
+    """A block read into a buffer: ``order_T`` are buffer rows in output order."""
+
+    key: tuple[int, int, int]  # epoch, segment, block
+    buffer: dict[str, np.ndarray]
+    order_T: np.ndarray
+    index_T: np.ndarray | None
+
+
+@dataclass
+class _RawBatch:
+    """Gathered rows, still in the stored dtype's bit pattern."""
+
+    arrays: dict[str, torch.Tensor]
+    n: int
+    cursor: Cursor
+    index_B: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Order parameters a resumed stream must share with the original."""
+
+    shards: tuple[int, ...]
+    """Committed shards each full epoch covers (the snapshot at creation)."""
+    block_chunks: int
+    """Chunks per block (from the memory budget)."""
+    segment_shards: int
+    """Shards per segment of a followed first epoch."""
+
+
+class Stream:
+    """An iterable of shuffled batches; see the module docstring. Make it with :func:`stream`."""
+
+    def __init__(self, store: Store, cfg: StreamConfig, single_hook: bool = False):
+        self.store = store
+        self.cfg = cfg
+        self._single = single_hook and len(cfg.hooks) == 1
+        scfg = store.config
+        for hook in cfg.hooks:
+            store._check_hook(hook)
+        widths = {h: scfg.width(h) for h in cfg.hooks}
+        if cfg.stack and len(set(widths.values())) > 1:
+            raise ValueError(
+                f"hooks of different widths ({', '.join(f'{h}: {w}' for h, w in widths.items())}) cannot be "
+                "stacked into one [B, H, D] tensor; pass stack=False for a dict of [B, D] tensors"
+            )
+        self.widths = widths
+        self._ct = scfg.chunk_tokens
+        self._cps = scfg.shard_tokens // scfg.chunk_tokens
+        self._fp8 = scfg.dtype == "float8_e4m3fn"
+        self._drop_ids = self._token_ids_to_drop()
+        self.scales = self._scales()
+        if not cfg.follow:
+            shards = tuple(store.committed_shards)
+            if not shards:
+                raise EmptyStoreError(
+                    f"store {store.url} has no committed tokens yet; wait for the harvest to commit a shard, "
+                    "or pass follow=True to stream while it writes"
+                )
+        else:
+            shards = tuple(range(scfg.n_shards))
+        n_tokens = scfg.tokens_in(shards)
+        per_rank = n_tokens // cfg.world_size
+        if cfg.batch_size > per_rank:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is larger than the {per_rank} tokens each of {cfg.world_size} rank(s) "
+                f"gets from this store ({n_tokens} {'target' if cfg.follow else 'committed'} tokens); use a smaller batch"
+            )
+        n_chunks = math.ceil(n_tokens / self._ct)
+        budget_chunks = cfg.memory // (2 * self._ct * self._bytes_per_token())
+        block_chunks = int(max(1, min(budget_chunks, math.ceil(n_chunks / cfg.world_size) + 1)))
+        if budget_chunks < 1:
+            log.warning("memory=%d bytes holds less than one chunk per block; using one chunk per block", cfg.memory)
+        segment_shards = max(1, (cfg.world_size * block_chunks) // self._cps)
+        self._plan = _Plan(shards, block_chunks, segment_shards)
+        self._cursor = Cursor()
+        self._device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
+
+    # ---- description ----------------------------------------------------------------------
+    @property
+    def block_tokens(self) -> int:
+        """Tokens per block: the span over which each batch's tokens are mixed."""
+        return self._plan.block_chunks * self._ct
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        """Tokens this rank is given per epoch, before filters."""
+        total = self.store.config.tokens_in(self._plan.shards)
+        return (self.cfg.rank + 1) * total // self.cfg.world_size - self.cfg.rank * total // self.cfg.world_size
+
+    @property
+    def cursor(self) -> Cursor:
+        return self._cursor
+
+    # ---- resume ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position after the last batch handed out (and the order's parameters)."""
+        c = self.cfg
+        return {
+            "version": STATE_VERSION,
+            "store": self.store.url,
+            "identity": self._identity(),
+            "shard_ranges": shards_to_ranges(set(self._plan.shards)),
+            "block_chunks": self._plan.block_chunks,
+            "segment_shards": self._plan.segment_shards,
+            "cursor": asdict(self._cursor),
+            "rank": c.rank,
+            "world_size": c.world_size,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` (from :meth:`state_dict` of a stream with the same arguments)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"stream state version {state.get('version')!r} is not {STATE_VERSION}; it comes from another actstore")
+        theirs, ours = state["identity"], self._identity()
+        diff = [f"{k}: {theirs.get(k)!r} != {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]]
+        if state["rank"] != self.cfg.rank or state["world_size"] != self.cfg.world_size:
+            diff.append(f"rank/world_size: {state['rank']}/{state['world_size']} != {self.cfg.rank}/{self.cfg.world_size}")
+        if diff:
+            raise ValueError("stream state was saved by a stream with other arguments (" + "; ".join(diff) + ")")
+        shards = tuple(sorted(ranges_to_shards(state["shard_ranges"])))
+        missing = set(shards) - set(self.store.refresh().committed_shards) if not self.cfg.follow else set()
+        if missing:
+            raise ValueError(f"stream state covers shards {sorted(missing)[:8]} that are not committed in {self.store.url}")
+        self._plan = _Plan(shards, int(state["block_chunks"]), int(state["segment_shards"]))
+        self._cursor = Cursor(**state["cursor"])
+
+    def _identity(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "hooks": list(c.hooks), "batch_size": c.batch_size, "seed": c.seed, "epochs": c.epochs,
+            "min_position": c.min_position, "drop_token_ids": list(self._drop_ids), "follow": c.follow,
+            "drop_last": c.drop_last,
+        }
+
+    # ---- iteration ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
+        for batch in self._iterate(with_index=False):
+            yield batch.acts
+
+    def indexed(self) -> Iterator[IndexedBatch]:
+        """Batches with the store index of every token (for looking tokens up, or checking order)."""
+        yield from self._iterate(with_index=True)
+
+    def _iterate(self, with_index: bool) -> Iterator[IndexedBatch]:
+        start = self._cursor
+        stop = threading.Event()
+        pool: BufferPool[dict[str, np.ndarray]] = BufferPool(self._new_buffer, 2, stop)
+        blocks = Prefetcher(lambda: self._blocks(start, pool, stop, with_index), 1, "actstore-stream-load", stop)
+        on_cpu = self._device.type == "cpu"  # finish (convert, scale) in the gather thread; on CUDA, on the device
+
+        def gather() -> Iterator[tuple[_RawBatch, IndexedBatch | None]]:
+            for raw in self._batches(start, blocks, pool):
+                yield raw, (self._finish(raw) if on_cpu else None)
+
+        batches = Prefetcher(gather, self.cfg.prefetch, "actstore-stream-gather", stop)
+        try:
+            for raw, done in batches:
+                batch = done if done is not None else self._finish(raw)
+                self._cursor = raw.cursor
+                yield batch
+        finally:
+            batches.close()
+            blocks.close()
+
+    # ---- passes and blocks (loader thread) -------------------------------------------------
+    def _passes(self, start: Cursor, stop: threading.Event) -> Iterator[tuple[int, int, list[Pieces]]]:
+        """``(epoch, segment, blocks)`` from the cursor's pass on, waiting for commits when following."""
+        c, scfg, plan = self.cfg, self.store.config, self._plan
+        epoch = start.epoch
+        while c.epochs is None or epoch < c.epochs:
+            if c.follow and epoch == 0:
+                segments = [
+                    tuple(range(a, min(a + plan.segment_shards, scfg.n_shards)))
+                    for a in range(0, scfg.n_shards, plan.segment_shards)
+                ]
+            else:
+                segments = [plan.shards]
+            first = start.segment if epoch == start.epoch else 0
+            for segment in range(first, len(segments)):
+                shards = segments[segment]
+                if c.follow and epoch == 0:
+                    self._wait_for(shards, stop)
+                chunks = chunks_of_shards(shards, scfg.shard_tokens, self._ct, scfg.n_tokens_target)
+                mine = rank_pieces(chunks, c.seed, (epoch, segment), c.rank, c.world_size)
+                yield epoch, segment, split_blocks(mine, plan.block_chunks)
+            epoch += 1
+
+    def _wait_for(self, shards: Sequence[int], stop: threading.Event) -> None:
+        waited_since = time.monotonic()
+        seen = len(self.store.committed_shards)
+        while not set(shards) <= set(self.store.committed_shards):
+            if stop.wait(self.cfg.poll_seconds):
+                return
+            self.store.refresh()
+            now_seen = len(self.store.committed_shards)
+            if now_seen != seen:
+                seen, waited_since = now_seen, time.monotonic()
+            elif self.cfg.follow_timeout is not None and time.monotonic() - waited_since > self.cfg.follow_timeout:
+                raise FollowTimeoutError(
+                    f"no shard of {self.store.url} was committed in {self.cfg.follow_timeout:g} s while following it "
+                    f"({seen} of {self.store.config.n_shards} shards committed); is the harvest still running?"
+                )
+
+    def _blocks(self, start: Cursor, pool: BufferPool, stop: threading.Event, with_index: bool) -> Iterator[_Block]:
+        io = ThreadPoolExecutor(max_workers=min(8, len(self._array_paths())), thread_name_prefix="actstore-stream-io")
+        try:
+            for epoch, segment, blocks in self._passes(start, stop):
+                first = start.block if (epoch, segment) == (start.epoch, start.segment) else 0
+                for b in range(first, len(blocks)):
+                    buf = pool.acquire()
+                    try:
+                        yield self._load(buf, blocks[b], (epoch, segment, b), io, with_index)
+                    except BaseException:
+                        pool.release(buf)
+                        raise
+        finally:
+            io.shutdown(wait=False)
+
+    def _array_paths(self) -> list[str]:
+        paths = [acts_path(h) for h in self.cfg.hooks]
+        if self._fp8:
+            paths += [scale_path(h) for h in self.cfg.hooks]
+        if self.cfg.min_position > 0:
+            paths.append(POSITIONS)
+        if self._drop_ids:
+            paths.append(TOKENS)
+        return paths
+
+    def _new_buffer(self) -> dict[str, np.ndarray]:
+        rows = self._plan.block_chunks * self._ct
+        out = {}
+        for path in self._array_paths():
+            layout = self.store.array_reader(path).layout
+            out[path] = np.empty((rows, *layout.shape[1:]), dtype=layout.dtype)
+        return out
+
+    def _load(self, buf: dict[str, np.ndarray], pieces: Pieces, key: tuple[int, int, int], io: ThreadPoolExecutor, with_index: bool) -> _Block:
+        ct, cps = self._ct, self._cps
+        ids = [(int(g) // cps, int(g) % cps) for g in pieces.chunk_K]
+
+        def read(path: str) -> None:
+            arr = buf[path]
+            self.store.array_reader(path).read_chunks_into(ids, [arr[k * ct : (k + 1) * ct] for k in range(len(ids))])
+
+        list(io.map(read, buf))  # re-raises the first failure
+        # piece k sits in buffer rows k * ct + [lo_k, hi_k)
+        counts_K = pieces.hi_K - pieces.lo_K
+        first_K = np.arange(len(pieces)) * ct + pieces.lo_K
+        offsets_K = np.cumsum(counts_K) - counts_K
+        rows_T = np.repeat(first_K - offsets_K, counts_K) + np.arange(int(counts_K.sum()))
+        if self.cfg.filters:
+            keep_T = np.ones(len(rows_T), dtype=bool)
+            if self.cfg.min_position > 0:
+                keep_T &= buf[POSITIONS][rows_T] >= self.cfg.min_position
+            if self._drop_ids:
+                keep_T &= ~np.isin(buf[TOKENS][rows_T], self._drop_ids)
+            piece_T = np.repeat(np.arange(len(pieces)), counts_K)
+            counts_K = np.bincount(piece_T[keep_T], minlength=len(pieces))
+            rows_T = rows_T[keep_T]
+        order_T = rows_T[interleave(counts_K, rng_for(self.cfg.seed, *key, self.cfg.rank))]
+        index_T = pieces.chunk_K[order_T // ct] * ct + order_T % ct if with_index else None
+        return _Block(key, buf, order_T, index_T)
+
+    # ---- batches (assembler thread) ----------------------------------------------------------
+    def _batches(self, start: Cursor, blocks: Prefetcher[_Block], pool: BufferPool) -> Iterator[_RawBatch]:
+        B, paths = self.cfg.batch_size, [p for p in self._array_paths() if p not in (POSITIONS, TOKENS)]
+        batches, tokens = start.batches, start.tokens
+        out: dict[str, torch.Tensor] = {}
+        index_B: torch.Tensor | None = None
+        filled = 0
+        cursor = start
+        for blk in blocks:
+            e, s, b = blk.key
+            off = start.offset if (e, s, b) == (start.epoch, start.segment, start.block) else 0
+            n = len(blk.order_T)
+            sources = {p: _as_int_tensor(blk.buffer[p]) for p in paths}
+            while off < n:
+                if filled == 0:
+                    out = {p: self._alloc((B, *src.shape[1:]), src.dtype) for p, src in sources.items()}
+                    index_B = self._alloc((B,), torch.int64) if blk.index_T is not None else None
+                take = min(B - filled, n - off)
+                rows = torch.from_numpy(blk.order_T[off : off + take])
+                for p, src in sources.items():
+                    torch.index_select(src, 0, rows, out=out[p][filled : filled + take])
+                if index_B is not None:
+                    index_B[filled : filled + take] = torch.from_numpy(blk.index_T[off : off + take])
+                filled += take
+                off += take
+                if filled == B:
+                    batches, tokens = batches + 1, tokens + B
+                    cursor = Cursor(e, s, b, off, batches, tokens) if off < n else Cursor(e, s, b + 1, 0, batches, tokens)
+                    yield _RawBatch(out, B, cursor, index_B)
+                    filled = 0
+            cursor = Cursor(e, s, b + 1, 0, batches, tokens)
+            pool.release(blk.buffer)
+        end = Cursor(self.cfg.epochs or 0, 0, 0, 0, batches + (filled > 0 and not self.cfg.drop_last), tokens + filled)
+        if filled and not self.cfg.drop_last:
+            yield _RawBatch({p: t[:filled] for p, t in out.items()}, filled, end, index_B[:filled] if index_B is not None else None)
+
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self._device.type == "cuda")
+
+    # ---- finishing (consumer) ----------------------------------------------------------------
+    def _finish(self, raw: _RawBatch) -> IndexedBatch:
+        dev = self._device
+        stored = _TORCH_DTYPE[self.store.config.dtype]
+        target = getattr(torch, self.cfg.dtype) if self.cfg.dtype else (torch.float32 if self._fp8 else stored)
+        acts: dict[str, torch.Tensor] = {}
+        for hook in self.cfg.hooks:
+            x = raw.arrays[acts_path(hook)].to(dev, non_blocking=True).view(stored)
+            if self._fp8:
+                scale_B = raw.arrays[scale_path(hook)].to(dev, non_blocking=True).view(torch.float32)
+                x = x.float() * scale_B[:, None]
+            if hook in self.scales:
+                x = x.float() * self.scales[hook]
+            acts[hook] = x.to(target)
+        index_B = raw.index_B.to(dev, non_blocking=True) if raw.index_B is not None else _NO_INDEX
+        if not self.cfg.stack:
+            return IndexedBatch(acts, index_B)
+        if self._single:
+            return IndexedBatch(acts[self.cfg.hooks[0]], index_B)
+        return IndexedBatch(torch.stack([acts[h] for h in self.cfg.hooks], dim=1), index_B)
+
+    # ---- options resolved against the store --------------------------------------------------
+    def _token_ids_to_drop(self) -> tuple[int, ...]:
+        ids = set(self.cfg.drop_token_ids)
+        if self.cfg.drop_special:
+            special = self.store.config.extra.get("special_token_ids")
+            if special is None:
+                raise ValueError(
+                    f"store {self.store.url} does not record its special token ids (harvested by an older actstore); "
+                    "pass drop_token_ids=[...] instead of drop_special"
+                )
+            ids |= {int(t) for t in special}
+        return tuple(sorted(ids))
+
+    def _scales(self) -> dict[str, float]:
+        if self.cfg.normalize == "none":
+            return {}
+        out = {}
+        for hook in self.cfg.hooks:
+            stats = self.store.stats(hook)
+            if stats.count == 0 or stats.sum_sq_norm <= 0:
+                if self.cfg.follow:
+                    raise ValueError("normalize='expected_norm' needs committed statistics; wait for the first shard before following")
+                raise EmptyStoreError(f"store {self.store.url} has no statistics for {hook} to normalise by")
+            out[hook] = math.sqrt(self.widths[hook] / (stats.sum_sq_norm / stats.count))
+        return out
+
+    def _bytes_per_token(self) -> int:
+        per = sum(self.widths[h] * numpy_dtype(self.store.config.dtype).itemsize for h in self.cfg.hooks)
+        if self._fp8:
+            per += 4 * len(self.cfg.hooks)
+        return per + _BLOCK_OVERHEAD_BYTES
+
+
+def _as_int_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A torch view of a numpy buffer as integers of the same width (gathers work on any dtype)."""
+    if arr.dtype.kind in "iu":
+        return torch.from_numpy(arr)
+    return torch.from_numpy(arr.view(f"<i{arr.dtype.itemsize}" if arr.dtype.itemsize > 1 else np.uint8))
+
+
+def _default_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def stream(
+    store: Store | str,
+    hooks: str | Sequence[str],
+    batch_size: int,
+    *,
+    seed: int = 0,
+    epochs: int | None = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    memory: int | str = "2GiB",
+    **options: Any,
+) -> Stream:
+    """Shuffled batches of ``hooks`` from a store (an open :class:`Store` or a URL).
+
+    ``hooks`` as one name gives ``[B, D]`` tensors; as a list, ``[B, H, D]`` (or a dict with
+    ``stack=False``). ``rank``/``world_size`` default to torch.distributed's when it is
+    initialised. Other options: the fields of :class:`StreamConfig`.
+    """
+    if isinstance(store, str):
+        store = open_store(store, storage_options=storage_options)
+    if rank is None or world_size is None:
+        auto_rank, auto_world = _default_rank_world()
+        rank = auto_rank if rank is None else rank
+        world_size = auto_world if world_size is None else world_size
+    single = isinstance(hooks, str)
+    cfg = StreamConfig(
+        hooks=(hooks,) if single else tuple(hooks), batch_size=batch_size, seed=seed, epochs=epochs,
+        rank=rank, world_size=world_size, memory=parse_bytes(memory), **options,
+    )
+    return Stream(store, cfg, single_hook=single)
+
+
+__all__ = ["Cursor", "EmptyStoreError", "FollowTimeoutError", "IndexedBatch", "Stream", "StreamConfig", "stream"]

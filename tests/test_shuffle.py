@@ -1,0 +1,81 @@
+"""Invariants of the pure order functions (actstore.shuffle), on sizes alone: no store involved."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actstore.shuffle import (
+    chunks_of_shards,
+    ideal_same_context_rate,
+    interleave,
+    rank_pieces,
+    rng_for,
+    same_context_rate,
+    split_blocks,
+)
+
+
+def tokens_of(pieces, chunk_tokens):
+    return np.concatenate([np.arange(c * chunk_tokens + lo, c * chunk_tokens + hi) for c, lo, hi in zip(pieces.chunk_K, pieces.lo_K, pieces.hi_K, strict=True)])
+
+
+def test_chunks_of_shards_cover_committed_tokens_only():
+    p = chunks_of_shards([2, 0], shard_tokens=256, chunk_tokens=64, n_tokens=600)
+    assert p.chunk_K.tolist() == [0, 1, 2, 3, 8, 9]
+    assert p.hi_K.tolist() == [64, 64, 64, 64, 64, 600 - 9 * 64]
+    assert sorted(tokens_of(p, 64).tolist()) == list(range(256)) + list(range(512, 600))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_ranks_are_disjoint_cover_everything_and_balanced(world):
+    chunks = chunks_of_shards(range(5), shard_tokens=256, chunk_tokens=64, n_tokens=1200)
+    parts = [tokens_of(rank_pieces(chunks, 3, (0, 0), r, world), 64) for r in range(world)]
+    everything = np.concatenate(parts)
+    assert len(everything) == len(set(everything.tolist())) == 1200
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_orders_are_pure_functions_of_seed_and_pass():
+    chunks = chunks_of_shards(range(8), 256, 64, 2048)
+    a = rank_pieces(chunks, 5, (1, 0), 0, 2)
+    b = rank_pieces(chunks, 5, (1, 0), 0, 2)
+    assert np.array_equal(a.chunk_K, b.chunk_K) and np.array_equal(a.lo_K, b.lo_K)
+    assert not np.array_equal(a.chunk_K, rank_pieces(chunks, 6, (1, 0), 0, 2).chunk_K)  # new seed
+    assert not np.array_equal(a.chunk_K, rank_pieces(chunks, 5, (2, 0), 0, 2).chunk_K)  # new epoch
+
+
+def test_blocks_keep_order_and_size():
+    chunks = chunks_of_shards(range(4), 256, 64, 1000)
+    mine = rank_pieces(chunks, 0, (0, 0), 0, 1)
+    blocks = split_blocks(mine, 5)
+    assert [len(b) for b in blocks] == [5, 5, 5, 1]
+    assert np.array_equal(np.concatenate([b.chunk_K for b in blocks]), mine.chunk_K)
+
+
+def test_interleave_is_a_permutation_spread_evenly():
+    counts = np.array([100, 100, 100, 100, 37, 0, 63])
+    order = interleave(counts, rng_for(0, 1))
+    assert sorted(order.tolist()) == list(range(counts.sum()))
+    offsets = np.cumsum(counts) - counts
+    piece = np.searchsorted(offsets, order, side="right") - 1
+    # any window of 50 output tokens holds each full piece's share (50 * 100 / 500 = 10) +- 1
+    for start in range(0, 450, 25):
+        share = np.bincount(piece[start : start + 50], minlength=len(counts))[:4]
+        assert np.all(np.abs(share - 10) <= 1), share
+    # within a piece, rows come in a random (not sorted) order
+    assert not np.array_equal(np.sort(order[piece == 0]), order[piece == 0])
+
+
+def test_interleave_puts_each_piece_at_most_once_per_batch_when_the_block_has_enough_pieces():
+    counts = np.full(256, 64)
+    order = interleave(counts, rng_for(1, 2))
+    piece = order // 64
+    for start in range(0, len(order), 128):  # batches of 128 <= 256 pieces
+        assert np.bincount(piece[start : start + 128]).max() <= 1
+
+
+def test_same_context_rate_matches_hand_counts():
+    assert same_context_rate([np.array([1, 1, 2, 3]), np.array([4, 4, 4])]) == pytest.approx((1 + 3) / (6 + 3))
+    contexts = np.repeat(np.arange(10), 4)  # 10 contexts of 4 tokens
+    assert ideal_same_context_rate(contexts) == pytest.approx(10 * 4 * 3 / (40 * 39))

@@ -1,0 +1,275 @@
+"""The shuffled stream on memory, local and S3 (moto on loopback) stores: one shared suite.
+
+Every batch is checked against the values that went into the store (float32 stores, so the
+comparison is exact), through the store index the stream reports for each row.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import actstore
+from actstore import CorruptChunkError, EmptyStoreError, FollowTimeoutError, MissingChunkError
+from actstore.layout import acts_path, shard_key
+from actstore.remote import open_location
+from actstore.shuffle import ideal_same_context_rate, same_context_rate
+from tests.conftest import make_config, make_data, write_shards
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def build(url, shards=None, **changes):
+    """A float32 store (1000 tokens, chunks of 64, shards of 256 unless changed); returns (cfg, data)."""
+    cfg = make_config(**{"dtype": "float32", **changes})
+    data = make_data(cfg)
+    with actstore.open_store(url, "w", config=cfg) as w:
+        write_shards(w, cfg, data, range(cfg.n_shards) if shards is None else shards)
+    return cfg, data
+
+
+def drain(s):
+    """All (acts, index) of a stream as numpy."""
+    return [(b.acts.numpy() if isinstance(b.acts, torch.Tensor) else b.acts, b.index_B.numpy()) for b in s.indexed()]
+
+
+def small(cfg, chunks):
+    """A memory budget giving blocks of ``chunks`` chunks of one float32 hook."""
+    return 2 * chunks * cfg.chunk_tokens * (cfg.width(HOOK) * 4 + 32)
+
+
+class StreamSuite:
+    @pytest.fixture
+    def url(self, unique):
+        raise NotImplementedError
+
+    def test_every_token_once_per_epoch_with_the_stored_values(self, url):
+        cfg, data = build(url)
+        s = actstore.stream(url, HOOK, batch_size=48, seed=1, epochs=2, memory=small(cfg, 3))
+        batches = drain(s)
+        assert all(len(i) == 48 for _, i in batches[:-1]) and len(np.concatenate([i for _, i in batches])) == 2000
+        index = np.concatenate([i for _, i in batches])
+        first, second = index[:1000], index[1000:]
+        assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(1000))
+        assert not np.array_equal(first, second)  # each epoch its own order
+        for acts, idx in batches:
+            np.testing.assert_array_equal(acts, data[HOOK][idx])
+
+    def test_ranks_are_disjoint_and_cover_the_store(self, url):
+        cfg, _ = build(url)
+        parts = [np.concatenate([i for _, i in drain(actstore.stream(url, HOOK, 32, seed=4, rank=r, world_size=3))]) for r in range(3)]
+        together = np.concatenate(parts)
+        assert len(together) == 1000 and sorted(together.tolist()) == list(range(1000))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+    def test_same_arguments_same_batches_new_seed_new_order(self, url):
+        cfg, _ = build(url)
+        a = [i for _, i in drain(actstore.stream(url, HOOK, 64, seed=7, memory=small(cfg, 4)))]
+        b = [i for _, i in drain(actstore.stream(url, HOOK, 64, seed=7, memory=small(cfg, 4)))]
+        c = [i for _, i in drain(actstore.stream(url, HOOK, 64, seed=8, memory=small(cfg, 4)))]
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+        assert not np.array_equal(np.concatenate(a), np.concatenate(c))
+
+    @pytest.mark.parametrize("cut", [1, 4, 5, 13, 25])  # mid-block, block ends, inside epoch 2
+    def test_resumed_stream_yields_exactly_the_remaining_batches(self, url, cut):
+        cfg, _ = build(url)
+        args = dict(hooks=HOOK, batch_size=64, seed=3, epochs=2, memory=small(cfg, 4))
+        full = drain(actstore.stream(url, **args))
+        s = actstore.stream(url, **args)
+        it = s.indexed()
+        for _ in range(cut):
+            next(it)
+        state = json.loads(json.dumps(s.state_dict()))  # survives a JSON checkpoint
+        it.close()
+        resumed = actstore.stream(url, **args)
+        resumed.load_state_dict(state)
+        rest = drain(resumed)
+        assert len(rest) == len(full) - cut
+        for (a, i), (b, j) in zip(full[cut:], rest, strict=True):
+            np.testing.assert_array_equal(i, j)
+            np.testing.assert_array_equal(a, b)
+
+    def test_follow_streams_shards_as_they_commit_and_ends_with_the_harvest(self, url):
+        cfg = make_config(dtype="float32")
+        data = make_data(cfg)
+        written = {}
+
+        def harvest():
+            with actstore.open_store(url, "a", config=cfg) as w:
+                for shard in range(cfg.n_shards):
+                    time.sleep(0.4)
+                    write_shards(w, cfg, data, [shard])
+                    written[shard] = time.monotonic()
+
+        with actstore.open_store(url, "w", config=cfg):
+            pass  # an empty store, as a harvest creates it
+        writer = threading.Thread(target=harvest)
+        writer.start()
+        try:
+            s = actstore.stream(url, HOOK, 32, seed=2, follow=True, poll_seconds=0.02, memory=small(cfg, 4), follow_timeout=30)
+            got, first_batch_at = [], None
+            for b in s.indexed():
+                first_batch_at = first_batch_at or time.monotonic()
+                np.testing.assert_array_equal(b.acts.numpy(), data[HOOK][b.index_B.numpy()])
+                got.append(b.index_B.numpy())
+        finally:
+            writer.join()
+        assert sorted(np.concatenate(got).tolist()) == list(range(1000))
+        assert first_batch_at < written[cfg.n_shards - 1]  # served before the harvest finished
+
+    def test_shuffle_quality_within_twice_ideal(self, url):
+        """Same-context pairs per batch over the ideal uniform shuffle's rate, on a store whose
+        positions give each token's context: blocks of >= batch-size chunks reach it with an
+        eighth of the store in memory; a few-chunk mixing buffer (SAELens-like) does not."""
+        cfg, data = build(url, n_tokens_target=16384, context_size=64, hook_dims={h: 4 for h in make_config().hooks},
+                          chunk_tokens=64, shard_tokens=1024)
+        contexts = np.arange(16384) - data["positions"]
+
+        def ratio(chunks):
+            s = actstore.stream(url, HOOK, batch_size=128, seed=0, memory=2 * chunks * 64 * (4 * 4 + 32))
+            assert s.block_tokens == chunks * 64
+            batches = [contexts[i] for _, i in drain(s)]
+            return same_context_rate(batches) / ideal_same_context_rate(contexts)
+
+        good = ratio(128)  # 1/2 of the store per block
+        assert good <= 2.0, good
+        assert ratio(4) > 10  # the metric does see a small buffer
+
+    def test_corrupt_or_missing_chunk_is_an_error_not_zeros(self, url):
+        cfg, _ = build(url)
+        loc = open_location(url)
+        path = loc.path(shard_key(acts_path(HOOK), 1, 2))
+        blob = bytearray(loc.fs.cat_file(path))
+        blob[100] ^= 0x01
+        loc.fs.pipe_file(path, bytes(blob))
+        with pytest.raises(CorruptChunkError):
+            list(actstore.stream(url, HOOK, 64))
+        loc.fs.rm(path)
+        with pytest.raises(MissingChunkError):
+            list(actstore.stream(url, HOOK, 64))
+
+
+class TestMemoryStream(StreamSuite):
+    @pytest.fixture
+    def url(self, unique):
+        return f"memory://stream-{unique}"
+
+
+class TestLocalStream(StreamSuite):
+    @pytest.fixture
+    def url(self, tmp_path, unique):
+        return str(tmp_path / f"stream-{unique}")
+
+
+class TestS3Stream(StreamSuite):
+    @pytest.fixture
+    def url(self, s3_server, unique):
+        return f"s3://actstore-test/stream-{unique}"
+
+
+# ---- options and bad input (local stores) ---------------------------------------------------
+@pytest.fixture
+def url(tmp_path, unique):
+    return str(tmp_path / f"stream-{unique}")
+
+
+def test_filters_drop_early_positions_and_chosen_tokens(url):
+    cfg, data = build(url, extra={"special_token_ids": [7, 11]})
+    data_tokens = data["tokens"]
+    banned = np.unique(data_tokens[:50])[:3].tolist()
+    index = np.concatenate([i for _, i in drain(actstore.stream(url, HOOK, 16, min_position=2, drop_token_ids=banned))])
+    expected = [i for i in range(1000) if data["positions"][i] >= 2 and data_tokens[i] not in banned]
+    assert sorted(index.tolist()) == expected
+    s = actstore.stream(url, HOOK, 16, drop_special=True, drop_token_ids=[5])
+    assert s._drop_ids == (5, 7, 11)
+
+
+def test_drop_special_needs_recorded_ids(url):
+    build(url)
+    with pytest.raises(ValueError, match="drop_token_ids"):
+        actstore.stream(url, HOOK, 16, drop_special=True)
+
+
+def test_expected_norm_scaling_uses_the_store_statistics(url):
+    cfg, data = build(url)
+    x = data[HOOK]
+    scale = np.sqrt(x.shape[1] / np.mean(np.sum(x.astype(np.float64) ** 2, axis=1)))
+    s = actstore.stream(url, HOOK, 100, normalize="expected_norm")
+    assert s.scales[HOOK] == pytest.approx(scale, rel=1e-6)
+    acts = np.concatenate([a for a, _ in drain(s)])
+    assert np.mean(np.sum(acts.astype(np.float64) ** 2, axis=1)) == pytest.approx(x.shape[1], rel=1e-5)
+
+
+def test_several_hooks_stacked_dict_and_stored_dtypes(url):
+    cfg, data = build(url, dtype="bfloat16")
+    hooks = list(cfg.hooks)
+    stacked = next(actstore.stream(url, hooks, 64, dtype=None).indexed())
+    assert stacked.acts.shape == (64, 3, 48) and stacked.acts.dtype == torch.bfloat16
+    for h, hook in enumerate(hooks):
+        ref = torch.from_numpy(data[hook][stacked.index_B.numpy()]).to(torch.bfloat16)
+        assert torch.equal(stacked.acts[:, h], ref)
+    as_dict = next(iter(actstore.stream(url, hooks[:2], 64, stack=False)))
+    assert set(as_dict) == set(hooks[:2]) and as_dict[hooks[0]].dtype == torch.float32
+    one = next(iter(actstore.stream(url, [hooks[0]], 64)))
+    assert one.shape == (64, 1, 48)  # a list of hooks always stacks; one name gives [B, D]
+
+
+def test_fp8_store_streams_dequantized_values(url):
+    cfg, data = build(url, dtype="float8_e4m3fn")
+    b = next(actstore.stream(url, HOOK, 64).indexed())
+    store = actstore.open_store(url)
+    ref = np.stack([store.read(HOOK, i, i + 1)[0] for i in b.index_B.tolist()])
+    np.testing.assert_array_equal(b.acts.numpy(), ref)
+
+
+def test_endless_stream_serves_full_batches_epoch_after_epoch(url):
+    cfg, _ = build(url)
+    s = actstore.stream(url, HOOK, 96, epochs=None, memory=small(cfg, 4))
+    it = s.indexed()
+    index = np.concatenate([next(it).index_B.numpy() for _ in range(40)])  # 3840 tokens, 3.84 epochs
+    for e in range(3):
+        assert sorted(index[e * 1000 : (e + 1) * 1000].tolist()) == list(range(1000))
+    assert s.cursor.epoch == 3 and s.cursor.batches == 40
+
+
+def test_partial_store_streams_committed_shards_and_state_checks_arguments(url):
+    cfg, _ = build(url, shards=[0, 2])
+    s = actstore.stream(url, HOOK, 64, drop_last=True)
+    index = np.concatenate([i for _, i in drain(s)])
+    assert len(index) == 512 - 512 % 64 and set(index.tolist()) <= set(range(256)) | set(range(512, 768))
+    other = actstore.stream(url, HOOK, 64, seed=1, drop_last=True)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(s.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(hooks="blocks.9.hook_resid_post", batch_size=8), KeyError, "not in this store"),
+        (dict(hooks=["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"], batch_size=8), ValueError, "stack=False"),
+        (dict(hooks=HOOK, batch_size=5000), ValueError, "larger than"),
+        (dict(hooks=HOOK, batch_size=600, world_size=2), ValueError, "larger than"),
+        (dict(hooks=HOOK, batch_size=0), ValueError, "positive"),
+        (dict(hooks=HOOK, batch_size=8, memory="lots"), ValueError, "2GiB"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(url, kwargs, error, match):
+    build(url, hook_dims={"blocks.1.hook_mlp_out": 32})
+    with pytest.raises(error, match=match):
+        actstore.stream(url, **kwargs)
+
+
+def test_nothing_committed_is_an_error_and_follow_times_out(url):
+    cfg = make_config(dtype="float32")
+    with actstore.open_store(url, "w", config=cfg):
+        pass
+    with pytest.raises(EmptyStoreError, match="follow=True"):
+        actstore.stream(url, HOOK, 8)
+    s = actstore.stream(url, HOOK, 8, follow=True, poll_seconds=0.02, follow_timeout=0.2)
+    with pytest.raises(FollowTimeoutError, match="harvest still running"):
+        next(iter(s))
