@@ -32,6 +32,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_harvest.py
+	$(PY) benchmarks/bench_stream.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

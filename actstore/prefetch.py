@@ -8,7 +8,8 @@ at its next hand-off, so abandoning an iteration leaves no thread behind.
 
 ``BufferPool`` lends out a fixed set of reusable buffers: a producer that holds them all waits
 until the consumer gives one back, which bounds memory without reallocating (and re-faulting)
-large arrays for every block.
+large arrays for every block. ``OutputRing`` reuses batch tensors once their consumer has let
+go of them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
+
+import torch
 
 T = TypeVar("T")
 _POLL_S = 0.1
@@ -84,14 +87,22 @@ class Prefetcher(Generic[T]):
         self.stop.set()
         self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
 
 class BufferPool(Generic[T]):
     """A fixed set of buffers, lent out and given back; ``acquire`` waits for a free one."""
 
-    def __init__(self, make: Callable[[], T], n: int, stop: threading.Event):
+    def __init__(self, make: Callable[[], T], n: int, stop: threading.Event, made: list[T] | None = None):
+        """``made``: buffers kept from an earlier pool (shared, so the next pool finds them too)."""
         self._make = make
         self._free: queue.Queue = queue.Queue()
-        self._made = 0
+        self._all = made if made is not None else []
+        for buf in self._all:
+            self._free.put(buf)
+        self._made = len(self._all)
         self._n = n
         self._stop = stop
         self._lock = threading.Lock()
@@ -100,7 +111,9 @@ class BufferPool(Generic[T]):
         with self._lock:
             if self._free.empty() and self._made < self._n:
                 self._made += 1
-                return self._make()
+                buf = self._make()
+                self._all.append(buf)
+                return buf
         while not self._stop.is_set():
             try:
                 return self._free.get(timeout=_POLL_S)
@@ -110,3 +123,40 @@ class BufferPool(Generic[T]):
 
     def release(self, buf: T) -> None:
         self._free.put(buf)
+
+    @property
+    def buffers(self) -> list[T]:
+        """Every buffer this pool made or was given (to hand to a later pool)."""
+        return list(self._all)
+
+
+def _storage_refs(t: torch.Tensor) -> int | None:
+    """How many tensors, views and arrays share ``t``'s memory (None if torch cannot say)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count(t.untyped_storage()._cdata) if use_count is not None else None
+
+
+class OutputRing:
+    """Reusable CPU output tensors for batches handed to a consumer.
+
+    A fresh large tensor costs page faults (the kernel zeroes every page) that outweigh the
+    gather filling it, so batches are written into a small ring of tensors instead. A tensor is
+    reused only when nothing outside the ring refers to its memory any more: the consumer has
+    dropped the batch and every view of it. Where torch cannot count references, every batch
+    gets a fresh tensor.
+    """
+
+    def __init__(self, size: int):
+        self._size = size
+        self._ring: dict[tuple, list[tuple[torch.Tensor, int | None]]] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        entries = self._ring.setdefault((shape, dtype), [])
+        for t, idle in entries:
+            if idle is not None and _storage_refs(t) == idle:
+                return t.view(t.shape)  # a new alias, so whoever holds it counts as a reference
+        t = torch.empty(shape, dtype=dtype)
+        if len(entries) < self._size:
+            entries.append((t, _storage_refs(t)))
+            return t.view(t.shape)
+        return t

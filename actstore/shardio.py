@@ -31,6 +31,7 @@ import crc32c
 import numcodecs
 import numpy as np
 from fsspec.asyn import AsyncFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from .dtypes import numpy_dtype
 from .errors import CorruptChunkError, MissingChunkError, StoreFormatError
@@ -161,6 +162,7 @@ class ShardedArrayReader:
         self._lock = threading.Lock()
         # object stores run a batch of ranged reads concurrently: bound how many are in flight
         self._concurrency = {"batch_size": max_concurrency} if isinstance(loc.fs, AsyncFileSystem) else {}
+        self._local = isinstance(loc.fs, LocalFileSystem) and hasattr(os, "preadv")
 
     # ---- shard indexes --------------------------------------------------------------------
     def _shard_path(self, shard: int) -> str:
@@ -258,13 +260,55 @@ class ShardedArrayReader:
     def read_chunks_into(self, chunks: Sequence[tuple[int, int]], outs: Sequence[np.ndarray]) -> None:
         """Decode inner chunks ``(shard, chunk_in_shard)`` into ``outs`` (contiguous arrays of the
         chunk's shape and byte size, any dtype view): one batch of ranged reads, then decoding
-        on all cores."""
+        on all cores. Local files take :meth:`_read_local_into` instead."""
+        if self._local:
+            self._read_local_into(chunks, outs)
+            return
         raws = self._fetch(chunks)
         jobs = [(raws[i], *chunks[i], outs[i]) for i in range(len(chunks))]
         if len(jobs) == 1:
             self._decode_into(*jobs[0])
         else:  # blosc and crc32c release the GIL: decode chunks on all cores
             list(_decode_pool().map(lambda job: self._decode_into(*job), jobs))
+
+    def _read_local_into(self, chunks: Sequence[tuple[int, int]], outs: Sequence[np.ndarray]) -> None:
+        """Local fast path: each chunk is read with ``pread`` on a pool thread, an uncompressed
+        one straight into ``outs`` (its checksum then verified in place), a compressed one into
+        a scratch buffer and decoded from there. Same checks and errors as the generic path."""
+        indexes = self.shard_indexes(sorted({s for s, _ in chunks}))
+        crc_len = 4 if self.layout.crc else 0
+
+        def read_one(i: int) -> None:
+            shard, c = chunks[i]
+            offset, nbytes = (int(v) for v in indexes[shard][c])
+            where = f"{self.layout.path} shard {shard} chunk {c}"
+            if offset == int(_EMPTY) and nbytes == int(_EMPTY):
+                raise MissingChunkError(f"{where} is absent")
+            try:
+                fd = os.open(self._shard_path(shard), os.O_RDONLY)
+            except FileNotFoundError as e:
+                raise MissingChunkError(f"{self.layout.path} shard {shard}: shard object is missing") from e
+            try:
+                target = outs[i].view(np.uint8).reshape(-1)
+                if self.layout.blosc is None and nbytes == target.nbytes + crc_len:
+                    stored = bytearray(crc_len)
+                    got = os.preadv(fd, [target, stored] if crc_len else [target], offset)
+                    if got != nbytes:
+                        raise CorruptChunkError(f"{where}: shard object is truncated")
+                    if crc_len and crc32c.crc32c(target) != int.from_bytes(stored, "little"):
+                        raise CorruptChunkError(f"{where}: checksum mismatch (data is damaged)")
+                    return
+                raw = os.pread(fd, nbytes, offset)
+            finally:
+                os.close(fd)
+            if len(raw) != nbytes:
+                raise CorruptChunkError(f"{where}: shard object is truncated")
+            self._decode_into(memoryview(raw), shard, c, outs[i])
+
+        if len(chunks) == 1:
+            read_one(0)
+        else:
+            list(_decode_pool().map(read_one, range(len(chunks))))
 
     def read_chunks(self, chunks: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Decoded inner chunks ``(shard, chunk_in_shard)``, each of full chunk shape."""

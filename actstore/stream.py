@@ -49,7 +49,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, NamedTuple
@@ -61,7 +61,7 @@ from .commits import ranges_to_shards, shards_to_ranges
 from .dtypes import numpy_dtype
 from .errors import ActstoreError
 from .layout import POSITIONS, TOKENS, acts_path, scale_path
-from .prefetch import BufferPool, Prefetcher
+from .prefetch import BufferPool, OutputRing, Prefetcher
 from .reader import Store, open_store
 from .shuffle import Pieces, chunks_of_shards, interleave, rank_pieces, rng_for, split_blocks
 
@@ -273,6 +273,7 @@ class Stream:
         segment_shards = max(1, (cfg.world_size * block_chunks) // self._cps)
         self._plan = _Plan(shards, block_chunks, segment_shards)
         self._cursor = Cursor()
+        self._spare_buffers: list[dict[str, np.ndarray]] = []
         self._device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
 
     # ---- description ----------------------------------------------------------------------
@@ -344,23 +345,33 @@ class Stream:
     def _iterate(self, with_index: bool) -> Iterator[IndexedBatch]:
         start = self._cursor
         stop = threading.Event()
-        pool: BufferPool[dict[str, np.ndarray]] = BufferPool(self._new_buffer, 2, stop)
+        spare, self._spare_buffers = self._spare_buffers, []  # block buffers of an earlier pass, not re-faulted
+        pool: BufferPool[dict[str, np.ndarray]] = BufferPool(self._new_buffer, 2, stop, made=spare)
         blocks = Prefetcher(lambda: self._blocks(start, pool, stop, with_index), 1, "actstore-stream-load", stop)
         on_cpu = self._device.type == "cpu"  # finish (convert, scale) in the gather thread; on CUDA, on the device
 
         def gather() -> Iterator[tuple[_RawBatch, IndexedBatch | None]]:
-            for raw in self._batches(start, blocks, pool):
-                yield raw, (self._finish(raw) if on_cpu else None)
+            ring = OutputRing(self.cfg.prefetch + 4)
+            if not on_cpu:  # fresh pinned tensors (torch caches them, and knows when copies finish)
+                raws = self._batches(start, blocks, pool, self._alloc, scratch=False)
+            elif self._direct:  # rows already are the output: gather straight into reused tensors
+                raws = self._batches(start, blocks, pool, ring.get, scratch=False)
+            else:  # gather into scratch tensors, then convert into reused output tensors
+                raws = self._batches(start, blocks, pool, lambda shape, dtype: torch.empty(shape, dtype=dtype), scratch=True)
+            for raw in raws:
+                yield raw, (self._finish_cpu(raw, ring) if on_cpu else None)
 
         batches = Prefetcher(gather, self.cfg.prefetch, "actstore-stream-gather", stop)
         try:
             for raw, done in batches:
-                batch = done if done is not None else self._finish(raw)
+                batch = done if done is not None else self._finish_on_device(raw)
                 self._cursor = raw.cursor
                 yield batch
         finally:
             batches.close()
             blocks.close()
+            if not (batches.alive or blocks.alive):
+                self._spare_buffers = pool.buffers
 
     # ---- passes and blocks (loader thread) -------------------------------------------------
     def _passes(self, start: Cursor, stop: threading.Event) -> Iterator[tuple[int, int, list[Pieces]]]:
@@ -462,13 +473,18 @@ class Stream:
         return _Block(key, buf, order_T, index_T)
 
     # ---- batches (assembler thread) ----------------------------------------------------------
-    def _batches(self, start: Cursor, blocks: Prefetcher[_Block], pool: BufferPool) -> Iterator[_RawBatch]:
+    def _batches(
+        self, start: Cursor, blocks: Prefetcher[_Block], pool: BufferPool, alloc: Callable[..., torch.Tensor], scratch: bool
+    ) -> Iterator[_RawBatch]:
+        """Cut the blocks' output into batches of raw rows, gathered into tensors from ``alloc``:
+        new ones for every batch, or with ``scratch`` the same ones every batch (the caller
+        finishes each batch before asking for the next)."""
         B, paths = self.cfg.batch_size, [p for p in self._array_paths() if p not in (POSITIONS, TOKENS)]
         batches, tokens = start.batches, start.tokens
         out: dict[str, torch.Tensor] = {}
+        kept: dict[str, torch.Tensor] = {}
         index_B: torch.Tensor | None = None
         filled = 0
-        cursor = start
         for blk in blocks:
             e, s, b = blk.key
             off = start.offset if (e, s, b) == (start.epoch, start.segment, start.block) else 0
@@ -476,8 +492,11 @@ class Stream:
             sources = {p: _as_int_tensor(blk.buffer[p]) for p in paths}
             while off < n:
                 if filled == 0:
-                    out = {p: self._alloc((B, *src.shape[1:]), src.dtype) for p, src in sources.items()}
-                    index_B = self._alloc((B,), torch.int64) if blk.index_T is not None else None
+                    if not (scratch and kept):
+                        kept = {p: alloc((B, *src.shape[1:]), src.dtype) for p, src in sources.items()}
+                        if blk.index_T is not None:
+                            kept["index"] = alloc((B,), torch.int64)
+                    out, index_B = kept, kept.get("index")
                 take = min(B - filled, n - off)
                 rows = torch.from_numpy(blk.order_T[off : off + take])
                 for p, src in sources.items():
@@ -489,37 +508,77 @@ class Stream:
                 if filled == B:
                     batches, tokens = batches + 1, tokens + B
                     cursor = Cursor(e, s, b, off, batches, tokens) if off < n else Cursor(e, s, b + 1, 0, batches, tokens)
-                    yield _RawBatch(out, B, cursor, index_B)
+                    yield _RawBatch({p: out[p] for p in paths}, B, cursor, index_B)
                     filled = 0
-            cursor = Cursor(e, s, b + 1, 0, batches, tokens)
             pool.release(blk.buffer)
-        end = Cursor(self.cfg.epochs or 0, 0, 0, 0, batches + (filled > 0 and not self.cfg.drop_last), tokens + filled)
         if filled and not self.cfg.drop_last:
-            yield _RawBatch({p: t[:filled] for p, t in out.items()}, filled, end, index_B[:filled] if index_B is not None else None)
+            end = Cursor(self.cfg.epochs or 0, 0, 0, 0, batches + 1, tokens + filled)
+            yield _RawBatch({p: out[p][:filled] for p in paths}, filled, end, index_B[:filled] if index_B is not None else None)
 
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=self._device.type == "cuda")
 
-    # ---- finishing (consumer) ----------------------------------------------------------------
-    def _finish(self, raw: _RawBatch) -> IndexedBatch:
-        dev = self._device
-        stored = _TORCH_DTYPE[self.store.config.dtype]
-        target = getattr(torch, self.cfg.dtype) if self.cfg.dtype else (torch.float32 if self._fp8 else stored)
-        acts: dict[str, torch.Tensor] = {}
-        for hook in self.cfg.hooks:
-            x = raw.arrays[acts_path(hook)].to(dev, non_blocking=True).view(stored)
-            if self._fp8:
-                scale_B = raw.arrays[scale_path(hook)].to(dev, non_blocking=True).view(torch.float32)
-                x = x.float() * scale_B[:, None]
-            if hook in self.scales:
-                x = x.float() * self.scales[hook]
-            acts[hook] = x.to(target)
-        index_B = raw.index_B.to(dev, non_blocking=True) if raw.index_B is not None else _NO_INDEX
+    @property
+    def _direct(self) -> bool:
+        """Whether gathered rows need no conversion, scaling or stacking to be the output."""
+        return (
+            self._target_dtype == _TORCH_DTYPE[self.store.config.dtype] and not self._fp8 and not self.scales
+            and (self._single or not self.cfg.stack)
+        )
+
+    # ---- finishing: stored bits -> the consumer's dtype, scaled, stacked ---------------------
+    @property
+    def _target_dtype(self) -> torch.dtype:
+        if self.cfg.dtype:
+            return getattr(torch, self.cfg.dtype)
+        return torch.float32 if self._fp8 else _TORCH_DTYPE[self.store.config.dtype]
+
+    def _hook_values(self, raw: _RawBatch, hook: str, dev: torch.device) -> torch.Tensor:
+        """One hook's rows as values: dequantised (fp8) and scaled (normalize), float32 if either."""
+        x = raw.arrays[acts_path(hook)].to(dev, non_blocking=True).view(_TORCH_DTYPE[self.store.config.dtype])
+        if self._fp8:
+            x = x.float() * raw.arrays[scale_path(hook)].to(dev, non_blocking=True).view(torch.float32)[:, None]
+        if hook in self.scales:
+            x = x.float() * self.scales[hook]
+        return x
+
+    def _assemble(self, parts: dict[str, torch.Tensor], index_B: torch.Tensor) -> IndexedBatch:
         if not self.cfg.stack:
-            return IndexedBatch(acts, index_B)
+            return IndexedBatch(parts, index_B)
         if self._single:
-            return IndexedBatch(acts[self.cfg.hooks[0]], index_B)
-        return IndexedBatch(torch.stack([acts[h] for h in self.cfg.hooks], dim=1), index_B)
+            return IndexedBatch(parts[self.cfg.hooks[0]], index_B)
+        return IndexedBatch(torch.stack([parts[h] for h in self.cfg.hooks], dim=1), index_B)
+
+    def _finish_on_device(self, raw: _RawBatch) -> IndexedBatch:
+        """CUDA: copy the raw rows over (pinned, non-blocking), then convert there."""
+        dev, target = self._device, self._target_dtype
+        parts = {h: self._hook_values(raw, h, dev).to(target) for h in self.cfg.hooks}
+        index_B = raw.index_B.to(dev, non_blocking=True) if raw.index_B is not None else _NO_INDEX
+        return self._assemble(parts, index_B)
+
+    def _finish_cpu(self, raw: _RawBatch, ring: OutputRing) -> IndexedBatch:
+        """CPU: write each hook, converted and scaled, straight into a reused output tensor
+        (for a stacked batch, into its slice of the ``[B, H, D]`` tensor: no separate stack)."""
+        target, n, hooks = self._target_dtype, raw.n, self.cfg.hooks
+        if self._direct:
+            stored = _TORCH_DTYPE[self.store.config.dtype]
+            parts = {h: raw.arrays[acts_path(h)].view(stored) for h in hooks}
+            return self._assemble(parts, raw.index_B if raw.index_B is not None else _NO_INDEX)
+        if self.cfg.stack and not self._single:
+            stacked = ring.get((n, len(hooks), self.widths[hooks[0]]), target)
+            dests = {h: stacked[:, i] for i, h in enumerate(hooks)}
+        else:
+            dests = {h: ring.get((n, self.widths[h]), target) for h in hooks}
+        cpu = torch.device("cpu")
+        for h, dest in dests.items():
+            dest.copy_(self._hook_values(raw, h, cpu))
+        index_B = _NO_INDEX
+        if raw.index_B is not None:
+            index_B = ring.get((n,), torch.int64)
+            index_B.copy_(raw.index_B)
+        if self.cfg.stack and not self._single:
+            return IndexedBatch(stacked, index_B)
+        return self._assemble(dests, index_B)
 
     # ---- options resolved against the store --------------------------------------------------
     def _token_ids_to_drop(self) -> tuple[int, ...]:

@@ -59,6 +59,7 @@ def test_reader_merges_adjacent_chunks_into_one_ranged_read(tmp_path, monkeypatc
     hook = cfg.hooks[0]
     reader = store.array_reader(f"acts/{hook}")
     reader.shard_indexes(range(cfg.n_shards))  # index reads are cached from here on
+    reader._local = False  # the generic path (remote stores); local files take pread
     calls = []  # ranges per cat_ranges call
     real = reader.loc.fs.cat_ranges
 
@@ -81,3 +82,20 @@ def test_reader_merges_adjacent_chunks_into_one_ranged_read(tmp_path, monkeypatc
     for (shard, c), arr in zip([(3, 1), (0, 2), (0, 0)], chunks, strict=True):
         a = shard * 256 + c * 64
         np.testing.assert_array_equal(arr.view(np.uint16), ref[a : a + 64].view(np.uint16))
+
+
+@pytest.mark.parametrize("codec, checksums", [("none", True), ("none", False), ("zstd", True), ("zstd", False)])
+def test_local_pread_path_matches_the_generic_path(tmp_path, codec, checksums):
+    cfg = make_config(codec=codec, checksums=checksums)
+    data = make_data(cfg)
+    url = str(tmp_path / "s")
+    with actstore.open_store(url, "a", config=cfg) as w:
+        write_shards(w, cfg, data, w.pending_shards())
+    reader = actstore.open_store(url).array_reader(f"acts/{cfg.hooks[1]}")
+    chunks = [(s, c) for s in range(cfg.n_shards) for c in range(4) if (s * 4 + c) * 64 < 1000][::-1]
+    assert reader._local
+    fast = reader.read_chunks(chunks)
+    reader._local = False
+    generic = reader.read_chunks(chunks)
+    for a, b in zip(fast, generic, strict=True):
+        assert a.tobytes() == b.tobytes()

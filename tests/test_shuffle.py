@@ -79,3 +79,12 @@ def test_same_context_rate_matches_hand_counts():
     assert same_context_rate([np.array([1, 1, 2, 3]), np.array([4, 4, 4])]) == pytest.approx((1 + 3) / (6 + 3))
     contexts = np.repeat(np.arange(10), 4)  # 10 contexts of 4 tokens
     assert ideal_same_context_rate(contexts) == pytest.approx(10 * 4 * 3 / (40 * 39))
+
+
+@pytest.mark.parametrize("k, n", [(1, 5), (7, 64), (130, 1024)])
+def test_equal_pieces_fast_path_matches_the_general_sort(k, n, monkeypatch):
+    import actstore.shuffle as shuffle
+
+    fast = interleave(np.full(k, n), rng_for(9, k))
+    monkeypatch.setattr(shuffle.np, "all", lambda _: False)  # force the general path
+    assert np.array_equal(fast, interleave(np.full(k, n), rng_for(9, k)))

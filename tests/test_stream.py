@@ -273,3 +273,13 @@ def test_nothing_committed_is_an_error_and_follow_times_out(url):
     s = actstore.stream(url, HOOK, 8, follow=True, poll_seconds=0.02, follow_timeout=0.2)
     with pytest.raises(FollowTimeoutError, match="harvest still running"):
         next(iter(s))
+
+
+def test_kept_batches_and_views_are_never_overwritten(url):
+    """Output tensors are reused only once the consumer has let go of them (and of any view)."""
+    cfg, data = build(url)
+    kept = []
+    for b in actstore.stream(url, HOOK, 32, epochs=3, prefetch=1, dtype=None).indexed():
+        kept.append((b.acts[:, :5], b.index_B))  # views of the batch, the batch itself dropped
+    for acts, idx in kept:
+        np.testing.assert_array_equal(acts.numpy(), data[HOOK][idx.numpy(), :5])

@@ -1,0 +1,188 @@
+"""Stream benchmark: shuffled batch throughput against a plain sequential read of the same files.
+
+Real SmolLM2-135M ``hook_resid_post`` activations from the built-in corpus (captured once,
+then tiled to the store size: chunks compress independently, so tiling keeps the ratios) are
+written as bf16 stores, uncompressed and zstd. Measured side by side, interleaved, median of
+``--repeats`` runs, page cache warm for both:
+
+- ``actstore.stream`` (stored dtype, ``--epochs`` passes): activation bytes delivered per second;
+- plain sequential read of the same shard files (``open().read()``, one after another):
+  file bytes per second. Ratio = stream / plain (the goal is >= 0.70 uncompressed);
+- the same against the loopback S3 server (moto), plain being ``cat_file`` of each object;
+- shuffle quality: same-context pairs per batch over an ideal uniform shuffle's rate, for
+  several memory budgets, beside a SAELens-like mixing buffer holding as many tokens.
+
+    python benchmarks/bench_stream.py [--tokens 131072] [--batch-size 4096] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_store import Capture, capture, store_config, write_capture  # noqa: E402
+
+import actstore  # noqa: E402
+from actstore.shuffle import ideal_same_context_rate, same_context_rate  # noqa: E402
+from pipelines import smollm2  # noqa: E402
+from pipelines.models import load_model  # noqa: E402
+
+CONTEXT = 256
+
+
+def tiled(cap: Capture, n_tokens: int) -> Capture:
+    reps = -(-n_tokens // len(cap.tokens_N))
+    return Capture(
+        np.tile(cap.tokens_N, reps)[:n_tokens], np.tile(cap.positions_N, reps)[:n_tokens],
+        {h: np.tile(x, (reps, 1))[:n_tokens] for h, x in cap.acts.items()},
+    )
+
+
+def shard_files(store: actstore.Store, hooks: list[str]) -> list[str]:
+    fs, root = store.loc.fs, store.loc.root
+    return sorted(p for h in hooks for p in fs.find(f"{root}/acts/{h}/c"))
+
+
+def plain_read(store: actstore.Store, files: list[str]) -> float:
+    """File bytes per second reading ``files`` whole, one after another."""
+    t = time.perf_counter()
+    if store.loc.url.startswith("s3://"):
+        n = sum(len(store.loc.fs.cat_file(f)) for f in files)
+    else:
+        n = 0
+        for f in files:
+            with open(f, "rb") as fh:
+                n += len(fh.read())
+    return n / (time.perf_counter() - t)
+
+
+def stream_read(store: actstore.Store, hooks: list[str], batch_size: int, epochs: int, memory: str) -> float:
+    """Activation bytes per second delivered by the shuffled stream, stored dtype."""
+    s = actstore.stream(store, hooks if len(hooks) > 1 else hooks[0], batch_size, dtype=None, epochs=epochs, memory=memory)
+    n = 0
+    t = time.perf_counter()
+    for batch in s:
+        n += batch.numel() * batch.element_size()
+    return n / (time.perf_counter() - t)
+
+
+def quality(store: actstore.Store, hook: str, batch_size: int, memory: str) -> tuple[int, float]:
+    contexts = np.arange(store.n_tokens) - store.positions()
+    s = actstore.stream(store, hook, batch_size, memory=memory)
+    batches = [contexts[b.index_B.numpy()] for b in s.indexed()]
+    return s.block_tokens, same_context_rate(batches) / ideal_same_context_rate(contexts)
+
+
+def mixing_buffer_quality(store: actstore.Store, batch_size: int, buffer_tokens: int, seed: int = 0) -> float:
+    """SAELens-like: contexts read in order into a buffer of ``buffer_tokens``, shuffled, the
+    first half served as batches, the rest kept and the buffer refilled."""
+    contexts = np.arange(store.n_tokens) - store.positions()
+    rng = np.random.default_rng(seed)
+    serve = max(batch_size, (buffer_tokens // 2) // batch_size * batch_size)
+    buf = np.zeros(0, dtype=np.int64)
+    batches, nxt = [], 0
+    while nxt < len(contexts) or len(buf):
+        take = max(0, buffer_tokens - len(buf))
+        buf = rng.permutation(np.concatenate([buf, contexts[nxt : nxt + take]]))
+        nxt += take
+        n = min(serve, len(buf)) if nxt < len(contexts) else len(buf)
+        batches.extend(buf[i : i + batch_size] for i in range(0, n, batch_size))
+        buf = buf[n:]
+    return same_context_rate(batches) / ideal_same_context_rate(contexts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=131072)
+    p.add_argument("--capture-tokens", type=int, default=16384)
+    p.add_argument("--layers", default="3,6,9,12")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--memory", default="256MiB")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--s3-tokens", type=int, default=32768)
+    args = p.parse_args()
+    console = Console()
+    layers = [int(x) for x in args.layers.split(",")]
+    console.print(f"capturing {args.capture_tokens} tokens of SmolLM2-135M at layers {layers}...")
+    lm = load_model(smollm2.NAME)
+    cap = tiled(capture(lm, layers, args.capture_tokens, context_size=CONTEXT), args.tokens)
+    hooks = list(cap.acts)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+
+    table = Table(title=f"shuffled stream vs plain sequential read ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+                        f"batch {args.batch_size}, memory {args.memory}, median of {args.repeats})")
+    for col in ("store", "hooks", "plain read MB/s", "stream MB/s", "ratio"):
+        table.add_column(col, justify="right" if col != "store" else "left")
+    for codec in ("none", "zstd"):
+        cfg = store_config(lm, cap, CONTEXT, dtype="bfloat16", codec=codec)
+        store = write_capture(str(tmp / codec), cap, cfg)
+        for chosen in (hooks[:1], hooks):
+            files = shard_files(store, chosen)
+            plain, streamed = [], []
+            for _ in range(args.repeats):
+                plain.append(plain_read(store, files))
+                streamed.append(stream_read(store, chosen, args.batch_size, args.epochs, args.memory))
+            pm, sm = statistics.median(plain), statistics.median(streamed)
+            table.add_row(f"local bf16 {codec}", str(len(chosen)), f"{pm / 1e6:,.0f}", f"{sm / 1e6:,.0f}", f"{sm / pm:.2f}")
+
+    s3 = s3_store(cap, lm, args.s3_tokens)
+    if s3 is not None:
+        files = shard_files(s3, hooks[:1])
+        plain = [plain_read(s3, files) for _ in range(args.repeats)]
+        streamed = [stream_read(s3, hooks[:1], args.batch_size, 1, args.memory) for _ in range(args.repeats)]
+        pm, sm = statistics.median(plain), statistics.median(streamed)
+        table.add_row("S3 (moto, loopback) bf16 none", "1", f"{pm / 1e6:,.0f}", f"{sm / 1e6:,.0f}", f"{sm / pm:.2f}")
+    console.print(table)
+
+    store = actstore.open_store(str(tmp / "none"))
+    q = Table(title=f"shuffle quality: same-context pairs per batch / ideal uniform shuffle (store {store.n_tokens} tokens, "
+                    f"contexts of {CONTEXT}, batch {args.batch_size}; ideal = 1, goal <= 2)")
+    for col in ("order", "tokens mixed", "ratio"):
+        q.add_column(col, justify="right" if col != "order" else "left")
+    for memory in ("2GiB", "128MiB", "32MiB", "8MiB"):
+        block, ratio = quality(store, hooks[0], args.batch_size, memory)
+        q.add_row(f"actstore memory={memory}", f"{block:,} per block", f"{ratio:.2f}")
+        if block < store.n_tokens:  # a mixing buffer holding as many tokens as actstore's two blocks
+            q.add_row("  mixing buffer, same memory (SAELens-like)", f"{2 * block:,} in buffer",
+                      f"{mixing_buffer_quality(store, args.batch_size, 2 * block):.2f}")
+    console.print(q)
+
+
+def s3_store(cap: Capture, lm, n_tokens: int) -> actstore.Store | None:
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        print("moto not installed: no S3 figure (pip install 'moto[server]')")
+        return None
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"})
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}").mkdir("bench")
+    small = tiled(Capture(cap.tokens_N, cap.positions_N, {h: x for h, x in list(cap.acts.items())[:1]}), n_tokens)
+    return write_capture("s3://bench/stream", small, store_config(lm, small, CONTEXT, dtype="bfloat16", codec="none"))
+
+
+if __name__ == "__main__":
+    main()
