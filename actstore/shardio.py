@@ -19,6 +19,7 @@ Shape letters: N tokens, D width.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -33,6 +34,7 @@ import numpy as np
 from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from . import mapping
 from .dtypes import numpy_dtype
 from .errors import CorruptChunkError, MissingChunkError, StoreFormatError
 from .layout import shard_key
@@ -163,6 +165,7 @@ class ShardedArrayReader:
         # object stores run a batch of ranged reads concurrently: bound how many are in flight
         self._concurrency = {"batch_size": max_concurrency} if isinstance(loc.fs, AsyncFileSystem) else {}
         self._local = isinstance(loc.fs, LocalFileSystem) and hasattr(os, "preadv")
+        self._verified = np.zeros(-(-layout.shape[0] // layout.chunk_tokens), dtype=bool)  # mapped chunks checked
 
     # ---- shard indexes --------------------------------------------------------------------
     def _shard_path(self, shard: int) -> str:
@@ -309,6 +312,47 @@ class ShardedArrayReader:
             read_one(0)
         else:
             list(_decode_pool().map(read_one, range(len(chunks))))
+
+    @property
+    def mappable(self) -> bool:
+        """Whether :meth:`map_chunks` can serve this array (local, uncompressed, Linux)."""
+        return self._local and self.layout.blosc is None and mapping.AVAILABLE
+
+    def map_chunks(self, chunks: Sequence[tuple[int, int]]) -> mapping.MappedRanges:
+        """Map inner chunks ``(shard, chunk_in_shard)`` of an uncompressed local array into one
+        address range (:class:`actstore.mapping.MappedRanges`, whose ``starts`` are where each
+        chunk's data begins). Same checks and errors as reading; a chunk's checksum is verified
+        the first time this reader maps it (committed shards do not change)."""
+        indexes = self.shard_indexes(sorted({s for s, _ in chunks}))
+        crc_len = 4 if self.layout.crc else 0
+        chunk_bytes = self.layout.chunk_tokens * self.layout.dtype.itemsize * math.prod(self.layout.shape[1:])
+        ranges = []
+        for shard, c in chunks:
+            offset, nbytes = (int(v) for v in indexes[shard][c])
+            where = f"{self.layout.path} shard {shard} chunk {c}"
+            if offset == int(_EMPTY) and nbytes == int(_EMPTY):
+                raise MissingChunkError(f"{where} is absent")
+            if nbytes != chunk_bytes + crc_len:
+                raise CorruptChunkError(f"{where}: holds {nbytes - crc_len} bytes, expected {chunk_bytes}")
+            ranges.append((self._shard_path(shard), offset, nbytes))
+        try:
+            mapped = mapping.MappedRanges(ranges)
+        except FileNotFoundError as e:
+            raise MissingChunkError(f"{self.layout.path}: shard object missing ({e.filename})") from e
+        except EOFError as e:
+            raise CorruptChunkError(f"{self.layout.path}: shard object is truncated ({e})") from e
+        cps = self.layout.chunks_per_shard
+        unchecked = [i for i, (shard, c) in enumerate(chunks) if not self._verified[shard * cps + c]] if crc_len else []
+        region = mapped.bytes_u8
+
+        def verify(i: int) -> None:
+            a, (shard, c) = int(mapped.starts[i]), chunks[i]
+            if crc32c.crc32c(region[a : a + chunk_bytes]) != int.from_bytes(region[a + chunk_bytes : a + chunk_bytes + 4], "little"):
+                raise CorruptChunkError(f"{self.layout.path} shard {shard} chunk {c}: checksum mismatch (data is damaged)")
+            self._verified[shard * cps + c] = True
+
+        list(_decode_pool().map(verify, unchecked))
+        return mapped
 
     def read_chunks(self, chunks: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Decoded inner chunks ``(shard, chunk_in_shard)``, each of full chunk shape."""

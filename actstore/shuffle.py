@@ -9,7 +9,7 @@ ordered in two levels, every step a function of ``(sizes, seed, pass, rank, worl
    ``w`` takes the tokens ``[r n / w, (r + 1) n / w)`` of it, so ranks are disjoint, cover the
    pass, and differ in size by at most one token. A chunk cut by a rank boundary becomes a
    *piece* (a token sub-range of a chunk).
-2. **Blocks.** A rank's pieces are cut, in order, into *blocks* that fit the memory budget. A
+2. **Blocks.** A rank's pieces are cut, in order, into *blocks* of even size that fit the memory budget. A
    block is read whole, then its tokens are interleaved (:func:`interleave`): each piece's
    tokens are put in random order and spread evenly over the block's output, piece ``i`` at
    the slots ``(j + u_i) / n_i`` for ``j = 0..n_i - 1`` and a random phase ``u_i``. Any ``B``
@@ -57,7 +57,7 @@ class Pieces:
     def n_tokens(self) -> int:
         return int((self.hi_K - self.lo_K).sum())
 
-    def __getitem__(self, sl: slice) -> Pieces:
+    def __getitem__(self, sl: slice | np.ndarray) -> Pieces:
         return Pieces(self.chunk_K[sl], self.lo_K[sl], self.hi_K[sl])
 
 
@@ -87,8 +87,11 @@ def rank_pieces(chunks: Pieces, seed: int, pass_key: Sequence[int], rank: int, w
 
 
 def split_blocks(pieces: Pieces, max_pieces: int) -> list[Pieces]:
-    """Level 2's unit: consecutive runs of at most ``max_pieces`` pieces (one chunk each)."""
-    return [pieces[i : i + max_pieces] for i in range(0, len(pieces), max_pieces)]
+    """Level 2's unit: the fewest consecutive runs of at most ``max_pieces`` pieces (one chunk
+    each), of sizes differing by at most one (even blocks keep reading and serving in step)."""
+    n_blocks = -(-len(pieces) // max_pieces)
+    bounds = [i * len(pieces) // n_blocks for i in range(n_blocks + 1)]
+    return [pieces[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def interleave(counts_K: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -9,7 +9,9 @@ disjoint token ranges per rank, then blocks of many chunks held in memory (``mem
 two blocks: the one being served and the one being read) whose tokens are interleaved so each
 batch draws from every chunk of the block. Every stored token (that passes the filters) is
 served exactly once per epoch. Batches run on across block and epoch boundaries, so all are
-full except perhaps the very last (dropped with ``drop_last=True``).
+full except perhaps the very last (dropped with ``drop_last=True``). A batch is a set: its rows
+from one block come in store order (faster to read; split a batch into micro-batches only
+after shuffling its rows). The order does not depend on the codec or on how chunks are read.
 
 **Filters.** ``min_position=p`` drops tokens at positions below ``p`` in their context window
 (position 0 is BOS when the store has ``prepend_bos``; the first few positions act as attention
@@ -29,8 +31,12 @@ little smaller than the filtered tokens alone would (a constant factor, folded b
 
 **Prefetch.** A loader thread reads and decodes the next block (ranged reads, bounded
 concurrency, retries; chunks decoded on all cores) while an assembler thread gathers batches
-from the current one, ``prefetch`` batches ahead. On CUDA, batches are gathered into pinned
-memory and copied without blocking; dtype conversion and scaling then run on the device.
+from the current one, ``prefetch`` batches ahead, with half of torch's intra-op threads.
+Uncompressed local chunks are not copied at all: the loader maps them (``mmap=True``,
+:mod:`actstore.mapping`, checksums verified the first time) and the batches are gathered from
+the page cache, so ``memory`` then bounds the page-cache working set rather than buffers.
+On CUDA, batches are gathered into pinned memory and copied without blocking; dtype
+conversion and scaling then run on the device.
 
 **Resume.** ``state_dict()`` is the position after the last batch handed out;
 ``load_state_dict()`` on a stream made with the same arguments continues with exactly the
@@ -61,6 +67,7 @@ from .commits import ranges_to_shards, shards_to_ranges
 from .dtypes import numpy_dtype
 from .errors import ActstoreError
 from .layout import POSITIONS, TOKENS, acts_path, scale_path
+from .mapping import MappedRanges, unit_for
 from .prefetch import BufferPool, OutputRing, Prefetcher
 from .reader import Store, open_store
 from .shuffle import Pieces, chunks_of_shards, interleave, rank_pieces, rng_for, split_blocks
@@ -68,7 +75,7 @@ from .shuffle import Pieces, chunks_of_shards, interleave, rank_pieces, rng_for,
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+_UNIT_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float8_e4m3fn": torch.float8_e4m3fn}
 _NO_INDEX = torch.empty(0, dtype=torch.int64)
 _BLOCK_OVERHEAD_BYTES = 32  # per token: order, index and filter arrays beside the activations
@@ -139,8 +146,9 @@ class StreamConfig:
     """Seconds ``follow`` waits for a new commit before raising; None waits indefinitely."""
     device: str | None = None
     """Where batches are delivered (``cuda``, ``cuda:1``...); None keeps them on the CPU."""
-    with_index: bool = False
-    """Also gather each token's index in the store (see :meth:`Stream.indexed`)."""
+    mmap: bool = True
+    """Gather uncompressed local chunks straight from the page cache (files mapped into memory)
+    instead of copying them into the block first; False always copies. Same batches either way."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hooks", tuple(self.hooks))
@@ -185,6 +193,10 @@ class Cursor:
     tokens: int = 0
     """Tokens handed out so far."""
 
+    @property
+    def block_key(self) -> tuple[int, int, int]:
+        return self.epoch, self.segment, self.block
+
 
 class IndexedBatch(NamedTuple):
     """A batch and where its tokens are in the store."""
@@ -196,13 +208,27 @@ class IndexedBatch(NamedTuple):
 
 
 @dataclass
+class _Source:
+    """One array's rows of a block as ``unit``-byte integers (a block buffer, or a view of
+    mapped chunks: :meth:`actstore.mapping.MappedRanges.rows_view`), and the source row of
+    each token of the block's output order."""
+
+    rows: torch.Tensor
+    unit: int
+    index_T: torch.Tensor
+
+
+@dataclass
 class _Block:
-    """A block read into a buffer: ``order_T`` are buffer rows in output order."""
+    """A block ready to serve: ``order_T`` are block rows (``k * chunk_tokens + r`` for row
+    ``r`` of piece ``k``, pieces sorted by chunk so row order is store order) in output order,
+    each batch's share in row order (a batch is a set; reading in order is faster)."""
 
     key: tuple[int, int, int]  # epoch, segment, block
     buffer: dict[str, np.ndarray]
     order_T: np.ndarray
-    index_T: np.ndarray | None
+    chunk_K: np.ndarray
+    sources: dict[str, _Source]
 
 
 @dataclass
@@ -213,6 +239,8 @@ class _RawBatch:
     n: int
     cursor: Cursor
     index_B: torch.Tensor | None = None
+    stacked: torch.Tensor | None = None
+    """``[B, H, D]``, when the hooks were gathered straight into their slices of it."""
 
 
 @dataclass(frozen=True)
@@ -274,6 +302,8 @@ class Stream:
         self._plan = _Plan(shards, block_chunks, segment_shards)
         self._cursor = Cursor()
         self._spare_buffers: list[dict[str, np.ndarray]] = []
+        self._gathered = [p for p in self._array_paths() if p not in (POSITIONS, TOKENS)]
+        self._mapped = {p for p in self._gathered if cfg.mmap and store.array_reader(p).mappable}
         self._device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
 
     # ---- description ----------------------------------------------------------------------
@@ -347,17 +377,21 @@ class Stream:
         stop = threading.Event()
         spare, self._spare_buffers = self._spare_buffers, []  # block buffers of an earlier pass, not re-faulted
         pool: BufferPool[dict[str, np.ndarray]] = BufferPool(self._new_buffer, 2, stop, made=spare)
-        blocks = Prefetcher(lambda: self._blocks(start, pool, stop, with_index), 1, "actstore-stream-load", stop)
+        retired: list[_Block] = []  # served blocks, dropped (mappings and all) by the loader, off the gather's path
+        blocks = Prefetcher(lambda: self._blocks(start, pool, stop, retired), 1, "actstore-stream-load", stop)
         on_cpu = self._device.type == "cpu"  # finish (convert, scale) in the gather thread; on CUDA, on the device
+        gather_threads = max(1, torch.get_num_threads() // 2)  # the loader and the consumer need cores too
 
         def gather() -> Iterator[tuple[_RawBatch, IndexedBatch | None]]:
+            _limit_intra_op_threads(gather_threads)
             ring = OutputRing(self.cfg.prefetch + 4)
             if not on_cpu:  # fresh pinned tensors (torch caches them, and knows when copies finish)
-                raws = self._batches(start, blocks, pool, self._alloc, scratch=False)
+                raws = self._batches(start, blocks, pool, retired, self._alloc, False, with_index)
             elif self._direct:  # rows already are the output: gather straight into reused tensors
-                raws = self._batches(start, blocks, pool, ring.get, scratch=False)
+                raws = self._batches(start, blocks, pool, retired, ring.get, False, with_index, stacked=self._stacked)
             else:  # gather into scratch tensors, then convert into reused output tensors
-                raws = self._batches(start, blocks, pool, lambda shape, dtype: torch.empty(shape, dtype=dtype), scratch=True)
+                scratch = lambda shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
+                raws = self._batches(start, blocks, pool, retired, scratch, True, with_index)
             for raw in raws:
                 yield raw, (self._finish_cpu(raw, ring) if on_cpu else None)
 
@@ -412,18 +446,23 @@ class Stream:
                     f"({seen} of {self.store.config.n_shards} shards committed); is the harvest still running?"
                 )
 
-    def _blocks(self, start: Cursor, pool: BufferPool, stop: threading.Event, with_index: bool) -> Iterator[_Block]:
+    def _blocks(self, start: Cursor, pool: BufferPool, stop: threading.Event, retired: list[_Block]) -> Iterator[_Block]:
         io = ThreadPoolExecutor(max_workers=min(8, len(self._array_paths())), thread_name_prefix="actstore-stream-io")
+        boundary = start.offset  # where the next batch starts, in the next block's output order
         try:
             for epoch, segment, blocks in self._passes(start, stop):
                 first = start.block if (epoch, segment) == (start.epoch, start.segment) else 0
                 for b in range(first, len(blocks)):
                     buf = pool.acquire()
+                    retired.clear()
+                    key = (epoch, segment, b)
                     try:
-                        yield self._load(buf, blocks[b], (epoch, segment, b), io, with_index)
+                        blk = self._load(buf, blocks[b], key, io, start.offset if key == start.block_key else 0, boundary)
                     except BaseException:
                         pool.release(buf)
                         raise
+                    boundary = (boundary - len(blk.order_T)) % self.cfg.batch_size
+                    yield blk
         finally:
             io.shutdown(wait=False)
 
@@ -441,19 +480,30 @@ class Stream:
         rows = self._plan.block_chunks * self._ct
         out = {}
         for path in self._array_paths():
+            if path in self._mapped:
+                continue
             layout = self.store.array_reader(path).layout
             out[path] = np.empty((rows, *layout.shape[1:]), dtype=layout.dtype)
         return out
 
-    def _load(self, buf: dict[str, np.ndarray], pieces: Pieces, key: tuple[int, int, int], io: ThreadPoolExecutor, with_index: bool) -> _Block:
+    def _load(
+        self, buf: dict[str, np.ndarray], pieces: Pieces, key: tuple[int, int, int], io: ThreadPoolExecutor,
+        first: int, boundary: int,
+    ) -> _Block:
+        """Read (or map) a block, put its tokens in output order from ``first`` on, and sort each
+        batch's share (batches start at ``boundary + j * batch_size``) into row order."""
         ct, cps = self._ct, self._cps
+        pieces = pieces[np.argsort(pieces.chunk_K, kind="stable")]  # block rows in store order
         ids = [(int(g) // cps, int(g) % cps) for g in pieces.chunk_K]
 
-        def read(path: str) -> None:
-            arr = buf[path]
-            self.store.array_reader(path).read_chunks_into(ids, [arr[k * ct : (k + 1) * ct] for k in range(len(ids))])
+        def fetch(path: str) -> MappedRanges | None:
+            reader = self.store.array_reader(path)
+            if path in self._mapped:
+                return reader.map_chunks(ids)
+            reader.read_chunks_into(ids, [buf[path][k * ct : (k + 1) * ct] for k in range(len(ids))])
+            return None
 
-        list(io.map(read, buf))  # re-raises the first failure
+        fetched = dict(zip(self._array_paths(), io.map(fetch, self._array_paths()), strict=True))  # re-raises failures
         # piece k sits in buffer rows k * ct + [lo_k, hi_k)
         counts_K = pieces.hi_K - pieces.lo_K
         first_K = np.arange(len(pieces)) * ct + pieces.lo_K
@@ -469,62 +519,103 @@ class Stream:
             counts_K = np.bincount(piece_T[keep_T], minlength=len(pieces))
             rows_T = rows_T[keep_T]
         order_T = rows_T[interleave(counts_K, rng_for(self.cfg.seed, *key, self.cfg.rank))]
-        index_T = pieces.chunk_K[order_T // ct] * ct + order_T % ct if with_index else None
-        return _Block(key, buf, order_T, index_T)
+        # each batch's share in row order: sort by (batch, row)
+        n_rows = max(1, len(pieces) * ct)
+        batch_T = (np.arange(first, len(order_T)) - boundary) // self.cfg.batch_size
+        key_T = (batch_T - batch_T[:1]) * n_rows + order_T[first:]
+        if len(key_T) and (batch_T[-1] - batch_T[0] + 1) * n_rows <= 2**31:
+            key_T = key_T.astype(np.int32)  # sorts faster
+        order_T[first:] = np.sort(key_T) % n_rows
+        sources = {}
+        for path in self._gathered:
+            row_bytes = _row_bytes(*self._row_layout(path))
+            mapped = fetched[path]
+            if mapped is None:  # block buffer: rows are buffer rows
+                unit = unit_for(row_bytes, np.zeros(1, dtype=np.int64))
+                rows = torch.from_numpy(buf[path].reshape(len(buf[path]), -1).view(np.uint8)).view(_UNIT_INT[unit])
+                index_T = order_T
+            else:
+                unit = unit_for(row_bytes, mapped.starts)
+                rows = mapped.rows_view(row_bytes, unit)
+                k_T, r_T = np.divmod(order_T, ct)
+                index_T = mapped.starts[k_T] // unit + r_T * (row_bytes // unit)
+            sources[path] = _Source(rows, unit, torch.from_numpy(index_T))
+        return _Block(key, buf, order_T, pieces.chunk_K, sources)
 
     # ---- batches (assembler thread) ----------------------------------------------------------
     def _batches(
-        self, start: Cursor, blocks: Prefetcher[_Block], pool: BufferPool, alloc: Callable[..., torch.Tensor], scratch: bool
+        self, start: Cursor, blocks: Prefetcher[_Block], pool: BufferPool, retired: list[_Block],
+        alloc: Callable[..., torch.Tensor], scratch: bool, with_index: bool, stacked: bool = False,
     ) -> Iterator[_RawBatch]:
         """Cut the blocks' output into batches of raw rows, gathered into tensors from ``alloc``:
         new ones for every batch, or with ``scratch`` the same ones every batch (the caller
-        finishes each batch before asking for the next)."""
-        B, paths = self.cfg.batch_size, [p for p in self._array_paths() if p not in (POSITIONS, TOKENS)]
+        finishes each batch before asking for the next); with ``stacked``, into the slices of
+        one ``[B, H, D]`` tensor. Served blocks go to ``retired``."""
+        B, ct = self.cfg.batch_size, self._ct
+        specs = {p: self._row_spec(p) for p in self._gathered}
         batches, tokens = start.batches, start.tokens
         out: dict[str, torch.Tensor] = {}
-        kept: dict[str, torch.Tensor] = {}
+        whole: torch.Tensor | None = None
         index_B: torch.Tensor | None = None
         filled = 0
         for blk in blocks:
             e, s, b = blk.key
-            off = start.offset if (e, s, b) == (start.epoch, start.segment, start.block) else 0
+            off = start.offset if blk.key == start.block_key else 0
             n = len(blk.order_T)
-            sources = {p: _as_int_tensor(blk.buffer[p]) for p in paths}
             while off < n:
-                if filled == 0:
-                    if not (scratch and kept):
-                        kept = {p: alloc((B, *src.shape[1:]), src.dtype) for p, src in sources.items()}
-                        if blk.index_T is not None:
-                            kept["index"] = alloc((B,), torch.int64)
-                    out, index_B = kept, kept.get("index")
+                if filled == 0 and not (scratch and out):
+                    if stacked:
+                        tail, dtype = specs[self._gathered[0]]
+                        whole = alloc((B, len(self._gathered), *tail), dtype)
+                        out = {p: whole[:, i] for i, p in enumerate(self._gathered)}
+                    else:
+                        out = {p: alloc((B, *tail), dtype) for p, (tail, dtype) in specs.items()}
+                    index_B = alloc((B,), torch.int64) if with_index else None
                 take = min(B - filled, n - off)
-                rows = torch.from_numpy(blk.order_T[off : off + take])
-                for p, src in sources.items():
-                    torch.index_select(src, 0, rows, out=out[p][filled : filled + take])
+                for p, src in blk.sources.items():
+                    dest = out[p][filled : filled + take].view(torch.uint8).view(take, -1).view(_UNIT_INT[src.unit])
+                    torch.index_select(src.rows, 0, src.index_T[off : off + take], out=dest)
                 if index_B is not None:
-                    index_B[filled : filled + take] = torch.from_numpy(blk.index_T[off : off + take])
+                    k_b, r_b = np.divmod(blk.order_T[off : off + take], ct)
+                    index_B[filled : filled + take] = torch.from_numpy(blk.chunk_K[k_b] * ct + r_b)
                 filled += take
                 off += take
                 if filled == B:
                     batches, tokens = batches + 1, tokens + B
                     cursor = Cursor(e, s, b, off, batches, tokens) if off < n else Cursor(e, s, b + 1, 0, batches, tokens)
-                    yield _RawBatch({p: out[p] for p in paths}, B, cursor, index_B)
+                    yield _RawBatch(dict(out), B, cursor, index_B, whole)
                     filled = 0
             pool.release(blk.buffer)
+            retired.append(blk)
+            del blk
         if filled and not self.cfg.drop_last:
             end = Cursor(self.cfg.epochs or 0, 0, 0, 0, batches + 1, tokens + filled)
-            yield _RawBatch({p: out[p][:filled] for p in paths}, filled, end, index_B[:filled] if index_B is not None else None)
+            yield _RawBatch(
+                {p: t[:filled] for p, t in out.items()}, filled, end, index_B[:filled] if index_B is not None else None,
+                whole[:filled] if whole is not None else None,
+            )
+
+    def _row_spec(self, path: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape of one row of ``path`` and the integer dtype its bits are gathered as."""
+        tail, dtype = self._row_layout(path)
+        return tail, _UNIT_INT[dtype.itemsize]
+
+    def _row_layout(self, path: str) -> tuple[tuple[int, ...], np.dtype]:
+        layout = self.store.array_reader(path).layout
+        return layout.shape[1:], layout.dtype
 
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=self._device.type == "cuda")
 
     @property
     def _direct(self) -> bool:
-        """Whether gathered rows need no conversion, scaling or stacking to be the output."""
-        return (
-            self._target_dtype == _TORCH_DTYPE[self.store.config.dtype] and not self._fp8 and not self.scales
-            and (self._single or not self.cfg.stack)
-        )
+        """Whether gathered rows need no conversion or scaling to be the output."""
+        return self._target_dtype == _TORCH_DTYPE[self.store.config.dtype] and not self._fp8 and not self.scales
+
+    @property
+    def _stacked(self) -> bool:
+        """Whether batches are ``[B, H, D]`` tensors."""
+        return self.cfg.stack and not self._single
 
     # ---- finishing: stored bits -> the consumer's dtype, scaled, stacked ---------------------
     @property
@@ -562,9 +653,11 @@ class Stream:
         target, n, hooks = self._target_dtype, raw.n, self.cfg.hooks
         if self._direct:
             stored = _TORCH_DTYPE[self.store.config.dtype]
-            parts = {h: raw.arrays[acts_path(h)].view(stored) for h in hooks}
-            return self._assemble(parts, raw.index_B if raw.index_B is not None else _NO_INDEX)
-        if self.cfg.stack and not self._single:
+            index_B = raw.index_B if raw.index_B is not None else _NO_INDEX
+            if raw.stacked is not None:
+                return IndexedBatch(raw.stacked.view(stored), index_B)
+            return self._assemble({h: raw.arrays[acts_path(h)].view(stored) for h in hooks}, index_B)
+        if self._stacked:
             stacked = ring.get((n, len(hooks), self.widths[hooks[0]]), target)
             dests = {h: stacked[:, i] for i, h in enumerate(hooks)}
         else:
@@ -576,7 +669,7 @@ class Stream:
         if raw.index_B is not None:
             index_B = ring.get((n,), torch.int64)
             index_B.copy_(raw.index_B)
-        if self.cfg.stack and not self._single:
+        if self._stacked:
             return IndexedBatch(stacked, index_B)
         return self._assemble(dests, index_B)
 
@@ -613,11 +706,16 @@ class Stream:
         return per + _BLOCK_OVERHEAD_BYTES
 
 
-def _as_int_tensor(arr: np.ndarray) -> torch.Tensor:
-    """A torch view of a numpy buffer as integers of the same width (gathers work on any dtype)."""
-    if arr.dtype.kind in "iu":
-        return torch.from_numpy(arr)
-    return torch.from_numpy(arr.view(f"<i{arr.dtype.itemsize}" if arr.dtype.itemsize > 1 else np.uint8))
+def _row_bytes(tail: tuple[int, ...], dtype: np.dtype) -> int:
+    """Bytes of one token's row, of shape ``tail``."""
+    return math.prod(tail) * dtype.itemsize
+
+
+def _limit_intra_op_threads(n: int) -> None:
+    """Use ``n`` threads for torch ops run by the calling thread, where that setting is
+    per-thread (the OpenMP backend); elsewhere it would change the caller's, so leave it."""
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        torch.set_num_threads(n)
 
 
 def _default_rank_world() -> tuple[int, int]:

@@ -49,7 +49,7 @@ def test_blocks_keep_order_and_size():
     chunks = chunks_of_shards(range(4), 256, 64, 1000)
     mine = rank_pieces(chunks, 0, (0, 0), 0, 1)
     blocks = split_blocks(mine, 5)
-    assert [len(b) for b in blocks] == [5, 5, 5, 1]
+    assert [len(b) for b in blocks] == [4, 4, 4, 4]
     assert np.array_equal(np.concatenate([b.chunk_K for b in blocks]), mine.chunk_K)
 
 

@@ -33,9 +33,16 @@ def build(url, shards=None, **changes):
     return cfg, data
 
 
+def as_numpy(acts):
+    """A batch (tensor or dict of tensors) as numpy; bfloat16 widened exactly to float32."""
+    if isinstance(acts, dict):
+        return {k: as_numpy(v) for k, v in acts.items()}
+    return (acts.float() if acts.dtype == torch.bfloat16 else acts).numpy()
+
+
 def drain(s):
     """All (acts, index) of a stream as numpy."""
-    return [(b.acts.numpy() if isinstance(b.acts, torch.Tensor) else b.acts, b.index_B.numpy()) for b in s.indexed()]
+    return [(as_numpy(b.acts), b.index_B.numpy()) for b in s.indexed()]
 
 
 def small(cfg, chunks):
@@ -44,12 +51,17 @@ def small(cfg, chunks):
 
 
 class StreamSuite:
+    STORE: dict = {}  # store settings of this variant
+
     @pytest.fixture
     def url(self, unique):
         raise NotImplementedError
 
+    def build(self, url, shards=None, **changes):
+        return build(url, shards, **{**self.STORE, **changes})
+
     def test_every_token_once_per_epoch_with_the_stored_values(self, url):
-        cfg, data = build(url)
+        cfg, data = self.build(url)
         s = actstore.stream(url, HOOK, batch_size=48, seed=1, epochs=2, memory=small(cfg, 3))
         batches = drain(s)
         assert all(len(i) == 48 for _, i in batches[:-1]) and len(np.concatenate([i for _, i in batches])) == 2000
@@ -61,14 +73,14 @@ class StreamSuite:
             np.testing.assert_array_equal(acts, data[HOOK][idx])
 
     def test_ranks_are_disjoint_and_cover_the_store(self, url):
-        cfg, _ = build(url)
+        cfg, _ = self.build(url)
         parts = [np.concatenate([i for _, i in drain(actstore.stream(url, HOOK, 32, seed=4, rank=r, world_size=3))]) for r in range(3)]
         together = np.concatenate(parts)
         assert len(together) == 1000 and sorted(together.tolist()) == list(range(1000))
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
     def test_same_arguments_same_batches_new_seed_new_order(self, url):
-        cfg, _ = build(url)
+        cfg, _ = self.build(url)
         a = [i for _, i in drain(actstore.stream(url, HOOK, 64, seed=7, memory=small(cfg, 4)))]
         b = [i for _, i in drain(actstore.stream(url, HOOK, 64, seed=7, memory=small(cfg, 4)))]
         c = [i for _, i in drain(actstore.stream(url, HOOK, 64, seed=8, memory=small(cfg, 4)))]
@@ -77,7 +89,7 @@ class StreamSuite:
 
     @pytest.mark.parametrize("cut", [1, 4, 5, 13, 25])  # mid-block, block ends, inside epoch 2
     def test_resumed_stream_yields_exactly_the_remaining_batches(self, url, cut):
-        cfg, _ = build(url)
+        cfg, _ = self.build(url)
         args = dict(hooks=HOOK, batch_size=64, seed=3, epochs=2, memory=small(cfg, 4))
         full = drain(actstore.stream(url, **args))
         s = actstore.stream(url, **args)
@@ -95,7 +107,7 @@ class StreamSuite:
             np.testing.assert_array_equal(a, b)
 
     def test_follow_streams_shards_as_they_commit_and_ends_with_the_harvest(self, url):
-        cfg = make_config(dtype="float32")
+        cfg = make_config(**{"dtype": "float32", **self.STORE})
         data = make_data(cfg)
         written = {}
 
@@ -126,7 +138,7 @@ class StreamSuite:
         """Same-context pairs per batch over the ideal uniform shuffle's rate, on a store whose
         positions give each token's context: blocks of >= batch-size chunks reach it with an
         eighth of the store in memory; a few-chunk mixing buffer (SAELens-like) does not."""
-        cfg, data = build(url, n_tokens_target=16384, context_size=64, hook_dims={h: 4 for h in make_config().hooks},
+        cfg, data = self.build(url, n_tokens_target=16384, context_size=64, hook_dims={h: 4 for h in make_config().hooks},
                           chunk_tokens=64, shard_tokens=1024)
         contexts = np.arange(16384) - data["positions"]
 
@@ -141,7 +153,7 @@ class StreamSuite:
         assert ratio(4) > 10  # the metric does see a small buffer
 
     def test_corrupt_or_missing_chunk_is_an_error_not_zeros(self, url):
-        cfg, _ = build(url)
+        cfg, _ = self.build(url)
         loc = open_location(url)
         path = loc.path(shard_key(acts_path(HOOK), 1, 2))
         blob = bytearray(loc.fs.cat_file(path))
@@ -164,6 +176,21 @@ class TestLocalStream(StreamSuite):
     @pytest.fixture
     def url(self, tmp_path, unique):
         return str(tmp_path / f"stream-{unique}")
+
+
+class TestLocalMappedStream(StreamSuite):
+    """Uncompressed local chunks: gathered straight from the mapped files."""
+
+    STORE = {"codec": "none"}
+
+    @pytest.fixture
+    def url(self, tmp_path, unique):
+        return str(tmp_path / f"stream-{unique}")
+
+    def test_chunks_are_mapped_not_copied(self, url):
+        self.build(url)
+        assert actstore.stream(url, HOOK, 64)._mapped == {acts_path(HOOK)}
+        assert actstore.stream(url, HOOK, 64, mmap=False)._mapped == set()
 
 
 class TestS3Stream(StreamSuite):
@@ -283,3 +310,39 @@ def test_kept_batches_and_views_are_never_overwritten(url):
         kept.append((b.acts[:, :5], b.index_B))  # views of the batch, the batch itself dropped
     for acts, idx in kept:
         np.testing.assert_array_equal(acts.numpy(), data[HOOK][idx.numpy(), :5])
+
+
+@pytest.mark.parametrize(
+    "store, options",
+    [
+        (dict(dtype="float32"), dict(hooks=HOOK, min_position=2, drop_token_ids=[3, 4])),
+        (dict(dtype="bfloat16"), dict(hooks=list(make_config().hooks), dtype=None)),  # gathered into [B, H, D] slices
+        (dict(dtype="float8_e4m3fn"), dict(hooks=list(make_config().hooks)[:2], stack=False)),  # scales mapped too
+    ],
+)
+def test_mapped_read_and_compressed_stores_give_the_same_batches(tmp_path, store, options):
+    """The order is a function of sizes and seed only: mapping or copying the chunks, and the
+    codec, change nothing in what is served."""
+    cfg, data = build(str(tmp_path / "none"), codec="none", **store)
+    build(str(tmp_path / "zstd"), codec="zstd", **store)
+    args = dict(batch_size=48, seed=5, epochs=2, memory=small(cfg, 3), **options)
+    mapped = actstore.stream(str(tmp_path / "none"), **args)
+    assert mapped._mapped
+    runs = [drain(mapped), drain(actstore.stream(str(tmp_path / "none"), mmap=False, **args)),
+            drain(actstore.stream(str(tmp_path / "zstd"), **args))]
+    for other in runs[1:]:
+        assert len(other) == len(runs[0])
+        for (a, i), (b, j) in zip(runs[0], other, strict=True):
+            np.testing.assert_array_equal(i, j)
+            for key in a if isinstance(a, dict) else [None]:
+                np.testing.assert_array_equal(*(x[key] if key else x for x in (a, b)))
+    if store["dtype"] == "float32":
+        for acts, idx in runs[0]:
+            np.testing.assert_array_equal(acts, data[HOOK][idx])
+
+
+def test_rows_of_a_batch_come_in_store_order(url):
+    """A batch is a set: its rows from one block are read in store order."""
+    cfg, _ = build(url)
+    batches = [i for _, i in drain(actstore.stream(url, HOOK, 40, seed=2, epochs=2))]  # one block per epoch
+    assert len(batches) == 50 and all(np.all(np.diff(i) > 0) for i in batches)
