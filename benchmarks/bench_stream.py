@@ -72,12 +72,14 @@ def plain_read(store: actstore.Store, files: list[str]) -> float:
 
 def stream_read(store: actstore.Store, hooks: list[str], batch_size: int, epochs: int, memory: str) -> tuple[float, float]:
     """Activation bytes per second delivered by the shuffled stream (stored dtype): over the
-    whole run, the store opened afresh inside the timed span (shard indexes read, checksums
-    verified, first block read before the first batch), and after the first batch."""
+    whole run (the store opened afresh just before, so shard indexes are read and checksums
+    verified inside the timed span, and the first block is read before the first batch), and
+    after the first batch."""
+    fresh = actstore.open_store(store.url)
     n = first_n = 0
     t = time.perf_counter()
     first_t = None
-    s = actstore.stream(store.url, hooks if len(hooks) > 1 else hooks[0], batch_size, dtype=None, epochs=epochs, memory=memory)
+    s = actstore.stream(fresh, hooks if len(hooks) > 1 else hooks[0], batch_size, dtype=None, epochs=epochs, memory=memory)
     for batch in s:
         n += batch.numel() * batch.element_size()
         if first_t is None:
