@@ -143,6 +143,66 @@ def harvest(
     )
 
 
+@app.command("train-sae")
+@user_errors
+def train_sae(
+    store: Annotated[str, typer.Option(help="Store path or URL.")],
+    hook: Annotated[str, typer.Option(help="Hook to train on, e.g. blocks.12.hook_resid_post.")],
+    out: Annotated[str, typer.Option(help="Output folder (one SAELens folder per experiment).")],
+    tokens: Annotated[str, typer.Option(help="Training tokens: 500k, 5M...")] = "5M",
+    arch: Annotated[str, typer.Option(help="Comma list of topk, batchtopk, relu, gated, jumprelu.")] = "topk",
+    k: Annotated[str, typer.Option(help="Comma list of k (topk, batchtopk).")] = "32",
+    expansion: Annotated[str, typer.Option(help="Comma list of d_sae / d_in.")] = "8",
+    lr: Annotated[str, typer.Option(help="Comma list of learning rates.")] = "2e-4",
+    l1_coeff: Annotated[str | None, typer.Option(help="Comma list of L1 coefficients (relu, gated).")] = None,
+    l0_coeff: Annotated[str | None, typer.Option(help="Comma list of L0 coefficients (jumprelu).")] = None,
+    sweep: Annotated[str | None, typer.Option(help="JSON file: a list of experiments (replaces the comma lists).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Tokens per batch.")] = 4096,
+    eval_tokens: Annotated[str, typer.Option(help="Tokens held out (the store's last shards) for evaluation; 0 for none.")] = "64k",
+    memory: Annotated[str, typer.Option(help="Shuffle memory of the stream, e.g. 2GiB.")] = "2GiB",
+    min_position: Annotated[int, typer.Option(help="Drop tokens at positions below this (1 drops BOS).")] = 1,
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Scale to E||x||^2 = d_in (folded back on save).")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the data order and initial weights.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Train SAEs on a store's activations, several configurations on each batch read once; rerun to resume."""
+    from pipelines.harvest import parse_count
+    from pipelines.train import TrainSAEConfig, parse_list, read_sweep
+    from pipelines.train import train_sae as run_train
+
+    archs = tuple(a.strip() for a in arch.split(",") if a.strip())
+    sparsity: dict[str, tuple[float, ...]] = {}
+    for name in archs:
+        if name in ("topk", "batchtopk"):
+            sparsity[name] = parse_list(k, int)
+        elif name in ("relu", "gated") and l1_coeff:
+            sparsity[name] = parse_list(l1_coeff)
+        elif name == "jumprelu" and l0_coeff:
+            sparsity[name] = parse_list(l0_coeff)
+    cfg = TrainSAEConfig(
+        store=store, hook=hook, out=out, tokens=parse_count(tokens), archs=archs, expansions=parse_list(expansion, int),
+        lrs=parse_list(lr), sparsity=sparsity, sweep=read_sweep(sweep) if sweep else (), batch_size=batch_size,
+        seed=seed, memory=memory, normalize=normalize, min_position=min_position,
+        eval_tokens=0 if eval_tokens.strip() == "0" else parse_count(eval_tokens), device=device, progress=progress and not as_json,
+    )
+    result = run_train(cfg)
+    if as_json:
+        typer.echo(json.dumps({"out": str(result.out), "tokens_per_s": result.tokens_per_s, "experiments": result.rows}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"train-sae: {hook} ({result.tokens_per_s:,.0f} tokens/s, all experiments together)")
+    cols = ["name", "train_fvu", "train_l0", "eval_fvu", "eval_l0", "eval_dead"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for row in result.rows:
+        table.add_row(*[row[c] if c == "name" else ("-" if row.get(c) is None else f"{row[c]:.4g}") for c in cols])
+    Console().print(table)
+    typer.echo(f"SAEs (SAELens format), summary.json and plots in {result.out}")
+
+
 def main() -> None:
     app()
 

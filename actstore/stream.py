@@ -146,6 +146,8 @@ class StreamConfig:
     """Seconds ``follow`` waits for a new commit before raising; None waits indefinitely."""
     device: str | None = None
     """Where batches are delivered (``cuda``, ``cuda:1``...); None keeps them on the CPU."""
+    shards: tuple[int, ...] | None = None
+    """Stream only these committed shards (e.g. all but a held-out few); None: all."""
     mmap: bool = True
     """Gather uncompressed local chunks straight from the page cache (files mapped into memory)
     instead of copying them into the block first; False always copies. Same batches either way."""
@@ -153,6 +155,10 @@ class StreamConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "hooks", tuple(self.hooks))
         object.__setattr__(self, "drop_token_ids", tuple(sorted({int(t) for t in self.drop_token_ids})))
+        if self.shards is not None:
+            object.__setattr__(self, "shards", tuple(sorted({int(s) for s in self.shards})))
+            if self.follow:
+                raise ValueError("shards= picks committed shards; it cannot be combined with follow=True")
         if not self.hooks:
             raise ValueError("stream needs at least one hook")
         if len(set(self.hooks)) != len(self.hooks):
@@ -279,6 +285,11 @@ class Stream:
         self.scales = self._scales()
         if not cfg.follow:
             shards = tuple(store.committed_shards)
+            if cfg.shards is not None:
+                missing = sorted(set(cfg.shards) - set(shards))
+                if missing:
+                    raise ValueError(f"shards {missing[:8]} are not committed in {store.url} ({len(shards)} committed)")
+                shards = cfg.shards
             if not shards:
                 raise EmptyStoreError(
                     f"store {store.url} has no committed tokens yet; wait for the harvest to commit a shard, "

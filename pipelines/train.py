@@ -1,0 +1,279 @@
+"""``actstore train-sae``: train several SAEs on one hook of a store, each batch read once.
+
+Experiments come from comma lists (the cross product of architectures, expansions, learning
+rates and each architecture's sparsity setting: ``k`` for topk/batchtopk, ``l1_coeff`` for
+relu/gated, ``l0_coeff`` for jumprelu) or from a sweep file (a JSON list of objects with
+``arch``, ``expansion`` or ``d_sae``, ``lr``, optional ``name``, and the architecture's own
+settings). Activations are streamed shuffled (``actstore.stream``), scaled to
+``E||x||^2 = D`` (the scale is folded back into the saved weights), with positions below
+``min_position`` dropped (BOS by default). The last shards of the store (``eval_tokens``)
+are held out for evaluation: FVU, L0 and dead fraction of every SAE on tokens it never saw.
+
+Output folder: one SAELens folder per experiment, ``summary.json``, ``checkpoint.pt`` (rerun
+the same command to resume), ``training_curves.png`` and, for sweeps, ``l0_vs_fvu.png``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import actstore
+from trainers import ARCHITECTURES, sae_config
+from trainers.saelens_format import HookInfo, save_saelens
+from trainers.trainer import CHECKPOINT_FILE, Experiment, TrainConfig, Trainer, evaluate
+
+log = logging.getLogger(__name__)
+SPARSITY_KEY = {"topk": "k", "batchtopk": "k", "relu": "l1_coeff", "gated": "l1_coeff", "jumprelu": "l0_coeff"}
+SWEEP_KEYS = {"name", "arch", "expansion", "d_sae", "lr"}
+
+
+@dataclass(frozen=True)
+class TrainSAEConfig:
+    """One ``train-sae`` run."""
+
+    store: str
+    hook: str
+    out: str
+    tokens: int
+    archs: tuple[str, ...] = ("topk",)
+    expansions: tuple[int, ...] = (8,)
+    lrs: tuple[float, ...] = (2e-4,)
+    sparsity: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """Per architecture, the values of its sparsity setting (defaults: the config's)."""
+    sweep: tuple[dict[str, Any], ...] = ()
+    """Experiments from a sweep file; replaces the comma lists when given."""
+    batch_size: int = 4096
+    seed: int = 0
+    memory: str = "2GiB"
+    normalize: bool = True
+    min_position: int = 1
+    eval_tokens: int = 65536
+    log_every: int = 50
+    checkpoint_every: int = 500
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.archs if a not in ARCHITECTURES]
+        if unknown:
+            raise ValueError(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(ARCHITECTURES)}")
+        if self.tokens <= 0 or self.batch_size <= 0 or self.eval_tokens < 0:
+            raise ValueError("tokens and batch size must be positive, eval tokens >= 0")
+
+
+def experiments(cfg: TrainSAEConfig, d_in: int) -> list[Experiment]:
+    """The run's experiments (see the module docstring)."""
+    out = []
+    if cfg.sweep:
+        for i, spec in enumerate(cfg.sweep):
+            spec = dict(spec)
+            arch = spec.pop("arch", "topk")
+            if arch not in ARCHITECTURES:
+                raise ValueError(f"sweep entry {i}: unknown arch {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+            d_sae = int(spec.pop("d_sae", 0)) or d_in * int(spec.pop("expansion", 8))
+            spec.pop("expansion", None)
+            lr = float(spec.pop("lr", 2e-4))
+            name = spec.pop("name", None)
+            try:
+                sae = sae_config(arch, d_in=d_in, d_sae=d_sae, seed=cfg.seed, **spec)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"sweep entry {i}: {e}") from None
+            out.append(Experiment(name or _name(sae, lr), sae, lr))
+    else:
+        for arch, expansion, lr in itertools.product(cfg.archs, cfg.expansions, cfg.lrs):
+            key = SPARSITY_KEY[arch]
+            for value in cfg.sparsity.get(arch, (None,)):
+                fields = {} if value is None else {key: int(value) if key == "k" else float(value)}
+                sae = sae_config(arch, d_in=d_in, d_sae=d_in * expansion, seed=cfg.seed, **fields)
+                out.append(Experiment(_name(sae, lr), sae, lr))
+    names = [e.name for e in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"experiments repeat: {sorted(n for n in names if names.count(n) > 1)}")
+    return out
+
+
+def _name(sae, lr: float) -> str:
+    key = SPARSITY_KEY[sae.arch]
+    value = getattr(sae, key)
+    return f"{sae.arch}-{sae.d_sae}-{key.split('_')[0]}{value:g}-lr{lr:g}"
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    rows: list[dict[str, Any]]
+    tokens_per_s: float
+
+
+def train_sae(cfg: TrainSAEConfig) -> TrainResult:
+    """Run ``cfg``; see the module docstring."""
+    store = actstore.open_store(cfg.store)
+    if cfg.hook not in store.hooks:
+        raise KeyError(f"hook {cfg.hook!r} is not in {store.url}; it has {', '.join(store.hooks)}")
+    d_in = store.config.width(cfg.hook)
+    exps = experiments(cfg, d_in)
+    train_shards, eval_shards = _split_shards(store, cfg.eval_tokens)
+    out = Path(cfg.out)
+    _check_out_dir(out, exps)
+    data = actstore.stream(
+        store, cfg.hook, cfg.batch_size, seed=cfg.seed, epochs=None, memory=cfg.memory, shards=train_shards,
+        min_position=cfg.min_position, normalize="expected_norm" if cfg.normalize else "none",
+    )
+    scale = data.scales.get(cfg.hook, 1.0)
+    train = TrainConfig(tokens=cfg.tokens, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, device=cfg.device,
+                        dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 4)))
+    trainer = Trainer(train, exps, data, out_dir=out)
+    if (out / CHECKPOINT_FILE).exists():
+        trainer.load_checkpoint()
+        log.info("resuming %s from step %d", out, trainer.step)
+    start_tokens, t0 = trainer.tokens, time.perf_counter()
+    with _progress(cfg.progress, cfg.tokens, trainer.tokens) as advance:
+        trainer.on_step = lambda step, tokens: advance(tokens)
+        trainer.fit()
+    rate = (trainer.tokens - start_tokens) / max(time.perf_counter() - t0, 1e-9)
+    meta = store.config
+    hook = HookInfo(cfg.hook, meta.model.name, meta.context_size, meta.prepend_bos)
+    rows = []
+    for run in trainer.runs:
+        last = run.history[-1] if run.history else {}
+        row = {"name": run.exp.name, "arch": run.exp.sae.arch, "d_sae": run.exp.sae.d_sae, "lr": run.exp.lr,
+               **run.exp.sae.hyperparameters(), "train_fvu": last.get("fvu"), "train_l0": last.get("l0")}
+        if eval_shards:
+            row.update({f"eval_{k}": v for k, v in evaluate(run.sae, _held_out(store, cfg, eval_shards, scale), cfg.device).items()})
+        save_saelens(run.sae, out / run.exp.name, hook, scale=scale,
+                     extra={"store": store.url, "tokens": trainer.tokens, "summary": row})
+        rows.append(row)
+    (out / "summary.json").write_text(json.dumps({"store": store.url, "hook": cfg.hook, "tokens": trainer.tokens,
+                                                  "scale": scale, "experiments": rows}, indent=2) + "\n")
+    _plots(out, trainer)
+    return TrainResult(out, rows, rate)
+
+
+def _split_shards(store: actstore.Store, eval_tokens: int) -> tuple[list[int], list[int]]:
+    shards = sorted(store.committed_shards)
+    if not shards:
+        raise actstore.EmptyStoreError(f"store {store.url} has no committed tokens to train on")
+    held: list[int] = []
+    while eval_tokens > 0 and len(held) < len(shards) - 1 and store.config.tokens_in(held) < eval_tokens:
+        held.insert(0, shards[-1 - len(held)])
+    return shards[: len(shards) - len(held)], held
+
+
+def _held_out(store: actstore.Store, cfg: TrainSAEConfig, shards: list[int], scale: float):
+    positions_needed = cfg.min_position > 0
+    for shard in shards:
+        a, b = store.config.shard_range(shard)
+        for lo in range(a, b, cfg.batch_size):
+            hi = min(b, lo + cfg.batch_size)
+            x = torch.from_numpy(store.read(cfg.hook, lo, hi).astype("float32"))
+            if positions_needed:
+                x = x[torch.from_numpy(store.positions(lo, hi) >= cfg.min_position)]
+            if len(x):
+                yield x * scale
+
+
+def _check_out_dir(out: Path, exps: list[Experiment]) -> None:
+    if not out.exists() or not any(out.iterdir()):
+        return
+    ckpt = out / CHECKPOINT_FILE
+    if not ckpt.exists():
+        raise ValueError(f"output folder {out} already holds files but no training checkpoint; choose an empty folder")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if sorted(saved.get("runs", {})) != sorted(e.name for e in exps):
+        raise ValueError(f"output folder {out} holds another run ({', '.join(sorted(saved.get('runs', {})))}); "
+                         "choose another folder or repeat that run's settings to resume it")
+
+
+class _progress:
+    """A rich progress bar over training tokens (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda tokens: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn("train-sae"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeRemainingColumn())
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=self.total, completed=self.done)
+        return lambda tokens: self.bar.update(self.task, completed=min(tokens, self.total))
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def _plots(out: Path, trainer: Trainer) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are a convenience; the numbers are in summary.json
+        log.warning("matplotlib is not installed: no plots")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for run in trainer.runs:
+        h = run.history
+        tokens = [r["tokens"] for r in h]
+        for ax, key in zip(axes, ("fvu", "l0", "dead"), strict=True):
+            ax.plot(tokens, [r[key] for r in h], label=run.exp.name)
+    for ax, title in zip(axes, ("FVU (train batch)", "L0", "dead fraction"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("tokens")
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=110)
+    plt.close(fig)
+    if len(trainer.runs) > 1:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for run in trainer.runs:
+            last = run.history[-1]
+            ax.scatter(last["l0"], last["fvu"], label=run.exp.name)
+        ax.set_xlabel("L0")
+        ax.set_ylabel("FVU")
+        ax.set_title("L0 vs FVU (final train batch)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "l0_vs_fvu.png", dpi=110)
+        plt.close(fig)
+
+
+def parse_list(spec: str, kind: type = float) -> tuple:
+    """``"16,32,64"`` -> a tuple of values."""
+    try:
+        return tuple(kind(v) for v in spec.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"cannot read {spec!r} as a comma list of {kind.__name__} values") from None
+
+
+def read_sweep(path: str) -> tuple[dict[str, Any], ...]:
+    """A sweep file: a JSON list of experiment objects."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"sweep file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"sweep file {path} is not valid JSON ({e})") from None
+    if not isinstance(doc, list) or not all(isinstance(x, dict) for x in doc) or not doc:
+        raise ValueError(f"sweep file {path} must hold a non-empty JSON list of objects")
+    return tuple(doc)
+
+

@@ -1,0 +1,178 @@
+"""SAE architectures and the training loop on synthetic data; SAELens' loader on our files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import actstore
+from tests.conftest import make_config, make_data, write_shards
+from trainers import ARCHITECTURES, make_sae, sae_config
+from trainers.saelens_format import HookInfo, load_saelens, save_saelens
+from trainers.sparse import GatherPre, sparse_decode
+from trainers.trainer import Experiment, TrainConfig, Trainer, evaluate
+
+D, F = 24, 96
+
+
+def sparse_data(n: int, seed: int = 0, d: int = D, n_features: int = 64, active: int = 3) -> torch.Tensor:
+    """Activations made of a few of ``n_features`` random directions each (a known sparse code)."""
+    dirs = torch.nn.functional.normalize(torch.randn(n_features, d, generator=torch.Generator().manual_seed(1234)), dim=1)
+    gen = torch.Generator().manual_seed(seed)  # samples vary with the seed, the features do not
+    idx = torch.rand(n, n_features, generator=gen).argsort(1)[:, :active]
+    mags = torch.rand(n, active, generator=gen) * 2 + 0.5
+    return torch.zeros(n, n_features).scatter(1, idx, mags) @ dirs * np.sqrt(d / (active * 2.2))
+
+
+def configs():
+    return {
+        "relu": sae_config("relu", d_in=D, d_sae=F, l1_coeff=1.0),
+        "topk": sae_config("topk", d_in=D, d_sae=F, k=4, aux_k=16),
+        "batchtopk": sae_config("batchtopk", d_in=D, d_sae=F, k=4, aux_k=16),
+        "gated": sae_config("gated", d_in=D, d_sae=F, l1_coeff=1.0),
+        "jumprelu": sae_config("jumprelu", d_in=D, d_sae=F, l0_coeff=0.1, bandwidth=0.1, init_threshold=0.3),
+    }
+
+
+def test_topk_sparse_path_matches_the_dense_reference_values_and_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(64, D)
+    fast = make_sae(sae_config("topk", d_in=D, d_sae=F, k=5, aux_k=7))
+    with torch.no_grad():
+        fast.b_enc.normal_()
+        fast.b_dec.normal_()
+    ref = make_sae(fast.cfg)
+    ref.load_state_dict(fast.state_dict())
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[::3] = True
+    a, b = fast.training_step(x, dead_F=dead), ref.dense_training_step(x, dead_F=dead)
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(a.recon_BD, b.recon_BD)
+    assert torch.equal(a.fired_F, b.fired_F) and float(a.l0) == float(b.l0)
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name, atol=1e-5, rtol=1e-4)
+
+
+def test_gather_pre_and_sparse_decode_gradients_match_dense():
+    torch.manual_seed(1)
+    x_in = torch.randn(10, D, requires_grad=True)
+    W = torch.randn(D, F, requires_grad=True)
+    b = torch.randn(F, requires_grad=True)
+    idx = torch.randint(0, F, (10, 3))
+    with torch.no_grad():
+        pre = x_in @ W + b
+    out = GatherPre.apply(x_in, W, b, idx, pre)
+    dense = (x_in @ W + b).gather(1, idx)
+    w = torch.randn(10, 3)
+    g_fast = torch.autograd.grad((out * w).sum(), [x_in, W, b])
+    g_ref = torch.autograd.grad((dense * w).sum(), [x_in, W, b])
+    for g1, g2 in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(g1, g2)
+    W_dec = torch.randn(F, D)
+    torch.testing.assert_close(sparse_decode(w, idx, W_dec), torch.einsum("bk,bkd->bd", w, W_dec[idx]))
+
+
+def test_jumprelu_pseudo_derivatives_follow_the_rectangle_kernel():
+    sae = make_sae(sae_config("jumprelu", d_in=2, d_sae=3, bandwidth=0.5, init_threshold=1.0))
+    from trainers.jumprelu import _JumpReLU, _Step
+
+    theta = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
+    pre = torch.tensor([[1.1, 0.9, 2.0]], requires_grad=True)
+    (g_theta,) = torch.autograd.grad(_JumpReLU.apply(pre, theta, 0.5).sum(), [theta])
+    # within eps/2 of theta: -(theta / eps); outside: 0
+    torch.testing.assert_close(g_theta, torch.tensor([-2.0, -2.0, 0.0]))
+    (g_step,) = torch.autograd.grad(_Step.apply(pre, theta, 0.5).sum(), [theta])
+    torch.testing.assert_close(g_step, torch.tensor([-2.0, -2.0, 0.0]))
+    assert sae.threshold.shape == (3,)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_each_architecture_learns_a_sparse_code(arch):
+    cfg = configs()[arch]
+    data = sparse_data(256 * 300, seed=1)
+    held_out = sparse_data(2048, seed=2)
+    trainer = Trainer(TrainConfig(tokens=len(data), lr_warmup_steps=20, log_every=25, dead_tokens=256 * 50),
+                      [Experiment(arch, cfg, lr=1e-2)], data.split(256))
+    trainer.fit()
+    run = trainer.runs[0]
+    result = evaluate(run.sae, held_out.split(512))
+    assert result["fvu"] < 0.3, result  # a dense code of the 3-of-64 features would need all 96 latents
+    assert 0 < result["l0"] < 25, result
+    assert run.history[-1]["fvu"] < run.history[0]["fvu"]
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_saved_sae_loads_in_saelens_with_the_same_outputs(tmp_path, arch):
+    sae_lens = pytest.importorskip("sae_lens")
+    torch.manual_seed(3)
+    sae = make_sae(configs()[arch])
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    if arch == "batchtopk":
+        sae.threshold.fill_(0.2)
+    scale = 0.5  # trained on 0.5 * x: the saved SAE must take raw x
+    save_saelens(sae, tmp_path / arch, HookInfo("blocks.3.hook_resid_post", "smollm2-135m", 256), scale=scale)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / arch))
+    x = torch.randn(32, D) * 3
+    with torch.no_grad():
+        f_ours = sae.encode(scale * x)
+        torch.testing.assert_close(theirs.encode(x), f_ours, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(theirs.decode(f_ours), sae.decode(f_ours) / scale, atol=1e-5, rtol=1e-4)
+    assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    mine, hook = load_saelens(tmp_path / arch)
+    with torch.no_grad():
+        torch.testing.assert_close(mine.encode(x), theirs.encode(x), atol=1e-5, rtol=1e-4)
+    assert hook.context_size == 256 and json.loads((tmp_path / arch / "cfg.json").read_text())["actstore"]["arch"] == arch
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    cfg = make_config(dtype="float32", n_tokens_target=4096, shard_tokens=512, chunk_tokens=64)
+    data = make_data(cfg)
+    url = str(tmp_path / "store")
+    with actstore.open_store(url, "w", config=cfg) as w:
+        write_shards(w, cfg, data, range(cfg.n_shards))
+    hook = "blocks.0.hook_resid_post"
+    exps = [Experiment("topk", sae_config("topk", d_in=48, d_sae=96, k=4), lr=1e-3),
+            Experiment("relu", sae_config("relu", d_in=48, d_sae=96, l1_coeff=0.1), lr=1e-3)]
+    train = TrainConfig(tokens=64 * 40, lr_warmup_steps=5, log_every=5, checkpoint_every=15)
+
+    def stream():
+        return actstore.stream(url, hook, 64, seed=1, epochs=None)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_15(step, tokens):
+        if step == 16:  # the checkpoint of step 15 is on disk, step 16 is lost
+            raise Crash
+
+    full = Trainer(train, exps, stream()).fit()
+    with pytest.raises(Crash):
+        Trainer(train, exps, stream(), out_dir=tmp_path / "run", on_step=crash_after_15).fit()
+    resumed = Trainer(train, exps, stream(), out_dir=tmp_path / "run")
+    resumed.load_checkpoint()
+    assert resumed.step == 15
+    resumed.fit()
+    assert resumed.step == full.step == 40
+    for a, b in zip(full.runs, resumed.runs, strict=True):
+        for (name, p), q in zip(a.sae.state_dict().items(), b.sae.state_dict().values(), strict=True):
+            torch.testing.assert_close(p, q, msg=name)
+    with pytest.raises(ValueError, match="other experiments"):
+        Trainer(train, exps[:1], stream(), out_dir=tmp_path / "run").load_checkpoint()
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="k \\(200\\) must be between 1 and the SAE width"):
+        sae_config("topk", d_in=8, d_sae=64, k=200)
+    with pytest.raises(ValueError, match="unknown setting"):
+        sae_config("relu", d_in=8, d_sae=64, k=3)
+    with pytest.raises(ValueError, match="unknown SAE architecture"):
+        sae_config("transcoder", d_in=8, d_sae=64)
+    with pytest.raises(ValueError, match="distinct names"):
+        Trainer(TrainConfig(tokens=10), [Experiment("a", configs()["relu"])] * 2, [])

@@ -1,0 +1,89 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024, arXiv 2412.06410).
+
+- Training (§3): the ``B K`` largest of all ``B x F`` ReLU pre-activations of a batch are kept,
+  so ``K`` active latents per token on average while each token uses as many as it needs.
+  Decoder rows at unit norm; the AuxK dead-latent loss of TopK SAEs (:mod:`trainers.topk`).
+- Inference (§3): batch-independent: ``f = pre * 1[pre > theta]``, a JumpReLU with one global
+  threshold ``theta`` estimated during training as the running mean (rate ``threshold_lr``)
+  of the smallest kept activation per batch. Saved as a SAELens ``jumprelu`` SAE with
+  ``threshold = theta`` for every latent, as SAELens does.
+Shape letters: B batch, D d_in, F d_sae.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .sae import SAE, SAEConfig, StepOutput, mse
+from .topk import TopKSAE
+
+
+@dataclass(frozen=True)
+class BatchTopKConfig(SAEConfig):
+    k: int = 32
+    """Mean active latents per token."""
+    aux_k: int = 512
+    """k_aux of the AuxK loss."""
+    aux_coeff: float = 1 / 32
+    """alpha of the AuxK loss."""
+    threshold_lr: float = 0.01
+    """Rate of the running mean that estimates the inference threshold."""
+
+    arch: ClassVar[str] = "batchtopk"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k ({self.k}) must be between 1 and the SAE width d_sae ({self.d_sae}); lower k or widen the SAE")
+        if not 0 < self.threshold_lr <= 1:
+            raise ValueError(f"threshold_lr must be in (0, 1], got {self.threshold_lr}")
+
+
+class BatchTopKSAE(SAE):
+    cfg: BatchTopKConfig
+    unit_norm_decoder: ClassVar[bool] = True
+    saelens_architecture: ClassVar[str] = "jumprelu"
+
+    def __init__(self, cfg: BatchTopKConfig):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        pre_BF = self.pre_acts(x_BD)
+        return pre_BF * (pre_BF > self.threshold.to(pre_BF.dtype))
+
+    def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
+        pre_BF = self.pre_acts(x_BD)
+        acts_BF = torch.relu(pre_BF)
+        top = acts_BF.flatten().topk(self.cfg.k * len(x_BD), sorted=False)
+        f_BF = torch.zeros_like(acts_BF).flatten().scatter(0, top.indices, top.values).view_as(acts_BF)
+        recon_BD = self.decode(f_BF)
+        l2 = mse(x_BD, recon_BD)
+        loss, terms = l2, {"mse": l2.detach()}
+        n_dead = int(dead_F.sum()) if dead_F is not None else 0
+        if n_dead and self.cfg.aux_k and self.cfg.aux_coeff:
+            aux_top = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1)
+            z_BF = torch.zeros_like(pre_BF).scatter(-1, aux_top.indices, torch.relu(aux_top.values))
+            aux = TopKSAE._aux_loss(x_BD - recon_BD.detach(), z_BF @ self.W_dec)
+            loss = loss + self.cfg.aux_coeff * aux
+            terms["aux"] = aux.detach()
+        with torch.no_grad():
+            kept = top.values[top.values > 0]
+            if len(kept):
+                lr = self.cfg.threshold_lr
+                self.threshold.mul_(1 - lr).add_(lr * kept.min().double())
+        active_BF = f_BF.detach() > 0
+        terms["threshold"] = self.threshold.detach().float()
+        return StepOutput(loss, recon_BD.detach(), active_BF.sum(-1).float().mean(), active_BF.any(0), terms)
+
+    @torch.no_grad()
+    def saelens_state(self, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        state = super().saelens_state(scale)
+        state["threshold"] = torch.full((self.cfg.d_sae,), float(self.threshold), dtype=state["b_enc"].dtype)
+        return state
+
+    def saelens_config(self) -> dict[str, Any]:
+        return {"architecture": "jumprelu"}

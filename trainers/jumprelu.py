@@ -1,0 +1,121 @@
+"""JumpReLU SAE trained with straight-through estimators (Rajamanoharan et al. 2024, arXiv 2407.14435).
+
+- Latents (§2): ``f = JumpReLU_theta(pre) = pre * H(pre - theta)``, a learned threshold
+  ``theta_i = exp(log_theta_i) > 0`` per latent (H the Heaviside step).
+- Loss (§3): ``||x - x_hat||^2 + lambda ||f||_0``: the L0 itself, not an L1 proxy.
+- Gradients through the discontinuities (§3, pseudo-derivatives with a kernel ``K`` and
+  bandwidth ``eps``; here the rectangle ``K(u) = 1[|u| < 1/2]``):
+  ``d JumpReLU / d theta = -(theta / eps) K((pre - theta) / eps)`` and
+  ``d H(pre - theta) / d theta = -(1 / eps) K((pre - theta) / eps)``; with respect to ``pre``
+  JumpReLU passes ``H(pre - theta)`` and the step passes nothing.
+- Optional ``target_l0`` (not in the paper): the penalty becomes
+  ``lambda (L0 / target_l0 - 1)^2``, pulling the mean L0 towards a chosen value.
+Decoder rows at unit norm.
+Shape letters: B batch, D d_in, F d_sae.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .sae import SAE, SAEConfig, StepOutput, mse
+
+
+@dataclass(frozen=True)
+class JumpReLUConfig(SAEConfig):
+    l0_coeff: float = 1e-3
+    """lambda: weight of the L0 penalty."""
+    bandwidth: float = 1e-3
+    """eps: width of the rectangle kernel of the pseudo-derivatives."""
+    init_threshold: float = 1e-3
+    """Initial theta for every latent."""
+    target_l0: float | None = None
+    """If set, penalise ``(L0 / target_l0 - 1)^2`` instead of L0."""
+
+    arch: ClassVar[str] = "jumprelu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.l0_coeff < 0 or self.bandwidth <= 0 or self.init_threshold <= 0:
+            raise ValueError("l0_coeff must be >= 0, bandwidth and init_threshold > 0")
+        if self.target_l0 is not None and not 0 < self.target_l0 <= self.d_sae:
+            raise ValueError(f"target_l0 must be in (0, d_sae], got {self.target_l0}")
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre_BF: torch.Tensor, theta_F: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(pre_BF, theta_F)
+        ctx.eps = eps
+        return pre_BF * (pre_BF > theta_F)
+
+    @staticmethod
+    def backward(ctx, g_BF: torch.Tensor):
+        pre_BF, theta_F = ctx.saved_tensors
+        eps = ctx.eps
+        grad_pre = g_BF * (pre_BF > theta_F)
+        grad_theta = (g_BF * -(theta_F / eps) * _rectangle((pre_BF - theta_F) / eps)).sum(0)
+        return grad_pre, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre_BF: torch.Tensor, theta_F: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(pre_BF, theta_F)
+        ctx.eps = eps
+        return (pre_BF > theta_F).to(pre_BF.dtype)
+
+    @staticmethod
+    def backward(ctx, g_BF: torch.Tensor):
+        pre_BF, theta_F = ctx.saved_tensors
+        eps = ctx.eps
+        grad_theta = (g_BF * -(1.0 / eps) * _rectangle((pre_BF - theta_F) / eps)).sum(0)
+        return None, grad_theta, None
+
+
+class JumpReLUSAE(SAE):
+    cfg: JumpReLUConfig
+    unit_norm_decoder: ClassVar[bool] = True
+    saelens_architecture: ClassVar[str] = "jumprelu"
+
+    def __init__(self, cfg: JumpReLUConfig):
+        super().__init__(cfg)
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold)))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        pre_BF = self.pre_acts(x_BD)
+        return pre_BF * (pre_BF > self.threshold)
+
+    def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
+        pre_BF = self.pre_acts(x_BD)
+        theta_F = self.threshold
+        f_BF = _JumpReLU.apply(pre_BF, theta_F, self.cfg.bandwidth)
+        recon_BD = self.decode(f_BF)
+        l2 = mse(x_BD, recon_BD)
+        l0 = _Step.apply(pre_BF, theta_F, self.cfg.bandwidth).sum(-1).mean()
+        penalty = l0 if self.cfg.target_l0 is None else (l0 / self.cfg.target_l0 - 1) ** 2
+        loss = l2 + sparsity_scale * self.cfg.l0_coeff * penalty
+        active_BF = f_BF.detach() != 0
+        return StepOutput(loss, recon_BD.detach(), l0.detach(), active_BF.any(0), {"mse": l2.detach(), "l0_penalty": penalty.detach()})
+
+    @torch.no_grad()
+    def saelens_state(self, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        state = super().saelens_state(scale)
+        state["threshold"] = self.threshold.clone()
+        return state
+
+    def saelens_config(self) -> dict[str, Any]:
+        return {"architecture": "jumprelu"}

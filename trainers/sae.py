@@ -1,0 +1,148 @@
+"""The SAE base class every architecture file builds on, and the numbers all of them report.
+
+An SAE maps an activation ``x`` to latents ``f`` and back (Bricken et al. 2023, "Towards
+Monosemanticity", §Problem setup; the decoder bias subtracted first, as in Gao et al. 2024,
+arXiv 2406.04093 §2.1)::
+
+    pre  = (x - b_dec) @ W_enc + b_enc        # [B, F]
+    f    = act(pre)                           # architecture-specific, sparse
+    x_hat = f @ W_dec + b_dec                 # [B, D]
+
+Each architecture (``relu``, ``topk``, ``batchtopk``, ``gated``, ``jumprelu``) overrides
+:meth:`SAE.encode` and :meth:`SAE.training_step`, which returns a :class:`StepOutput`: the
+loss to minimise and detached metrics. Metrics (Gao et al. 2024 §2.2 for FVU):
+
+- ``mse``: mean over tokens of ``||x - x_hat||^2``;
+- ``fvu``: fraction of variance unexplained, ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``;
+- ``l0``: mean number of active latents per token.
+
+Weights use SAELens' names and layouts (``W_enc [D, F]``, ``W_dec [F, D]``) so saving is a
+rename-free copy (:mod:`trainers.saelens_format`).
+Shape letters: B batch, D input width (d_in), F latents (d_sae), K active latents per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Shape of an SAE; each architecture's config adds its own hyperparameters."""
+
+    d_in: int
+    """Width of the activations (D)."""
+    d_sae: int
+    """Number of latents (F)."""
+    seed: int = 0
+    """Seed of the initial weights."""
+
+    arch: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got {self.d_in} and {self.d_sae}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The architecture's own settings (for tables and ``cfg.json``)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("d_in", "d_sae", "seed")}
+
+
+class StepOutput(NamedTuple):
+    """One training forward pass."""
+
+    loss: torch.Tensor
+    """Scalar to minimise."""
+    recon_BD: torch.Tensor
+    """Reconstruction (detached)."""
+    l0: torch.Tensor
+    """Mean active latents per token (detached)."""
+    fired_F: torch.Tensor
+    """bool: latents active on at least one token of the batch."""
+    terms: dict[str, torch.Tensor]
+    """Named loss terms (detached), for logging."""
+
+
+def fvu(x_BD: torch.Tensor, recon_BD: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``."""
+    resid = (x_BD - recon_BD).float().pow(2).sum()
+    total = (x_BD - x_BD.mean(0, keepdim=True)).float().pow(2).sum()
+    return resid / total.clamp_min(1e-12)
+
+
+def mse(x_BD: torch.Tensor, recon_BD: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the squared reconstruction error."""
+    return (x_BD - recon_BD).float().pow(2).sum(-1).mean()
+
+
+class SAE(nn.Module):
+    """Weights shared by all architectures and the plain encode/decode; see the module docstring."""
+
+    unit_norm_decoder: ClassVar[bool] = False
+    """Whether decoder rows are kept at unit norm (and gradients along them removed)."""
+    saelens_architecture: ClassVar[str] = "standard"
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        # decoder rows: random unit directions; encoder: its transpose (Gao et al. 2024 §2.4 / A.1)
+        W_dec_FD = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec_FD)
+        self.W_enc = nn.Parameter(W_dec_FD.T.clone().contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    # ---- inference ------------------------------------------------------------------------
+    def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b_enc, x_BD - self.b_dec, self.W_enc)
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Latents ``f [B, F]`` (dense)."""
+        raise NotImplementedError
+
+    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b_dec, f_BF, self.W_dec)
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of ``x``."""
+        return self.decode(self.encode(x_BD))
+
+    # ---- training -------------------------------------------------------------------------
+    def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
+        """Loss and metrics for a batch. ``sparsity_scale`` in [0, 1] warms the sparsity
+        penalty up; ``dead_F`` marks latents that have not fired for long (for AuxK)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm (after each optimiser step, where required)."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Drop the part of each decoder row's gradient along the row (Bricken et al. 2023,
+        §Appendix: Autoencoder training details), so the unit-norm step loses nothing."""
+        if self.W_dec.grad is None:
+            return
+        W_FD = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.grad -= (self.W_dec.grad * W_FD).sum(1, keepdim=True) * W_FD
+
+    # ---- export ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def saelens_state(self, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """Weights for raw activations when trained on ``scale * x`` (see ``actstore.stream``):
+        ``W_enc * s``, ``W_dec / s``, ``b_dec / s``; pre-activations are unchanged."""
+        return {
+            "W_enc": (self.W_enc * scale).contiguous(), "W_dec": (self.W_dec / scale).contiguous(),
+            "b_enc": self.b_enc.clone(), "b_dec": self.b_dec / scale,
+        }
+
+    def saelens_config(self) -> dict[str, Any]:
+        """Architecture fields of SAELens' ``cfg.json``."""
+        return {"architecture": self.saelens_architecture}

@@ -1,0 +1,92 @@
+"""Save and load SAEs in SAELens' on-disk format: ``cfg.json`` + ``sae_weights.safetensors``.
+
+The files are what ``sae_lens.SAE.save_model`` writes (SAELens 6: ``architecture``, ``d_in``,
+``d_sae``, ``dtype``, ``apply_b_dec_to_input``, ``normalize_activations``, ``metadata`` with
+``hook_name``, ``model_name``, ``context_size``, ``prepend_bos``), so
+``sae_lens.SAE.load_from_disk(dir)`` loads them and encodes and decodes as the trained SAE
+does. A normalisation scale used in training is folded into the weights
+(:meth:`trainers.sae.SAE.saelens_state`), so the saved SAE takes raw activations. actstore's
+own settings (architecture hyperparameters, training summary) go under ``cfg["actstore"]``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import ARCHITECTURES, SAE, make_sae, sae_config
+
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SAELENS_FORMAT = "6.0.0"  # the SAELens config format these files follow
+
+
+@dataclass(frozen=True)
+class HookInfo:
+    """Where the SAE reads: SAELens' metadata fields."""
+
+    hook_name: str
+    model_name: str
+    context_size: int
+    prepend_bos: bool = True
+
+
+def save_saelens(sae: SAE, out_dir: str | Path, hook: HookInfo, scale: float = 1.0, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``sae`` (trained on ``scale * x``) to ``out_dir`` in SAELens' format."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"hook_name": hook.hook_name, "model_name": hook.model_name, "context_size": hook.context_size, "prepend_bos": hook.prepend_bos}
+    # SAELens reads the metadata block only from configs that say they are in its 6.x format
+    cfg_meta = {"sae_lens_version": SAELENS_FORMAT, "sae_lens_training_version": None, **meta}
+    cfg = {
+        "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": cfg_meta, **sae.saelens_config(),
+        "actstore": {"arch": sae.cfg.arch, "settings": sae.cfg.hyperparameters(), "scale_folded": scale, **(extra or {})},
+    }
+    state = {k: v.detach().float().cpu().contiguous() for k, v in sae.saelens_state(scale).items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={k: json.dumps(v) for k, v in meta.items()})
+    (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+def load_saelens(path: str | Path) -> tuple[SAE, HookInfo]:
+    """An SAE saved by :func:`save_saelens` or by SAELens (standard, topk, jumprelu, gated)."""
+    root = Path(path)
+    if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{root} is not an SAE folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    cfg = json.loads((root / CONFIG_FILE).read_text())
+    state = load_file(str(root / WEIGHTS_FILE))
+    meta = cfg.get("metadata", cfg)  # SAELens 5 kept these at the top level
+    hook = HookInfo(meta["hook_name"], meta.get("model_name", ""), int(meta.get("context_size") or 0), bool(meta.get("prepend_bos", True)))
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise ValueError(f"{root}: SAEs with normalize_activations={cfg['normalize_activations']!r} are not supported; fold the scale first")
+    arch = cfg.get("architecture", "standard")
+    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    ours = cfg.get("actstore", {})
+    if ours.get("arch") in ARCHITECTURES and ours["arch"] != "batchtopk":
+        sae = make_sae(sae_config(ours["arch"], d_in=d_in, d_sae=d_sae, **ours.get("settings", {})))
+    elif arch == "standard":
+        sae = make_sae(sae_config("relu", d_in=d_in, d_sae=d_sae))
+    elif arch == "topk":
+        sae = make_sae(sae_config("topk", d_in=d_in, d_sae=d_sae, k=int(cfg["k"])))
+    elif arch == "jumprelu":
+        sae = make_sae(sae_config("jumprelu", d_in=d_in, d_sae=d_sae))
+    elif arch == "gated":
+        sae = make_sae(sae_config("gated", d_in=d_in, d_sae=d_sae))
+    else:
+        raise ValueError(f"{root}: SAELens architecture {arch!r} is not supported (standard, topk, jumprelu, gated are)")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name == "threshold":
+                sae.log_threshold.copy_(tensor.float().clamp_min(1e-30).log())
+            elif hasattr(sae, name):
+                getattr(sae, name).copy_(tensor.float())
+            else:
+                raise ValueError(f"{root}: unexpected weight {name!r} for a {arch} SAE")
+    return sae, hook

@@ -1,0 +1,103 @@
+"""TopK SAE with the AuxK dead-latent loss (Gao et al. 2024, arXiv 2406.04093).
+
+- Latents (§2.3, "TopK activation function"): ``f = ReLU(TopK_K(pre))``: the ``K`` largest
+  pre-activations of each token, every other latent zero. Sparsity is set by ``K``, no penalty.
+- Decoder rows at unit norm, gradients along them removed before each step (§2.4, A.1).
+- AuxK (Appendix A.2): with ``e = x - x_hat`` the main reconstruction's error, the top
+  ``k_aux`` pre-activations among *dead* latents (not fired for ``dead_tokens``) reconstruct
+  it, ``e_hat = W_dec^T z_aux``, and ``alpha ||e - e_hat||^2`` is added, ``alpha = 1/32``. The
+  error is normalised by ``||e - mean(e)||^2`` (as reference implementations do) so alpha does
+  not depend on the activations' scale.
+
+Fast path (:mod:`trainers.sparse`): one dense encoder matmul without gradient to pick the
+latents, then gradients and decoding at the ``B K`` selected entries only; checked against
+:meth:`TopKSAE.dense_training_step`, the plain reference.
+Shape letters: B batch, D d_in, F d_sae, K active latents per token, A AuxK latents per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .sae import SAE, SAEConfig, StepOutput, mse
+from .sparse import GatherPre, sparse_decode
+
+
+@dataclass(frozen=True)
+class TopKConfig(SAEConfig):
+    k: int = 32
+    """Active latents per token."""
+    aux_k: int = 512
+    """k_aux: dead latents used by the AuxK loss (capped at the number dead)."""
+    aux_coeff: float = 1 / 32
+    """alpha: weight of the AuxK loss."""
+
+    arch: ClassVar[str] = "topk"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k ({self.k}) must be between 1 and the SAE width d_sae ({self.d_sae}); lower k or widen the SAE")
+        if self.aux_k < 0 or self.aux_coeff < 0:
+            raise ValueError("aux_k and aux_coeff must be >= 0")
+
+
+class TopKSAE(SAE):
+    cfg: TopKConfig
+    unit_norm_decoder: ClassVar[bool] = True
+    saelens_architecture: ClassVar[str] = "topk"
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        pre_BF = self.pre_acts(x_BD)
+        top = pre_BF.topk(self.cfg.k, dim=-1)
+        return torch.zeros_like(pre_BF).scatter_(-1, top.indices, torch.relu(top.values))
+
+    def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
+        x_in_BD = x_BD - self.b_dec
+        with torch.no_grad():
+            pre_BF = torch.addmm(self.b_enc, x_in_BD, self.W_enc)
+            idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False).indices
+        vals_BK = torch.relu(GatherPre.apply(x_in_BD, self.W_enc, self.b_enc, idx_BK, pre_BF))
+        recon_BD = sparse_decode(vals_BK, idx_BK, self.W_dec) + self.b_dec
+        l2 = mse(x_BD, recon_BD)
+        loss, terms = l2, {"mse": l2.detach()}
+        n_dead = int(dead_F.sum()) if dead_F is not None else 0
+        if n_dead and self.cfg.aux_k and self.cfg.aux_coeff:
+            with torch.no_grad():
+                idx_BA = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1, sorted=False).indices
+            aux_BA = torch.relu(GatherPre.apply(x_in_BD, self.W_enc, self.b_enc, idx_BA, pre_BF))
+            aux = self._aux_loss(x_BD - recon_BD.detach(), sparse_decode(aux_BA, idx_BA, self.W_dec))
+            loss = loss + self.cfg.aux_coeff * aux
+            terms["aux"] = aux.detach()
+        fired_F = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_BD.device)
+        fired_F[idx_BK[vals_BK.detach() > 0]] = True
+        l0 = (vals_BK.detach() > 0).sum(-1).float().mean()
+        return StepOutput(loss, recon_BD.detach(), l0, fired_F, terms)
+
+    def dense_training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
+        """Reference: the same loss with dense matrices throughout (for tests)."""
+        pre_BF = self.pre_acts(x_BD)
+        top = pre_BF.topk(self.cfg.k, dim=-1)
+        f_BF = torch.zeros_like(pre_BF).scatter(-1, top.indices, torch.relu(top.values))
+        recon_BD = self.decode(f_BF)
+        l2 = mse(x_BD, recon_BD)
+        loss, terms = l2, {"mse": l2.detach()}
+        n_dead = int(dead_F.sum()) if dead_F is not None else 0
+        if n_dead and self.cfg.aux_k and self.cfg.aux_coeff:
+            aux_top = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1)
+            z_BF = torch.zeros_like(pre_BF).scatter(-1, aux_top.indices, torch.relu(aux_top.values))
+            aux = self._aux_loss(x_BD - recon_BD.detach(), z_BF @ self.W_dec)
+            loss = loss + self.cfg.aux_coeff * aux
+            terms["aux"] = aux.detach()
+        active_BF = f_BF > 0
+        return StepOutput(loss, recon_BD.detach(), active_BF.sum(-1).float().mean(), active_BF.any(0), terms)
+
+    @staticmethod
+    def _aux_loss(e_BD: torch.Tensor, e_hat_BD: torch.Tensor) -> torch.Tensor:
+        return mse(e_BD, e_hat_BD) / (e_BD - e_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+
+    def saelens_config(self) -> dict[str, Any]:
+        return {"architecture": "topk", "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}

@@ -1,0 +1,249 @@
+"""The training loop: several SAEs fitted on each batch read once.
+
+Schedule (Conerly et al., "Circuits Updates, April 2024"; Gao et al. 2024 §A.1):
+Adam; learning rate warmed up linearly over ``lr_warmup_steps``, constant, then decayed
+linearly to 0 over the last ``1 - lr_decay_start`` of the steps; the sparsity coefficient
+(L1 / L0 penalties) warmed up linearly from 0 over the first ``sparsity_warmup`` of the steps.
+Decoder rows kept at unit norm where the architecture needs it (gradient along each row
+removed before the step, rows renormalised after). A latent is dead once it has not fired for
+``dead_tokens`` tokens (Gao et al. 2024 §2.4 use 10M); dead masks feed the AuxK losses.
+``b_dec`` starts at the mean of the first batch (a cheap stand-in for the geometric median).
+
+Checkpoints hold every SAE's weights, optimiser state and dead-latent counters, the step, and
+the data source's position when it has ``state_dict()`` (``actstore.stream`` does), so a
+resumed run continues with exactly the batches it would have seen.
+Shape letters: B batch, D d_in, F d_sae.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import make_sae
+from .sae import SAE, SAEConfig, fvu
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One SAE to train: its name (a folder name), architecture config and learning rate."""
+
+    name: str
+    sae: SAEConfig
+    lr: float = 2e-4
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"experiment name must be a plain folder name, got {self.name!r}")
+        if self.lr <= 0:
+            raise ValueError(f"learning rate must be positive, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (shared by all experiments of a run)."""
+
+    tokens: int
+    """Training tokens (the run stops after the batch that reaches them)."""
+    lr_warmup_steps: int = 100
+    lr_decay_start: float = 0.8
+    """Fraction of the steps after which the learning rate decays linearly to 0."""
+    sparsity_warmup: float = 0.05
+    """Fraction of the steps over which the sparsity coefficient rises from 0."""
+    dead_tokens: int = 10_000_000
+    """A latent not fired for this many tokens is dead."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    log_every: int = 50
+    """Steps between recorded metrics."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.tokens <= 0:
+            raise ValueError(f"tokens must be positive, got {self.tokens}")
+        if not 0 <= self.lr_decay_start <= 1 or not 0 <= self.sparsity_warmup <= 1:
+            raise ValueError("lr_decay_start and sparsity_warmup are fractions in [0, 1]")
+        if self.log_every <= 0 or self.checkpoint_every < 0 or self.dead_tokens <= 0:
+            raise ValueError("log_every and dead_tokens must be positive, checkpoint_every >= 0")
+
+
+@dataclass
+class _Run:
+    exp: Experiment
+    sae: SAE
+    opt: torch.optim.Adam
+    since_fired_F: torch.Tensor
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Fit ``experiments`` on ``data`` (an iterable of ``[B, D]`` tensors); see the module docstring."""
+
+    def __init__(
+        self, cfg: TrainConfig, experiments: list[Experiment], data: Iterable[torch.Tensor],
+        out_dir: str | Path | None = None, on_step: Callable[[int, int], None] | None = None,
+    ):
+        names = [e.name for e in experiments]
+        if not experiments or len(set(names)) != len(names):
+            raise ValueError(f"experiments need distinct names, got {names}")
+        widths = {e.sae.d_in for e in experiments}
+        if len(widths) != 1:
+            raise ValueError(f"all experiments must read the same activations; d_in differ: {sorted(widths)}")
+        self.cfg = cfg
+        self.data = data
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.on_step = on_step
+        dev = torch.device(cfg.device)
+        self.runs = []
+        for e in experiments:
+            sae = make_sae(e.sae).to(dev)
+            opt = torch.optim.Adam(sae.parameters(), lr=e.lr, betas=cfg.adam_betas)
+            self.runs.append(_Run(e, sae, opt, torch.zeros(e.sae.d_sae, dtype=torch.int64, device=dev)))
+        self.step = 0
+        self.tokens = 0
+        self.total_steps: int | None = None
+
+    # ---- loop -----------------------------------------------------------------------------
+    def fit(self) -> Trainer:
+        """Train until ``cfg.tokens``; returns self (``runs`` hold the SAEs and histories)."""
+        batches = self._batches()
+        for x_BD in batches:
+            if self.total_steps is None:
+                self.total_steps = max(1, math.ceil(self.cfg.tokens / len(x_BD)))
+            if self.step == 0:
+                self._init_b_dec(x_BD)
+            self._step(x_BD)
+            if self.on_step is not None:
+                self.on_step(self.step, self.tokens)
+            if self.out_dir is not None and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self.tokens >= self.cfg.tokens:
+                break
+        if self.out_dir is not None:
+            self.save_checkpoint()
+        return self
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        dev = torch.device(self.cfg.device)
+        for x in self.data:
+            if x.ndim != 2:
+                raise ValueError(f"trainer batches must be [B, D] tensors, got shape {tuple(x.shape)}")
+            yield x.to(dev, non_blocking=True).float()
+
+    def _step(self, x_BD: torch.Tensor) -> None:
+        lr_scale, sparsity_scale = self._schedules()
+        record = (self.step + 1) % self.cfg.log_every == 0 or self.step == 0
+        for run in self.runs:
+            dead_F = run.since_fired_F >= self.cfg.dead_tokens
+            out = run.sae.training_step(x_BD, sparsity_scale, dead_F)
+            run.opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if run.sae.unit_norm_decoder:
+                run.sae.remove_parallel_gradient()
+            for group in run.opt.param_groups:
+                group["lr"] = run.exp.lr * lr_scale
+            run.opt.step()
+            if run.sae.unit_norm_decoder:
+                run.sae.normalize_decoder()
+            run.since_fired_F += len(x_BD)
+            run.since_fired_F[out.fired_F] = 0
+            if record:
+                run.history.append({
+                    "step": self.step + 1, "tokens": self.tokens + len(x_BD), "loss": float(out.loss.detach()),
+                    "fvu": float(fvu(x_BD, out.recon_BD)), "l0": float(out.l0), "dead": float(dead_F.float().mean()),
+                    "lr": run.exp.lr * lr_scale, **{k: float(v) for k, v in out.terms.items()},
+                })
+        self.step += 1
+        self.tokens += len(x_BD)
+
+    def _schedules(self) -> tuple[float, float]:
+        total = self.total_steps or 1
+        s = self.step
+        lr = min(1.0, (s + 1) / max(1, self.cfg.lr_warmup_steps))
+        decay_from = int(total * self.cfg.lr_decay_start)
+        if s >= decay_from and total > decay_from:
+            lr *= max(0.0, (total - s) / (total - decay_from))
+        warm = self.cfg.sparsity_warmup * total
+        sparsity = min(1.0, (s + 1) / warm) if warm >= 1 else 1.0
+        return lr, sparsity
+
+    @torch.no_grad()
+    def _init_b_dec(self, x_BD: torch.Tensor) -> None:
+        for run in self.runs:
+            run.sae.b_dec.copy_(x_BD.mean(0))
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write ``out_dir/checkpoint.pt`` (atomically: a temp file, then renamed)."""
+        if self.out_dir is None:
+            raise ValueError("this trainer has no out_dir to checkpoint into")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state: dict[str, Any] = {
+            "version": CHECKPOINT_VERSION, "step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
+            "train": asdict(self.cfg),
+            "runs": {r.exp.name: {
+                "experiment": {"arch": r.exp.sae.arch, "sae": asdict(r.exp.sae), "lr": r.exp.lr},
+                "sae": r.sae.state_dict(), "opt": r.opt.state_dict(), "since_fired": r.since_fired_F, "history": r.history,
+            } for r in self.runs},
+            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+        }
+        path = self.out_dir / CHECKPOINT_FILE
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: str | Path | None = None) -> None:
+        """Continue from a checkpoint of a run with the same experiments (and data source)."""
+        path = Path(path) if path is not None else (self.out_dir or Path(".")) / CHECKPOINT_FILE
+        state = torch.load(path, map_location=self.cfg.device, weights_only=False)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path}: checkpoint version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
+        ours = {r.exp.name: {"arch": r.exp.sae.arch, "sae": asdict(r.exp.sae), "lr": r.exp.lr} for r in self.runs}
+        theirs = {name: saved["experiment"] for name, saved in state["runs"].items()}
+        if ours != theirs:
+            raise ValueError(f"{path} was written by a run with other experiments; use another output folder or the same settings")
+        for run in self.runs:
+            saved = state["runs"][run.exp.name]
+            run.sae.load_state_dict(saved["sae"])
+            run.opt.load_state_dict(saved["opt"])
+            run.since_fired_F.copy_(saved["since_fired"])
+            run.history = list(saved["history"])
+        self.step, self.tokens, self.total_steps = state["step"], state["tokens"], state["total_steps"]
+        if state["data"] is not None and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(state["data"])
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, batches: Iterable[torch.Tensor], device: str = "cpu") -> dict[str, float]:
+    """Held-out FVU (pooled over all tokens), mean L0 and the fraction of latents never active."""
+    resid = total = l0 = n = 0.0
+    sum_D = sum_sq = None
+    fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
+    for x in batches:
+        x_BD = x.to(device).float()
+        f_BF = sae.encode(x_BD)
+        recon_BD = sae.decode(f_BF)
+        resid += float((x_BD - recon_BD).pow(2).sum())
+        sum_D = x_BD.sum(0) if sum_D is None else sum_D + x_BD.sum(0)
+        sum_sq = float(x_BD.pow(2).sum()) + (sum_sq or 0.0)
+        active_BF = f_BF != 0
+        l0 += float(active_BF.sum())
+        fired_F |= active_BF.any(0)
+        n += len(x_BD)
+    if not n:
+        raise ValueError("no evaluation tokens")
+    total = sum_sq - float(sum_D.pow(2).sum()) / n
+    return {"fvu": resid / max(total, 1e-12), "l0": l0 / n, "dead": float((~fired_F).float().mean()), "tokens": n}
