@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from .sae import SAE, SAEConfig, StepOutput, mse
-from .topk import TopKSAE
+from .topk import dense_auxk
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,8 @@ class BatchTopKSAE(SAE):
         recon_BD = self.decode(f_BF)
         l2 = mse(x_BD, recon_BD)
         loss, terms = l2, {"mse": l2.detach()}
-        n_dead = int(dead_F.sum()) if dead_F is not None else 0
-        if n_dead and self.cfg.aux_k and self.cfg.aux_coeff:
-            aux_top = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1)
-            z_BF = torch.zeros_like(pre_BF).scatter(-1, aux_top.indices, torch.relu(aux_top.values))
-            aux = TopKSAE._aux_loss(x_BD - recon_BD.detach(), z_BF @ self.W_dec)
+        aux = dense_auxk(x_BD, recon_BD, pre_BF, dead_F, self.W_dec, self.cfg.aux_k, self.cfg.aux_coeff)
+        if aux is not None:
             loss = loss + self.cfg.aux_coeff * aux
             terms["aux"] = aux.detach()
         with torch.no_grad():

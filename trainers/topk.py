@@ -69,7 +69,7 @@ class TopKSAE(SAE):
             with torch.no_grad():
                 idx_BA = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1, sorted=False).indices
             aux_BA = torch.relu(GatherPre.apply(x_in_BD, self.W_enc, self.b_enc, idx_BA, pre_BF))
-            aux = self._aux_loss(x_BD - recon_BD.detach(), sparse_decode(aux_BA, idx_BA, self.W_dec))
+            aux = aux_loss(x_BD - recon_BD.detach(), sparse_decode(aux_BA, idx_BA, self.W_dec))
             loss = loss + self.cfg.aux_coeff * aux
             terms["aux"] = aux.detach()
         fired_F = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_BD.device)
@@ -85,19 +85,31 @@ class TopKSAE(SAE):
         recon_BD = self.decode(f_BF)
         l2 = mse(x_BD, recon_BD)
         loss, terms = l2, {"mse": l2.detach()}
-        n_dead = int(dead_F.sum()) if dead_F is not None else 0
-        if n_dead and self.cfg.aux_k and self.cfg.aux_coeff:
-            aux_top = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1)
-            z_BF = torch.zeros_like(pre_BF).scatter(-1, aux_top.indices, torch.relu(aux_top.values))
-            aux = self._aux_loss(x_BD - recon_BD.detach(), z_BF @ self.W_dec)
+        aux = dense_auxk(x_BD, recon_BD, pre_BF, dead_F, self.W_dec, self.cfg.aux_k, self.cfg.aux_coeff)
+        if aux is not None:
             loss = loss + self.cfg.aux_coeff * aux
             terms["aux"] = aux.detach()
         active_BF = f_BF > 0
         return StepOutput(loss, recon_BD.detach(), active_BF.sum(-1).float().mean(), active_BF.any(0), terms)
 
-    @staticmethod
-    def _aux_loss(e_BD: torch.Tensor, e_hat_BD: torch.Tensor) -> torch.Tensor:
-        return mse(e_BD, e_hat_BD) / (e_BD - e_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-
     def saelens_config(self) -> dict[str, Any]:
         return {"architecture": "topk", "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+
+
+def aux_loss(e_BD: torch.Tensor, e_hat_BD: torch.Tensor) -> torch.Tensor:
+    """AuxK's ``||e - e_hat||^2``, normalised by ``||e - mean(e)||^2``."""
+    return mse(e_BD, e_hat_BD) / (e_BD - e_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
+def dense_auxk(
+    x_BD: torch.Tensor, recon_BD: torch.Tensor, pre_BF: torch.Tensor, dead_F: torch.Tensor | None,
+    W_dec_FD: torch.Tensor, aux_k: int, aux_coeff: float,
+) -> torch.Tensor | None:
+    """AuxK loss with dense matrices: the top ``aux_k`` dead latents reconstruct the error of
+    ``recon``; None when nothing is dead or AuxK is off."""
+    n_dead = int(dead_F.sum()) if dead_F is not None else 0
+    if not (n_dead and aux_k and aux_coeff):
+        return None
+    top = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(aux_k, n_dead), dim=-1)
+    z_BF = torch.zeros_like(pre_BF).scatter(-1, top.indices, torch.relu(top.values))
+    return aux_loss(x_BD - recon_BD.detach(), z_BF @ W_dec_FD)
