@@ -141,13 +141,14 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
     rate = (trainer.tokens - start_tokens) / max(time.perf_counter() - t0, 1e-9)
     meta = store.config
     hook = HookInfo(cfg.hook, meta.model.name, meta.context_size, meta.prepend_bos)
+    held_out = list(_held_out(store, cfg, eval_shards, scale))  # read once, evaluated by every SAE
     rows = []
     for run in trainer.runs:
         last = run.history[-1] if run.history else {}
         row = {"name": run.exp.name, "arch": run.exp.sae.arch, "d_sae": run.exp.sae.d_sae, "lr": run.exp.lr,
                **run.exp.sae.hyperparameters(), "train_fvu": last.get("fvu"), "train_l0": last.get("l0")}
         if eval_shards:
-            row.update({f"eval_{k}": v for k, v in evaluate(run.sae, _held_out(store, cfg, eval_shards, scale), cfg.device).items()})
+            row.update({f"eval_{k}": v for k, v in evaluate(run.sae, held_out, cfg.device).items()})
         save_saelens(run.sae, out / run.exp.name, hook, scale=scale,
                      extra={"store": store.url, "tokens": trainer.tokens, "summary": row})
         rows.append(row)
