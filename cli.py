@@ -43,7 +43,7 @@ def user_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (actstore.ActstoreError, ValueError, KeyError, IndexError) as e:
+        except (actstore.ActstoreError, ValueError, KeyError, IndexError, FileNotFoundError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             typer.echo(f"error: {msg}", err=True)
             raise typer.Exit(USER_ERROR) from None
@@ -201,6 +201,32 @@ def train_sae(
         table.add_row(*[row[c] if c == "name" else ("-" if row.get(c) is None else f"{row[c]:.4g}") for c in cols])
     Console().print(table)
     typer.echo(f"SAEs (SAELens format), summary.json and plots in {result.out}")
+
+
+@app.command("import-sae")
+@user_errors
+def import_sae(
+    params: Annotated[str, typer.Argument(help="A Gemma Scope params.npz file.")],
+    out: Annotated[str, typer.Option(help="Output folder (SAELens format).")],
+    model: Annotated[str, typer.Option(help="Model the SAE reads, e.g. gemma-2-2b.")] = "gemma-2-2b",
+    hook: Annotated[str | None, typer.Option(help="Hook it reads (default: from the layer_N folder in the path).")] = None,
+    context_size: Annotated[int, typer.Option(help="Context size it was trained with.")] = 1024,
+) -> None:
+    """Import a Gemma Scope SAE (params.npz) into an SAELens folder that lora and evaluation read."""
+    from pathlib import Path
+
+    from trainers.gemma_scope import hook_from_path, load_gemma_scope
+    from trainers.saelens_format import HookInfo, save_saelens
+
+    hook = hook or hook_from_path(params)
+    if hook is None:
+        raise ValueError(f"cannot tell the hook from {params} (no layer_N folder); pass --hook blocks.N.hook_resid_post")
+    target = Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise ValueError(f"output folder {target} is not empty; choose a new folder")
+    sae = load_gemma_scope(params)
+    save_saelens(sae, target, HookInfo(hook, model, context_size, True), extra={"imported_from": str(params)})
+    typer.echo(f"JumpReLU SAE d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae} reading {hook} of {model} saved in {target}")
 
 
 def main() -> None:

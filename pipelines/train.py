@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         raise KeyError(f"hook {cfg.hook!r} is not in {store.url}; it has {', '.join(store.hooks)}")
     d_in = store.config.width(cfg.hook)
     exps = experiments(cfg, d_in)
-    train_shards, eval_shards = _split_shards(store, cfg.eval_tokens)
+    train_shards, eval_shards = split_shards(store, cfg.eval_tokens)
     out = Path(cfg.out)
     _check_out_dir(out, exps)
     data = actstore.stream(
@@ -141,7 +142,7 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
     rate = (trainer.tokens - start_tokens) / max(time.perf_counter() - t0, 1e-9)
     meta = store.config
     hook = HookInfo(cfg.hook, meta.model.name, meta.context_size, meta.prepend_bos)
-    held_out = list(_held_out(store, cfg, eval_shards, scale))  # read once, evaluated by every SAE
+    held_out = list(held_out_batches(store, cfg.hook, eval_shards, cfg.batch_size, cfg.min_position, scale))  # read once, evaluated by every SAE
     rows = []
     for run in trainer.runs:
         last = run.history[-1] if run.history else {}
@@ -158,7 +159,9 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
     return TrainResult(out, rows, rate)
 
 
-def _split_shards(store: actstore.Store, eval_tokens: int) -> tuple[list[int], list[int]]:
+def split_shards(store: actstore.Store, eval_tokens: int) -> tuple[list[int], list[int]]:
+    """Committed shards split into (train, held out): the last shards, at least ``eval_tokens``
+    tokens of them (at least one shard is kept for training)."""
     shards = sorted(store.committed_shards)
     if not shards:
         raise actstore.EmptyStoreError(f"store {store.url} has no committed tokens to train on")
@@ -168,15 +171,17 @@ def _split_shards(store: actstore.Store, eval_tokens: int) -> tuple[list[int], l
     return shards[: len(shards) - len(held)], held
 
 
-def _held_out(store: actstore.Store, cfg: TrainSAEConfig, shards: list[int], scale: float):
-    positions_needed = cfg.min_position > 0
+def held_out_batches(store: actstore.Store, hook: str, shards: list[int], batch_size: int, min_position: int,
+                     scale: float) -> Iterator[torch.Tensor]:
+    """``hook``'s activations in ``shards``, in store order, as float32 ``[<=batch_size, D]``
+    batches times ``scale``, positions below ``min_position`` dropped."""
     for shard in shards:
         a, b = store.config.shard_range(shard)
-        for lo in range(a, b, cfg.batch_size):
-            hi = min(b, lo + cfg.batch_size)
-            x = torch.from_numpy(store.read(cfg.hook, lo, hi).astype("float32"))
-            if positions_needed:
-                x = x[torch.from_numpy(store.positions(lo, hi) >= cfg.min_position)]
+        for lo in range(a, b, batch_size):
+            hi = min(b, lo + batch_size)
+            x = torch.from_numpy(store.read(hook, lo, hi).astype("float32"))
+            if min_position > 0:
+                x = x[torch.from_numpy(store.positions(lo, hi) >= min_position)]
             if len(x):
                 yield x * scale
 
