@@ -166,8 +166,12 @@ def train_sae(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    wandb: Annotated[str | None, typer.Option(help="Also log metrics to this Weights & Biases project (WANDB_MODE=offline works).")] = None,
+    wandb_name: Annotated[str | None, typer.Option(help="W&B run name.")] = None,
 ) -> None:
-    """Train SAEs on a store's activations, several configurations on each batch read once; rerun to resume."""
+    """Train SAEs on a store's activations, several configurations on each batch read once; rerun to resume.
+
+    Data parallel: torchrun --nproc_per_node N $(which actstore) train-sae ... (each rank streams its own part)."""
     from pipelines.harvest import parse_count
     from pipelines.train import TrainSAEConfig, parse_list, read_sweep
     from pipelines.train import train_sae as run_train
@@ -186,8 +190,11 @@ def train_sae(
         lrs=parse_list(lr), sparsity=sparsity, sweep=read_sweep(sweep) if sweep else (), batch_size=batch_size,
         seed=seed, memory=memory, normalize=normalize, min_position=min_position,
         eval_tokens=0 if eval_tokens.strip() == "0" else parse_count(eval_tokens), device=device, progress=progress and not as_json,
+        wandb_project=wandb, wandb_name=wandb_name,
     )
     result = run_train(cfg)
+    if result.rank != 0:  # under torchrun, rank 0 reports
+        return
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), "tokens_per_s": result.tokens_per_s, "experiments": result.rows}, indent=2))
         return

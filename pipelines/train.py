@@ -9,6 +9,12 @@ settings). Activations are streamed shuffled (``actstore.stream``), scaled to
 ``min_position`` dropped (BOS by default). The last shards of the store (``eval_tokens``)
 are held out for evaluation: FVU, L0 and dead fraction of every SAE on tokens it never saw.
 
+Under ``torchrun`` (``torchrun --nproc_per_node N $(which actstore) train-sae ...``) every rank
+streams its own part of the store and gradients are averaged (:mod:`pipelines.distributed`);
+``--tokens`` counts all ranks' tokens and rank 0 evaluates and writes the outputs.
+
+With ``wandb_project`` the recorded metrics also go to Weights & Biases (:mod:`pipelines.tracking`).
+
 Output folder: one SAELens folder per experiment, ``summary.json``, ``checkpoint.pt`` (rerun
 the same command to resume), ``training_curves.png`` and, for sweeps, ``l0_vs_fvu.png``.
 """
@@ -20,13 +26,15 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import actstore
+from pipelines.distributed import data_parallel
+from pipelines.tracking import WANDB_DIR, WandbLog
 from trainers import ARCHITECTURES, sae_config
 from trainers.saelens_format import HookInfo, save_saelens
 from trainers.trainer import CHECKPOINT_FILE, Experiment, TrainConfig, Trainer, evaluate
@@ -61,6 +69,9 @@ class TrainSAEConfig:
     checkpoint_every: int = 500
     device: str = "cpu"
     progress: bool = True
+    wandb_project: str | None = None
+    """Log to Weights & Biases under this project (rank 0), see :mod:`pipelines.tracking`."""
+    wandb_name: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.archs if a not in ARCHITECTURES]
@@ -112,10 +123,13 @@ class TrainResult:
     out: Path
     rows: list[dict[str, Any]]
     tokens_per_s: float
+    """Training tokens per second, all ranks together."""
+    rank: int = 0
 
 
 def train_sae(cfg: TrainSAEConfig) -> TrainResult:
-    """Run ``cfg``; see the module docstring."""
+    """Run ``cfg``; see the module docstring. Under ``torchrun`` every rank runs this; rank 0
+    writes the outputs and evaluates."""
     store = actstore.open_store(cfg.store)
     if cfg.hook not in store.hooks:
         raise KeyError(f"hook {cfg.hook!r} is not in {store.url}; it has {', '.join(store.hooks)}")
@@ -124,39 +138,54 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
     train_shards, eval_shards = split_shards(store, cfg.eval_tokens)
     out = Path(cfg.out)
     _check_out_dir(out, exps)
-    data = actstore.stream(
-        store, cfg.hook, cfg.batch_size, seed=cfg.seed, epochs=None, memory=cfg.memory, shards=train_shards,
-        min_position=cfg.min_position, normalize="expected_norm" if cfg.normalize else "none",
-    )
-    scale = data.scales.get(cfg.hook, 1.0)
-    train = TrainConfig(tokens=cfg.tokens, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, device=cfg.device,
-                        dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 4)))
-    trainer = Trainer(train, exps, data, out_dir=out)
-    if (out / CHECKPOINT_FILE).exists():
-        trainer.load_checkpoint()
-        log.info("resuming %s from step %d", out, trainer.step)
-    start_tokens, t0 = trainer.tokens, time.perf_counter()
-    with _progress(cfg.progress, cfg.tokens, trainer.tokens) as advance:
-        trainer.on_step = lambda step, tokens: advance(tokens)
-        trainer.fit()
-    rate = (trainer.tokens - start_tokens) / max(time.perf_counter() - t0, 1e-9)
+    with data_parallel(cfg.device) as ranks:
+        data = actstore.stream(
+            store, cfg.hook, cfg.batch_size, seed=cfg.seed, epochs=None, memory=cfg.memory, shards=train_shards,
+            min_position=cfg.min_position, normalize="expected_norm" if cfg.normalize else "none",
+            rank=ranks.rank, world_size=ranks.world_size,
+        )
+        scale = data.scales.get(cfg.hook, 1.0)
+        train = TrainConfig(tokens=cfg.tokens, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                            device=ranks.device, dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 4)))
+        trainer = Trainer(train, exps, data, out_dir=out)
+        if (out / CHECKPOINT_FILE).exists():
+            trainer.load_checkpoint()
+            log.info("resuming %s from step %d", out, trainer.step)
+        tracker = None
+        if cfg.wandb_project and ranks.main:
+            settings = {k: v for k, v in asdict(cfg).items() if k not in ("sweep", "progress")}
+            tracker = WandbLog(cfg.wandb_project, cfg.wandb_name, {**settings, "world_size": ranks.world_size, "experiments": {
+                e.name: {"arch": e.sae.arch, "d_sae": e.sae.d_sae, "lr": e.lr, **e.sae.hyperparameters()} for e in exps}}, out)
+        start_tokens, t0 = trainer.tokens, time.perf_counter()
+        with _progress(cfg.progress and ranks.main, cfg.tokens, trainer.tokens) as advance:
+            def on_step(step: int, tokens: int) -> None:
+                advance(tokens)
+                if tracker is not None:
+                    tracker(trainer)
+
+            trainer.on_step = on_step
+            trainer.fit()
+        rate = (trainer.tokens - start_tokens) / max(time.perf_counter() - t0, 1e-9)
+    rows = [{"name": run.exp.name, "arch": run.exp.sae.arch, "d_sae": run.exp.sae.d_sae, "lr": run.exp.lr,
+             **run.exp.sae.hyperparameters(), "train_fvu": run.history[-1]["fvu"] if run.history else None,
+             "train_l0": run.history[-1]["l0"] if run.history else None} for run in trainer.runs]
+    if not ranks.main:
+        return TrainResult(out, rows, rate, ranks.rank)
     meta = store.config
     hook = HookInfo(cfg.hook, meta.model.name, meta.context_size, meta.prepend_bos)
     held_out = list(held_out_batches(store, cfg.hook, eval_shards, cfg.batch_size, cfg.min_position, scale))  # read once, evaluated by every SAE
-    rows = []
-    for run in trainer.runs:
-        last = run.history[-1] if run.history else {}
-        row = {"name": run.exp.name, "arch": run.exp.sae.arch, "d_sae": run.exp.sae.d_sae, "lr": run.exp.lr,
-               **run.exp.sae.hyperparameters(), "train_fvu": last.get("fvu"), "train_l0": last.get("l0")}
+    for run, row in zip(trainer.runs, rows, strict=True):
         if eval_shards:
-            row.update({f"eval_{k}": v for k, v in evaluate(run.sae, held_out, cfg.device).items()})
+            row.update({f"eval_{k}": v for k, v in evaluate(run.sae, held_out, ranks.device).items()})
         save_saelens(run.sae, out / run.exp.name, hook, scale=scale,
                      extra={"store": store.url, "tokens": trainer.tokens, "summary": row})
-        rows.append(row)
     (out / "summary.json").write_text(json.dumps({"store": store.url, "hook": cfg.hook, "tokens": trainer.tokens,
-                                                  "scale": scale, "experiments": rows}, indent=2) + "\n")
+                                                  "scale": scale, "world_size": ranks.world_size,
+                                                  "experiments": rows}, indent=2) + "\n")
     _plots(out, trainer)
-    return TrainResult(out, rows, rate)
+    if tracker is not None:
+        tracker.finish(rows)
+    return TrainResult(out, rows, rate, ranks.rank)
 
 
 def split_shards(store: actstore.Store, eval_tokens: int) -> tuple[list[int], list[int]]:
@@ -187,7 +216,7 @@ def held_out_batches(store: actstore.Store, hook: str, shards: list[int], batch_
 
 
 def _check_out_dir(out: Path, exps: list[Experiment]) -> None:
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(p.name != WANDB_DIR for p in out.iterdir()):
         return
     ckpt = out / CHECKPOINT_FILE
     if not ckpt.exists():

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import types
 
 import pytest
 
@@ -62,3 +66,52 @@ def test_train_sae_bad_input_is_one_line_exit_2(store, tmp_path, extra, message)
     import re
 
     assert re.search(message, res.stderr), res.stderr
+
+
+class FakeWandb(types.ModuleType):
+    """Records what the trainer would send to Weights & Biases."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.logged: list[tuple[int, dict]] = []
+        self.summary: dict = {}
+        self.config: dict = {}
+        self.finished = False
+
+    def init(self, project, name, config, dir):
+        self.config = {"project": project, **config}
+        return self
+
+    def log(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_wandb_gets_every_recorded_metric_and_the_held_out_results(store, tmp_path, monkeypatch):
+    from pipelines.train import TrainSAEConfig, train_sae
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = TrainSAEConfig(store=store, hook=HOOK, out=str(tmp_path / "run"), tokens=4096, archs=("topk",),
+                         expansions=(2,), sparsity={"topk": (4,)}, batch_size=256, eval_tokens=1024, log_every=4,
+                         progress=False, wandb_project="proj")
+    result = train_sae(cfg)
+    name = result.rows[0]["name"]
+    assert [step for step, _ in fake.logged] == [1, 4, 8, 12, 16]
+    assert {f"{name}/{k}" for k in ("fvu", "l0", "dead", "loss", "lr", "tokens")} <= set(fake.logged[-1][1])
+    assert fake.summary[f"{name}/eval_fvu"] == result.rows[0]["eval_fvu"] and fake.finished
+    assert fake.config["project"] == "proj" and fake.config["experiments"][name]["k"] == 4
+
+
+def test_wandb_offline_run_is_written_under_the_output_folder(store, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    args = ["train-sae", "--store", store, "--hook", HOOK, "--out", str(out), "--tokens", "2k", "--k", "4",
+            "--expansion", "2", "--batch-size", "256", "--eval-tokens", "1k", "--wandb", "proj", "--json"]
+    res = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    (record,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    data = record.read_bytes()
+    assert b"topk-96-k4-lr0.0002/fvu" in data and b"topk-96-k4-lr0.0002/eval_fvu" in data

@@ -12,6 +12,14 @@ removed before the step, rows renormalised after). A latent is dead once it has 
 Checkpoints hold every SAE's weights, optimiser state and dead-latent counters, the step, and
 the data source's position when it has ``state_dict()`` (``actstore.stream`` does), so a
 resumed run continues with exactly the batches it would have seen.
+
+Data parallel (under ``torchrun``, with ``torch.distributed`` initialised before the trainer is
+made): every rank holds the same SAEs and reads its own batches (``actstore.stream`` gives each
+rank a disjoint part); gradients are averaged over ranks before each step, buffers (BatchTopK's
+threshold) averaged after it, a latent counts as fired when it fired on any rank, and
+``tokens`` counts all ranks' tokens. With equal batch sizes and mean-reduced losses this is the
+single-process step on the ranks' batches put together. Rank 0 writes the checkpoint, holding
+every rank's data position; recorded metrics are rank 0's batch.
 Shape letters: B batch, D d_in, F d_sae.
 """
 
@@ -114,6 +122,9 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.total_steps: int | None = None
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if distributed else 0
+        self.world_size = torch.distributed.get_world_size() if distributed else 1
 
     # ---- loop -----------------------------------------------------------------------------
     def fit(self) -> Trainer:
@@ -121,7 +132,7 @@ class Trainer:
         batches = self._batches()
         for x_BD in batches:
             if self.total_steps is None:
-                self.total_steps = max(1, math.ceil(self.cfg.tokens / len(x_BD)))
+                self.total_steps = max(1, math.ceil(self.cfg.tokens / (len(x_BD) * self.world_size)))
             if self.step == 0:
                 self._init_b_dec(x_BD)
             self._step(x_BD)
@@ -144,12 +155,15 @@ class Trainer:
 
     def _step(self, x_BD: torch.Tensor) -> None:
         lr_scale, sparsity_scale = self._schedules()
+        n_tokens = len(x_BD) if self.world_size == 1 else int(self._sum_ranks(torch.tensor(float(len(x_BD)), device=x_BD.device)))
         record = (self.step + 1) % self.cfg.log_every == 0 or self.step == 0
         for run in self.runs:
             dead_F = run.since_fired_F >= self.cfg.dead_tokens
             out = run.sae.training_step(x_BD, sparsity_scale, dead_F)
             run.opt.zero_grad(set_to_none=True)
             out.loss.backward()
+            if self.world_size > 1:
+                self._average_gradients(run.sae)
             if run.sae.unit_norm_decoder:
                 run.sae.remove_parallel_gradient()
             for group in run.opt.param_groups:
@@ -157,16 +171,20 @@ class Trainer:
             run.opt.step()
             if run.sae.unit_norm_decoder:
                 run.sae.normalize_decoder()
-            run.since_fired_F += len(x_BD)
-            run.since_fired_F[out.fired_F] = 0
+            fired_F = out.fired_F
+            if self.world_size > 1:
+                self._average_buffers(run.sae)
+                fired_F = self._any_rank(fired_F)
+            run.since_fired_F += n_tokens
+            run.since_fired_F[fired_F] = 0
             if record:
                 run.history.append({
-                    "step": self.step + 1, "tokens": self.tokens + len(x_BD), "loss": float(out.loss.detach()),
+                    "step": self.step + 1, "tokens": self.tokens + n_tokens, "loss": float(out.loss.detach()),
                     "fvu": float(fvu(x_BD, out.recon_BD)), "l0": float(out.l0), "dead": float(dead_F.float().mean()),
                     "lr": run.exp.lr * lr_scale, **{k: float(v) for k, v in out.terms.items()},
                 })
         self.step += 1
-        self.tokens += len(x_BD)
+        self.tokens += n_tokens
 
     def _schedules(self) -> tuple[float, float]:
         total = self.total_steps or 1
@@ -181,14 +199,59 @@ class Trainer:
 
     @torch.no_grad()
     def _init_b_dec(self, x_BD: torch.Tensor) -> None:
+        mean_D = x_BD.mean(0)
+        if self.world_size > 1:
+            mean_D = self._sum_ranks(x_BD.sum(0)) / self._sum_ranks(torch.tensor(float(len(x_BD)), device=x_BD.device))
         for run in self.runs:
-            run.sae.b_dec.copy_(x_BD.mean(0))
+            run.sae.b_dec.copy_(mean_D)
+
+    # ---- data parallel --------------------------------------------------------------------
+    @staticmethod
+    def _sum_ranks(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
+    def _any_rank(self, mask: torch.Tensor) -> torch.Tensor:
+        flags = mask.to(torch.uint8)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return flags.bool()
+
+    def _average_gradients(self, sae: SAE) -> None:
+        """Mean of every parameter's gradient over the ranks, in one flat all-reduce."""
+        params = list(sae.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p)
+            offset += n
+
+    @torch.no_grad()
+    def _average_buffers(self, sae: SAE) -> None:
+        for buf in sae.buffers():
+            if buf.is_floating_point():
+                torch.distributed.all_reduce(buf)
+                buf /= self.world_size
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write ``out_dir/checkpoint.pt`` (atomically: a temp file, then renamed)."""
+        """Write ``out_dir/checkpoint.pt`` (atomically: a temp file, then renamed). Under data
+        parallel every rank calls this; rank 0 writes, with every rank's data position."""
         if self.out_dir is None:
             raise ValueError("this trainer has no out_dir to checkpoint into")
+        data = self.data.state_dict() if hasattr(self.data, "state_dict") else None
+        path = self.out_dir / CHECKPOINT_FILE
+        if self.world_size > 1:
+            states: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(states, data)
+            data = {"world_size": self.world_size, "ranks": states}
+            if self.rank != 0:
+                torch.distributed.barrier()
+                return path
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {
             "version": CHECKPOINT_VERSION, "step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
@@ -197,12 +260,13 @@ class Trainer:
                 "experiment": {"arch": r.exp.sae.arch, "sae": asdict(r.exp.sae), "lr": r.exp.lr},
                 "sae": r.sae.state_dict(), "opt": r.opt.state_dict(), "since_fired": r.since_fired_F, "history": r.history,
             } for r in self.runs},
-            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+            "data": data,
         }
-        path = self.out_dir / CHECKPOINT_FILE
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
+        if self.world_size > 1:
+            torch.distributed.barrier()
         return path
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
@@ -211,6 +275,11 @@ class Trainer:
         state = torch.load(path, map_location=self.cfg.device, weights_only=False)
         if state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"{path}: checkpoint version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
+        data = state["data"]
+        parallel = isinstance(data, dict) and "ranks" in data
+        saved_world = data["world_size"] if parallel else 1
+        if saved_world != self.world_size:
+            raise ValueError(f"{path} was written by a run on {saved_world} rank(s); resume it on {saved_world}, not {self.world_size}")
         ours = {r.exp.name: {"arch": r.exp.sae.arch, "sae": asdict(r.exp.sae), "lr": r.exp.lr} for r in self.runs}
         theirs = {name: saved["experiment"] for name, saved in state["runs"].items()}
         if ours != theirs:
@@ -222,8 +291,10 @@ class Trainer:
             run.since_fired_F.copy_(saved["since_fired"])
             run.history = list(saved["history"])
         self.step, self.tokens, self.total_steps = state["step"], state["tokens"], state["total_steps"]
-        if state["data"] is not None and hasattr(self.data, "load_state_dict"):
-            self.data.load_state_dict(state["data"])
+        if parallel:
+            data = data["ranks"][self.rank]
+        if data is not None and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(data)
 
 
 @torch.no_grad()

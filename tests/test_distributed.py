@@ -1,0 +1,89 @@
+"""Data-parallel training on CPU with gloo: two ranks equal one process on both ranks' batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.test_cli import run_cli
+from tests.test_train_cli import HOOK, store  # noqa: F401  (fixture)
+from tests.test_trainers import sparse_data
+from trainers import sae_config
+from trainers.trainer import Experiment, TrainConfig, Trainer
+
+D, F, B, STEPS = 24, 96, 64, 12
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def experiments() -> list[Experiment]:
+    return [
+        Experiment("relu", sae_config("relu", d_in=D, d_sae=F, l1_coeff=1.0), lr=3e-3),
+        Experiment("topk", sae_config("topk", d_in=D, d_sae=F, k=4), lr=3e-3),
+        Experiment("batchtopk", sae_config("batchtopk", d_in=D, d_sae=F, k=4), lr=3e-3),
+    ]
+
+
+def batches(rank: int) -> list[torch.Tensor]:
+    return [sparse_data(B, seed=100 * step + rank) for step in range(STEPS)]
+
+
+def train_config() -> TrainConfig:
+    # no latent goes dead in this short run, so AuxK (normalised per batch) stays off
+    return TrainConfig(tokens=2 * B * STEPS, lr_warmup_steps=3, sparsity_warmup=0.25, log_every=1, dead_tokens=10**9)
+
+
+def _rank_main(rank: int, world: int, rendezvous: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        trainer = Trainer(train_config(), experiments(), batches(rank))
+        trainer.fit()
+        torch.save({"tokens": trainer.tokens, "step": trainer.step,
+                    "sae": {r.exp.name: r.sae.state_dict() for r in trainer.runs}}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_match_one_process_on_both_batches(tmp_path):
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["tokens"] == r1["tokens"] == 2 * B * STEPS and r0["step"] == STEPS
+    for name in ("relu", "topk", "batchtopk"):  # every rank holds the same SAE after every step
+        for key, value in r0["sae"][name].items():
+            torch.testing.assert_close(value, r1["sae"][name][key], atol=1e-6, rtol=1e-6, msg=f"{name}.{key}")
+    together = [torch.cat([a, b]) for a, b in zip(batches(0), batches(1), strict=True)]
+    single = Trainer(train_config(), experiments(), together).fit()
+    assert single.tokens == r0["tokens"]
+    for run in single.runs:
+        if run.exp.name == "batchtopk":  # its threshold is a per-batch statistic, averaged over ranks
+            continue
+        for key, value in run.sae.state_dict().items():
+            torch.testing.assert_close(r0["sae"][run.exp.name][key], value, atol=2e-4, rtol=2e-4, msg=f"{run.exp.name}.{key}")
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "cli.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_train_sae_under_torchrun_two_ranks(store, tmp_path):  # noqa: F811
+    out = tmp_path / "ddp"
+    args = ["train-sae", "--store", store, "--hook", HOOK, "--out", str(out), "--tokens", "4k", "--arch", "topk",
+            "--k", "4", "--expansion", "2", "--lr", "1e-3", "--batch-size", "256", "--eval-tokens", "1k", "--json"]
+    res = torchrun(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout)["experiments"]  # one report, from rank 0
+    assert len(rows) == 1 and 0 < rows[0]["eval_fvu"] < 1.5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and 4000 <= summary["tokens"] < 4000 + 2 * 256
+    assert (out / rows[0]["name"] / "sae_weights.safetensors").exists()
+    single = run_cli(*args)  # resuming a 2-rank run on one process is refused: the data positions differ
+    assert single.returncode == 2 and "2 rank(s)" in single.stderr
