@@ -10,9 +10,9 @@ import torch
 
 import actstore
 from tests.conftest import make_config, make_data, write_shards
-from trainers import ARCHITECTURES, make_sae, sae_config
+from trainers import ARCHITECTURES, make_sae, sae_config, sparse
 from trainers.saelens_format import HookInfo, load_saelens, save_saelens
-from trainers.sparse import GatherPre, sparse_decode
+from trainers.sparse import Selected, Selection, select_topk, sparse_decode
 from trainers.trainer import Experiment, TrainConfig, Trainer, evaluate
 
 D, F = 24, 96
@@ -58,23 +58,36 @@ def test_topk_sparse_path_matches_the_dense_reference_values_and_gradients():
         torch.testing.assert_close(p.grad, q.grad, msg=name, atol=1e-5, rtol=1e-4)
 
 
-def test_gather_pre_and_sparse_decode_gradients_match_dense():
+def test_sparse_kernels_match_dense_values_and_gradients():
     torch.manual_seed(1)
-    x_in = torch.randn(10, D, requires_grad=True)
+    x = torch.randn(40, D)
     W = torch.randn(D, F, requires_grad=True)
     b = torch.randn(F, requires_grad=True)
-    idx = torch.randint(0, F, (10, 3))
-    with torch.no_grad():
-        pre = x_in @ W + b
-    out = GatherPre.apply(x_in, W, b, idx, pre)
-    dense = (x_in @ W + b).gather(1, idx)
-    w = torch.randn(10, 3)
-    g_fast = torch.autograd.grad((out * w).sum(), [x_in, W, b])
-    g_ref = torch.autograd.grad((dense * w).sum(), [x_in, W, b])
+    b_dec = torch.randn(D, requires_grad=True)
+    k = 5
+    sparse.ROW_BLOCK, block = 16, sparse.ROW_BLOCK  # several row blocks, the last one short
+    try:
+        pre_BK, idx, pre_full = select_topk((x - b_dec).detach(), W, b, k, keep_pre=True)
+    finally:
+        sparse.ROW_BLOCK = block
+    dense = (x - b_dec) @ W + b
+    torch.testing.assert_close(pre_full, dense.detach())
+    torch.testing.assert_close(pre_BK.sort(-1).values, dense.detach().topk(k, dim=-1).values.sort(-1).values)
+    sel = Selection.of(idx, F)
+    out = Selected.apply(pre_BK, (x - b_dec).detach(), sel, W, b, b_dec)
+    w = torch.randn(40, k)
+    g_fast = torch.autograd.grad((out * w).sum(), [W, b, b_dec])
+    g_ref = torch.autograd.grad((dense.gather(1, idx) * w).sum(), [W, b, b_dec])
     for g1, g2 in zip(g_fast, g_ref, strict=True):
-        torch.testing.assert_close(g1, g2)
-    W_dec = torch.randn(F, D)
-    torch.testing.assert_close(sparse_decode(w, idx, W_dec), torch.einsum("bk,bkd->bd", w, W_dec[idx]))
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+    W_dec = torch.randn(F, D, requires_grad=True)
+    vals = torch.randn(40, k, requires_grad=True)
+    g_out = torch.randn(40, D)
+    fast = sparse_decode(vals, sel, W_dec)
+    ref = torch.einsum("bk,bkd->bd", vals, W_dec[idx])
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-4)
+    for g1, g2 in zip(torch.autograd.grad(fast, [vals, W_dec], g_out), torch.autograd.grad(ref, [vals, W_dec], g_out), strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
 
 
 def test_jumprelu_pseudo_derivatives_follow_the_rectangle_kernel():

@@ -17,7 +17,9 @@ loss to minimise and detached metrics. Metrics (Gao et al. 2024 §2.2 for FVU):
 - ``l0``: mean number of active latents per token.
 
 Weights use SAELens' names and layouts (``W_enc [D, F]``, ``W_dec [F, D]``) so saving is a
-rename-free copy (:mod:`trainers.saelens_format`).
+rename-free copy (:mod:`trainers.saelens_format`); the encoder is stored latent-major
+(``W_enc_FD``, ``W_enc`` its transposed view) so the sparse TopK gradient lands in storage
+order without a transposing copy.
 Shape letters: B batch, D input width (d_in), F latents (d_sae), K active latents per token.
 """
 
@@ -94,9 +96,14 @@ class SAE(nn.Module):
         W_dec_FD = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec_FD)
-        self.W_enc = nn.Parameter(W_dec_FD.T.clone().contiguous())
+        self.W_enc_FD = nn.Parameter(W_dec_FD.clone())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """The encoder ``[D, F]`` (a view of ``W_enc_FD``; writes go through)."""
+        return self.W_enc_FD.T
 
     # ---- inference ------------------------------------------------------------------------
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:

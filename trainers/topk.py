@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from .sae import SAE, SAEConfig, StepOutput, mse
-from .sparse import GatherPre, sparse_decode
+from .sparse import Selected, Selection, select_topk, sparse_decode
 
 
 @dataclass(frozen=True)
@@ -56,20 +56,21 @@ class TopKSAE(SAE):
         return torch.zeros_like(pre_BF).scatter_(-1, top.indices, torch.relu(top.values))
 
     def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
-        x_in_BD = x_BD - self.b_dec
-        with torch.no_grad():
-            pre_BF = torch.addmm(self.b_enc, x_in_BD, self.W_enc)
-            idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False).indices
-        vals_BK = torch.relu(GatherPre.apply(x_in_BD, self.W_enc, self.b_enc, idx_BK, pre_BF))
-        recon_BD = sparse_decode(vals_BK, idx_BK, self.W_dec) + self.b_dec
+        n_dead = int(dead_F.sum()) if dead_F is not None else 0
+        use_aux = bool(n_dead and self.cfg.aux_k and self.cfg.aux_coeff)
+        x_in_BD = (x_BD - self.b_dec).detach()
+        pre_BK, idx_BK, pre_BF = select_topk(x_in_BD, self.W_enc, self.b_enc, self.cfg.k, keep_pre=use_aux)
+        sel = Selection.of(idx_BK, self.cfg.d_sae)
+        vals_BK = torch.relu(Selected.apply(pre_BK, x_in_BD, sel, self.W_enc, self.b_enc, self.b_dec))
+        recon_BD = sparse_decode(vals_BK, sel, self.W_dec) + self.b_dec
         l2 = mse(x_BD, recon_BD)
         loss, terms = l2, {"mse": l2.detach()}
-        n_dead = int(dead_F.sum()) if dead_F is not None else 0
-        if n_dead and self.cfg.aux_k and self.cfg.aux_coeff:
+        if use_aux:
             with torch.no_grad():
-                idx_BA = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1, sorted=False).indices
-            aux_BA = torch.relu(GatherPre.apply(x_in_BD, self.W_enc, self.b_enc, idx_BA, pre_BF))
-            aux = aux_loss(x_BD - recon_BD.detach(), sparse_decode(aux_BA, idx_BA, self.W_dec))
+                aux_pre_BA, idx_BA = pre_BF.masked_fill_(~dead_F, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1, sorted=False)
+            aux_sel = Selection.of(idx_BA, self.cfg.d_sae)
+            aux_BA = torch.relu(Selected.apply(aux_pre_BA, x_in_BD, aux_sel, self.W_enc, self.b_enc, self.b_dec))
+            aux = aux_loss(x_BD - recon_BD.detach(), sparse_decode(aux_BA, aux_sel, self.W_dec))
             loss = loss + self.cfg.aux_coeff * aux
             terms["aux"] = aux.detach()
         fired_F = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_BD.device)
