@@ -33,6 +33,7 @@ bench: setup
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_harvest.py
 	$(PY) benchmarks/bench_stream.py
+	$(PY) benchmarks/bench_train.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

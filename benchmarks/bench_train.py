@@ -1,0 +1,224 @@
+"""Trainer benchmark: actstore's SAE trainers against SAELens' trainer, same tokens, same settings.
+
+Real SmolLM2-135M ``hook_resid_post`` activations (``--layer``) over the built-in corpus are
+written to an uncompressed store; ``actstore.stream`` serves them shuffled, scaled to
+``E||x||^2 = D``, BOS-position tokens dropped, and the batches are kept in memory so both
+trainers see exactly the same batches in the same order (``--epochs`` passes). The last
+shards are held out. For each architecture, both trainers get the same width, k or sparsity
+coefficient, learning rate, batch size, LR warm-up and final linear decay, sparsity warm-up and
+dead-latent window, and the same initial weights (actstore's initialisation, copied into SAELens'
+SAE); everything else is each library's own (AuxK details, TopK's decoder-norm rescaling,
+JumpReLU threshold parametrisation).
+
+Each trained SAE is saved in SAELens' format, loaded back with ``sae_lens.SAE.load_from_disk``
+and evaluated by the same code on the held-out tokens: FVU (lower is better) and L0. Reported:
+FVU ratio actstore / SAELens (goal: at most 1.02), and training tokens/s of each (whole
+``fit``, same machine, same threads, interleaved in one run; goal for TopK: at least 4x), with
+the bound one fp32 encoder matmul puts on a step.
+
+    python benchmarks/bench_train.py [--archs topk,relu] [--epochs 2] [--capture-tokens 131072]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens' and the model loader's bars
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_store import capture, store_config, write_capture  # noqa: E402
+
+import actstore  # noqa: E402
+from pipelines import smollm2  # noqa: E402
+from pipelines.models import load_model  # noqa: E402
+from pipelines.train import held_out_batches, split_shards  # noqa: E402
+from trainers import make_sae, sae_config  # noqa: E402
+from trainers.saelens_format import HookInfo, save_saelens  # noqa: E402
+from trainers.trainer import Experiment, TrainConfig, Trainer, evaluate  # noqa: E402
+
+CONTEXT = 256
+MIN_POSITION = 1
+ARCHS = ("topk", "batchtopk", "relu", "gated", "jumprelu")
+# The sparsity setting of each architecture, the same number for both libraries (both define
+# these penalties the same way: summed over latents, averaged over tokens, MSE summed over D).
+SPARSITY = {"relu": 0.1, "gated": 0.1, "jumprelu": 0.05}
+JUMPRELU_BANDWIDTH = 0.05
+JUMPRELU_INIT_THRESHOLD = 0.01
+
+
+def saelens_sae(arch: str, d_in: int, d_sae: int, k: int, warmup_steps: int):
+    """SAELens' training SAE with the benchmark's shared settings, its defaults otherwise."""
+    import sae_lens as sl
+
+    if arch == "topk":
+        return sl.TopKTrainingSAE(sl.TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    if arch == "batchtopk":
+        return sl.BatchTopKTrainingSAE(sl.BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    if arch == "relu":
+        return sl.StandardTrainingSAE(sl.StandardTrainingSAEConfig(
+            d_in=d_in, d_sae=d_sae, l1_coefficient=SPARSITY["relu"], l1_warm_up_steps=warmup_steps))
+    if arch == "gated":
+        return sl.GatedTrainingSAE(sl.GatedTrainingSAEConfig(
+            d_in=d_in, d_sae=d_sae, l1_coefficient=SPARSITY["gated"], l1_warm_up_steps=warmup_steps))
+    if arch == "jumprelu":
+        return sl.JumpReLUTrainingSAE(sl.JumpReLUTrainingSAEConfig(
+            d_in=d_in, d_sae=d_sae, l0_coefficient=SPARSITY["jumprelu"], l0_warm_up_steps=warmup_steps,
+            jumprelu_bandwidth=JUMPRELU_BANDWIDTH, jumprelu_init_threshold=JUMPRELU_INIT_THRESHOLD))
+    raise ValueError(arch)
+
+
+def actstore_config(arch: str, d_in: int, d_sae: int, k: int):
+    fields = {
+        "topk": {"k": k}, "batchtopk": {"k": k}, "relu": {"l1_coeff": SPARSITY["relu"]},
+        "gated": {"l1_coeff": SPARSITY["gated"]},
+        "jumprelu": {"l0_coeff": SPARSITY["jumprelu"], "bandwidth": JUMPRELU_BANDWIDTH,
+                     "init_threshold": JUMPRELU_INIT_THRESHOLD},
+    }[arch]
+    return sae_config(arch, d_in=d_in, d_sae=d_sae, **fields)
+
+
+@torch.no_grad()
+def same_start(theirs, cfg, first_batch: torch.Tensor) -> None:
+    """Start SAELens' SAE from actstore's initial weights (as the actstore trainer sets them:
+    ``b_dec`` at the first batch's mean), so the comparison is of the training loops alone."""
+    ours = make_sae(cfg)
+    ours.b_dec.copy_(first_batch.mean(0))
+    for name, param in theirs.named_parameters():
+        if name != "threshold":  # JumpReLU: both start at JUMPRELU_INIT_THRESHOLD
+            param.copy_(getattr(ours, name))
+
+
+def train_actstore(arch: str, batches: list[torch.Tensor], args, d_in: int, out: Path) -> float:
+    steps = len(batches)
+    cfg = TrainConfig(tokens=sum(len(b) for b in batches), lr_warmup_steps=args.warmup_steps, lr_decay_start=0.8,
+                      sparsity_warmup=min(1.0, args.warmup_steps / steps), dead_tokens=args.dead_steps * args.batch_size,
+                      log_every=10**9)
+    trainer = Trainer(cfg, [Experiment(arch, actstore_config(arch, d_in, d_in * args.expansion, args.k), args.lr)], batches)
+    t = time.perf_counter()
+    trainer.fit()
+    elapsed = time.perf_counter() - t
+    save_saelens(trainer.runs[0].sae, out, HookInfo(args.hook, smollm2.NAME, CONTEXT, False))
+    return trainer.tokens / elapsed
+
+
+def train_saelens(arch: str, batches: list[torch.Tensor], args, d_in: int, out: Path) -> float:
+    from sae_lens import SAETrainer
+    from sae_lens.config import SAETrainerConfig
+
+    steps = len(batches)
+    sae = saelens_sae(arch, d_in, d_in * args.expansion, args.k, args.warmup_steps)
+    same_start(sae, actstore_config(arch, d_in, d_in * args.expansion, args.k), batches[0])
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * args.batch_size, train_batch_size_samples=args.batch_size, lr=args.lr, lr_end=args.lr,
+        lr_scheduler_name="constant", lr_warm_up_steps=args.warmup_steps, lr_decay_steps=steps - int(steps * 0.8),
+        dead_feature_window=args.dead_steps, feature_sampling_window=max(1, steps), device="cpu",
+    )
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(batches))
+    t = time.perf_counter()
+    trainer.fit()
+    elapsed = time.perf_counter() - t
+    sae.save_inference_model(out)  # BatchTopK becomes JumpReLU, as ours does
+    return steps * args.batch_size / elapsed
+
+
+def held_out_eval(path: Path, held: list[torch.Tensor]) -> dict[str, float]:
+    """FVU and L0 of the SAE saved at ``path``, loaded by SAELens, on the held-out batches."""
+    from sae_lens import SAE
+
+    return evaluate(SAE.load_from_disk(str(path)), held)
+
+
+def encoder_bound(batch_size: int, d_in: int, d_sae: int, repeats: int = 5) -> float:
+    """Tokens/s if a training step cost nothing but one fp32 ``[B, D] @ [D, F]`` matmul."""
+    x, w = torch.randn(batch_size, d_in), torch.randn(d_in, d_sae)
+    x @ w
+    t = time.perf_counter()
+    for _ in range(repeats):
+        x @ w
+    return batch_size * repeats / (time.perf_counter() - t)
+
+
+def make_batches(root: Path, args) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """Capture, store, and stream the activations; (train batches, held-out batches, d_in)."""
+    lm = load_model(smollm2.NAME, device="cpu")
+    cap = capture(lm, [args.layer], args.capture_tokens, context_size=CONTEXT)
+    args.hook = next(iter(cap.acts))
+    cfg = store_config(lm, cap, CONTEXT, codec="none", chunk_tokens=2048, shard_tokens=args.shard_tokens)
+    store = write_capture(f"{root}/store", cap, cfg)
+    train_shards, eval_shards = split_shards(store, args.eval_tokens)
+    stream = actstore.stream(store, args.hook, args.batch_size, seed=0, epochs=args.epochs, shards=train_shards,
+                             min_position=MIN_POSITION, normalize="expected_norm", drop_last=True)
+    batches = [b.float().clone() for b in stream]
+    scale = stream.scales[args.hook]
+    held = list(held_out_batches(store, args.hook, eval_shards, args.batch_size, MIN_POSITION, scale))
+    return batches, held, lm.d_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--archs", default=",".join(ARCHS))
+    p.add_argument("--layer", type=int, default=15)
+    p.add_argument("--capture-tokens", type=int, default=131072)
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--shard-tokens", type=int, default=8192)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--dead-steps", type=int, default=20, help="steps without firing before a latent counts as dead")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    args = p.parse_args()
+    archs = [a for a in args.archs.split(",") if a]
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    console = Console(width=150)
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        root = Path(tmp)
+        batches, held, d_in = make_batches(root, args)
+        d_sae = d_in * args.expansion
+        bound = encoder_bound(args.batch_size, d_in, d_sae)
+        n_train = sum(len(b) for b in batches)
+        console.print(f"{n_train:,} training tokens ({len(batches)} batches of {args.batch_size}, {args.epochs} epochs "
+                      f"of {args.hook}), {sum(len(b) for b in held):,} held-out tokens; d_in {d_in}, d_sae {d_sae}, "
+                      f"lr {args.lr:g}, torch threads {torch.get_num_threads()}")
+        rows = []
+        for arch in archs:
+            ours_rate = train_actstore(arch, batches, args, d_in, root / f"ours-{arch}")
+            theirs_rate = train_saelens(arch, batches, args, d_in, root / f"saelens-{arch}")
+            ours, theirs = held_out_eval(root / f"ours-{arch}", held), held_out_eval(root / f"saelens-{arch}", held)
+            rows.append({"arch": arch, "actstore_fvu": ours["fvu"], "saelens_fvu": theirs["fvu"],
+                         "fvu_ratio": ours["fvu"] / theirs["fvu"], "actstore_l0": ours["l0"], "saelens_l0": theirs["l0"],
+                         "actstore_tokens_per_s": ours_rate, "saelens_tokens_per_s": theirs_rate,
+                         "speedup": ours_rate / theirs_rate})
+            console.print(f"  {arch}: done")
+
+    table = Table(title=f"SAE training, actstore vs SAELens (held-out FVU, L0; tokens/s; encoder-matmul bound {bound:,.0f} tok/s)")
+    for col in ("arch", "FVU actstore", "FVU SAELens", "FVU ratio", "L0 actstore", "L0 SAELens",
+                "tok/s actstore", "tok/s SAELens", "speedup"):
+        table.add_column(col, justify="left" if col == "arch" else "right")
+    for r in rows:
+        table.add_row(r["arch"], f"{r['actstore_fvu']:.4f}", f"{r['saelens_fvu']:.4f}", f"{r['fvu_ratio']:.3f}",
+                      f"{r['actstore_l0']:.1f}", f"{r['saelens_l0']:.1f}", f"{r['actstore_tokens_per_s']:,.0f}",
+                      f"{r['saelens_tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x")
+    console.print(table)
+    console.print("goals: FVU ratio <= 1.02 for every architecture; TopK speedup >= 4x; TopK actstore >= half the bound")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"encoder_bound_tokens_per_s": bound, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
