@@ -1,7 +1,8 @@
 """The training loop: several SAEs fitted on each batch read once.
 
 Schedule (Conerly et al., "Circuits Updates, April 2024"; Gao et al. 2024 §A.1):
-Adam; learning rate warmed up linearly over ``lr_warmup_steps``, constant, then decayed
+Adam with the gradient clipped to global norm 1 (Conerly et al. 2024, as SAELens does);
+learning rate warmed up linearly over ``lr_warmup_steps``, constant, then decayed
 linearly to 0 over the last ``1 - lr_decay_start`` of the steps; the sparsity coefficient
 (L1 / L0 penalties) warmed up linearly from 0 over the first ``sparsity_warmup`` of the steps.
 Decoder rows kept at unit norm where the architecture needs it (gradient along each row
@@ -72,6 +73,8 @@ class TrainConfig:
     dead_tokens: int = 10_000_000
     """A latent not fired for this many tokens is dead."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    """Clip each SAE's gradient to this global norm before the step (None: no clipping)."""
     log_every: int = 50
     """Steps between recorded metrics."""
     checkpoint_every: int = 0
@@ -167,6 +170,8 @@ class Trainer:
                 self._average_gradients(run.sae)
             if run.sae.unit_norm_decoder:
                 run.sae.remove_parallel_gradient()
+            if self.cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(run.sae.parameters(), self.cfg.grad_clip)
             for group in run.opt.param_groups:
                 group["lr"] = run.exp.lr * lr_scale
             run.opt.step()
