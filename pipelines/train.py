@@ -166,9 +166,7 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
             trainer.on_step = on_step
             trainer.fit()
         rate = (trainer.tokens - start_tokens) / max(time.perf_counter() - t0, 1e-9)
-    rows = [{"name": run.exp.name, "arch": run.exp.sae.arch, "d_sae": run.exp.sae.d_sae, "lr": run.exp.lr,
-             **run.exp.sae.hyperparameters(), "train_fvu": run.history[-1]["fvu"] if run.history else None,
-             "train_l0": run.history[-1]["l0"] if run.history else None} for run in trainer.runs]
+    rows = [_row(run) for run in trainer.runs]
     if not ranks.main:
         return TrainResult(out, rows, rate, ranks.rank)
     meta = store.config
@@ -186,6 +184,13 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
     if tracker is not None:
         tracker.finish(rows)
     return TrainResult(out, rows, rate, ranks.rank)
+
+
+def _row(run) -> dict[str, Any]:
+    """An experiment's settings and its last recorded training FVU and L0."""
+    last = run.history[-1] if run.history else {}
+    return {"name": run.exp.name, "arch": run.exp.sae.arch, "d_sae": run.exp.sae.d_sae, "lr": run.exp.lr,
+            **run.exp.sae.hyperparameters(), "train_fvu": last.get("fvu"), "train_l0": last.get("l0")}
 
 
 def split_shards(store: actstore.Store, eval_tokens: int) -> tuple[list[int], list[int]]:

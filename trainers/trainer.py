@@ -159,7 +159,7 @@ class Trainer:
 
     def _step(self, x_BD: torch.Tensor) -> None:
         lr_scale, sparsity_scale = self._schedules()
-        n_tokens = len(x_BD) if self.world_size == 1 else int(self._sum_ranks(torch.tensor(float(len(x_BD)), device=x_BD.device)))
+        n_tokens = self._tokens_all_ranks(x_BD)
         record = (self.step + 1) % self.cfg.log_every == 0 or self.step == 0
         for run in self.runs:
             dead_F = run.since_fired_F >= self.cfg.dead_tokens
@@ -205,9 +205,7 @@ class Trainer:
 
     @torch.no_grad()
     def _init_b_dec(self, x_BD: torch.Tensor) -> None:
-        mean_D = x_BD.mean(0)
-        if self.world_size > 1:
-            mean_D = self._sum_ranks(x_BD.sum(0)) / self._sum_ranks(torch.tensor(float(len(x_BD)), device=x_BD.device))
+        mean_D = x_BD.mean(0) if self.world_size == 1 else self._sum_ranks(x_BD.sum(0)) / self._tokens_all_ranks(x_BD)
         for run in self.runs:
             run.sae.b_dec.copy_(mean_D)
 
@@ -217,6 +215,12 @@ class Trainer:
         t = t.clone()
         torch.distributed.all_reduce(t)
         return t
+
+    def _tokens_all_ranks(self, x_BD: torch.Tensor) -> int:
+        """Tokens in this step's batches, all ranks together."""
+        if self.world_size == 1:
+            return len(x_BD)
+        return int(self._sum_ranks(torch.tensor(float(len(x_BD)), device=x_BD.device)))
 
     def _any_rank(self, mask: torch.Tensor) -> torch.Tensor:
         flags = mask.to(torch.uint8)
