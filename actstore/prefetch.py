@@ -148,9 +148,14 @@ class OutputRing:
 
     def __init__(self, size: int):
         self._size = size
+        self._lock = threading.Lock()  # several gather workers may ask at once
         self._ring: dict[tuple, list[tuple[torch.Tensor, int | None]]] = {}
 
     def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            return self._get(shape, dtype)
+
+    def _get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         entries = self._ring.setdefault((shape, dtype), [])
         for t, idle in entries:
             if idle is not None and _storage_refs(t) == idle:

@@ -323,36 +323,45 @@ class ShardedArrayReader:
         address range (:class:`actstore.mapping.MappedRanges`, whose ``starts`` are where each
         chunk's data begins). Same checks and errors as reading; a chunk's checksum is verified
         the first time this reader maps it (committed shards do not change)."""
+        return map_arrays([self], chunks)
+
+    def _chunk_ranges(self, chunks: Sequence[tuple[int, int]]) -> list[tuple[str, int, int]]:
+        """``(file, offset, nbytes)`` of each chunk, checked against the shard index."""
         indexes = self.shard_indexes(sorted({s for s, _ in chunks}))
-        crc_len = 4 if self.layout.crc else 0
-        chunk_bytes = self.layout.chunk_tokens * self.layout.dtype.itemsize * math.prod(self.layout.shape[1:])
+        expected = self._chunk_bytes + self._crc_len
         ranges = []
         for shard, c in chunks:
             offset, nbytes = (int(v) for v in indexes[shard][c])
             where = f"{self.layout.path} shard {shard} chunk {c}"
             if offset == int(_EMPTY) and nbytes == int(_EMPTY):
                 raise MissingChunkError(f"{where} is absent")
-            if nbytes != chunk_bytes + crc_len:
-                raise CorruptChunkError(f"{where}: holds {nbytes - crc_len} bytes, expected {chunk_bytes}")
+            if nbytes != expected:
+                raise CorruptChunkError(f"{where}: holds {nbytes - self._crc_len} bytes, expected {self._chunk_bytes}")
             ranges.append((self._shard_path(shard), offset, nbytes))
-        try:
-            mapped = mapping.MappedRanges(ranges)
-        except FileNotFoundError as e:
-            raise MissingChunkError(f"{self.layout.path}: shard object missing ({e.filename})") from e
-        except EOFError as e:
-            raise CorruptChunkError(f"{self.layout.path}: shard object is truncated ({e})") from e
-        cps = self.layout.chunks_per_shard
-        unchecked = [i for i, (shard, c) in enumerate(chunks) if not self._verified[shard * cps + c]] if crc_len else []
-        region = mapped.bytes_u8
+        return ranges
+
+    @property
+    def _crc_len(self) -> int:
+        return 4 if self.layout.crc else 0
+
+    @property
+    def _chunk_bytes(self) -> int:
+        return self.layout.chunk_tokens * self.layout.dtype.itemsize * math.prod(self.layout.shape[1:])
+
+    def _verify_mapped(self, region: np.ndarray, starts: np.ndarray, chunks: Sequence[tuple[int, int]]) -> None:
+        """Check the checksums of mapped chunks this reader has not checked before."""
+        if not self._crc_len:
+            return
+        cps, n = self.layout.chunks_per_shard, self._chunk_bytes
+        unchecked = [i for i, (shard, c) in enumerate(chunks) if not self._verified[shard * cps + c]]
 
         def verify(i: int) -> None:
-            a, (shard, c) = int(mapped.starts[i]), chunks[i]
-            if crc32c.crc32c(region[a : a + chunk_bytes]) != int.from_bytes(region[a + chunk_bytes : a + chunk_bytes + 4], "little"):
+            a, (shard, c) = int(starts[i]), chunks[i]
+            if crc32c.crc32c(region[a : a + n]) != int.from_bytes(region[a + n : a + n + 4], "little"):
                 raise CorruptChunkError(f"{self.layout.path} shard {shard} chunk {c}: checksum mismatch (data is damaged)")
             self._verified[shard * cps + c] = True
 
         list(_decode_pool().map(verify, unchecked))
-        return mapped
 
     def read_chunks(self, chunks: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Decoded inner chunks ``(shard, chunk_in_shard)``, each of full chunk shape."""
@@ -371,3 +380,22 @@ class ShardedArrayReader:
         self.read_chunks_into(ids, [out[i * ct : (i + 1) * ct] for i in range(len(ids))])
         offset = first * ct
         return out[start - offset : stop - offset]
+
+
+def map_arrays(readers: Sequence[ShardedArrayReader], chunks: Sequence[tuple[int, int]]) -> mapping.MappedRanges:
+    """The same inner chunks of several uncompressed local arrays mapped into one address range:
+    ``starts[a * len(chunks) + i]`` is where chunk ``i`` of ``readers[a]`` begins, so one gather
+    can read rows of every array (the hooks of a stacked batch). Checks as
+    :meth:`ShardedArrayReader.map_chunks`."""
+    ranges = [r for reader in readers for r in reader._chunk_ranges(chunks)]
+    names = ", ".join(reader.layout.path for reader in readers)
+    try:
+        mapped = mapping.MappedRanges(ranges)
+    except FileNotFoundError as e:
+        raise MissingChunkError(f"{names}: shard object missing ({e.filename})") from e
+    except EOFError as e:
+        raise CorruptChunkError(f"{names}: shard object is truncated ({e})") from e
+    region, n = mapped.bytes_u8, len(chunks)
+    for a, reader in enumerate(readers):
+        reader._verify_mapped(region, mapped.starts[a * n : (a + 1) * n], chunks)
+    return mapped

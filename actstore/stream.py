@@ -30,11 +30,13 @@ The statistics include the filtered tokens; BOS tokens, whose norms are large, m
 little smaller than the filtered tokens alone would (a constant factor, folded back exactly).
 
 **Prefetch.** A loader thread reads and decodes the next block (ranged reads, bounded
-concurrency, retries; chunks decoded on all cores) while an assembler thread gathers batches
-from the current one, ``prefetch`` batches ahead, with half of torch's intra-op threads.
+concurrency, retries; chunks decoded on all cores) while a planner thread cuts batches from the
+current one and hands their gathers (and, on CPU, the dtype conversion and scaling) to a pool
+of workers, one per core up to ``prefetch``; batches come out in order, ``prefetch`` ahead.
 Uncompressed local chunks are not copied at all: the loader maps them (``mmap=True``,
 :mod:`actstore.mapping`, checksums verified the first time) and the batches are gathered from
-the page cache, so ``memory`` then bounds the page-cache working set rather than buffers.
+the page cache, so ``memory`` then bounds the page-cache working set rather than buffers; the
+hooks of a stacked batch are mapped together, so one gather fills the whole ``[B, H, D]``.
 On CUDA, batches are gathered into pinned memory and copied without blocking; dtype
 conversion and scaling then run on the device.
 
@@ -56,8 +58,8 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -70,6 +72,7 @@ from .layout import POSITIONS, TOKENS, acts_path, scale_path
 from .mapping import MappedRanges, unit_for
 from .prefetch import BufferPool, OutputRing, Prefetcher
 from .reader import Store, open_store
+from .shardio import map_arrays
 from .shuffle import Pieces, chunks_of_shards, interleave, rank_pieces, rng_for, split_blocks
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,7 @@ STATE_VERSION = 1
 _UNIT_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float8_e4m3fn": torch.float8_e4m3fn}
 _NO_INDEX = torch.empty(0, dtype=torch.int64)
+_STACK = "<stacked hooks>"  # the source key of hooks gathered together (``Stream._combined``)
 _BLOCK_OVERHEAD_BYTES = 32  # per token: order, index and filter arrays beside the activations
 
 
@@ -222,6 +226,8 @@ class _Source:
     rows: torch.Tensor
     unit: int
     index_T: torch.Tensor
+    per_token: int = 1
+    """Rows per token: the hooks of a combined stacked source (``_STACK``), in hook order."""
 
 
 @dataclass
@@ -237,9 +243,20 @@ class _Block:
     sources: dict[str, _Source]
 
 
+class _Copy(NamedTuple):
+    """One gather: ``dest = rows[index]``."""
+
+    rows: torch.Tensor
+    index: torch.Tensor
+    dest: torch.Tensor
+
+    def run(self) -> None:
+        torch.index_select(self.rows, 0, self.index, out=self.dest)
+
+
 @dataclass
 class _RawBatch:
-    """Gathered rows, still in the stored dtype's bit pattern."""
+    """A batch's rows in the stored dtype's bit pattern (once :meth:`gather` has run)."""
 
     arrays: dict[str, torch.Tensor]
     n: int
@@ -247,6 +264,13 @@ class _RawBatch:
     index_B: torch.Tensor | None = None
     stacked: torch.Tensor | None = None
     """``[B, H, D]``, when the hooks were gathered straight into their slices of it."""
+    copies: list[_Copy] = field(default_factory=list)
+    """Gathers still to run into ``arrays``."""
+
+    def gather(self) -> None:
+        for c in self.copies:
+            c.run()
+        self.copies = []
 
 
 @dataclass(frozen=True)
@@ -315,6 +339,8 @@ class Stream:
         self._spare_buffers: list[dict[str, np.ndarray]] = []
         self._gathered = [p for p in self._array_paths() if p not in (POSITIONS, TOKENS)]
         self._mapped = {p for p in self._gathered if cfg.mmap and store.array_reader(p).mappable}
+        self._combined = self._stacked and len(self._gathered) > 1 and set(self._gathered) <= self._mapped and not self._fp8
+        """Whether a stacked batch's hooks are gathered together, from one mapping of all their chunks."""
         self._device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
 
     # ---- description ----------------------------------------------------------------------
@@ -390,31 +416,50 @@ class Stream:
         pool: BufferPool[dict[str, np.ndarray]] = BufferPool(self._new_buffer, 2, stop, made=spare)
         retired: list[_Block] = []  # served blocks, dropped (mappings and all) by the loader, off the gather's path
         blocks = Prefetcher(lambda: self._blocks(start, pool, stop, retired), 1, "actstore-stream-load", stop)
-        on_cpu = self._device.type == "cpu"  # finish (convert, scale) in the gather thread; on CUDA, on the device
-        gather_threads = max(1, torch.get_num_threads() // 2)  # the loader and the consumer need cores too
+        on_cpu = self._device.type == "cpu"  # finish (convert, scale) in the workers; on CUDA, on the device
+        total_threads = torch.get_num_threads()
+        n_workers = max(1, min(total_threads, self.cfg.prefetch))
+        workers = ThreadPoolExecutor(
+            n_workers, "actstore-stream-gather",
+            initializer=_limit_intra_op_threads, initargs=(max(1, total_threads // n_workers),),
+        )
+        ring = OutputRing(self.cfg.prefetch + n_workers + 4)  # the consumer's batches (workers share it)
+        in_flight: list[Future] = []
 
-        def gather() -> Iterator[tuple[_RawBatch, IndexedBatch | None]]:
-            _limit_intra_op_threads(gather_threads)
-            ring = OutputRing(self.cfg.prefetch + 4)
+        def job(raw: _RawBatch) -> tuple[_RawBatch, IndexedBatch | None]:
+            raw.gather()
+            return raw, (self._finish_cpu(raw, ring) if on_cpu else None)
+
+        def drain() -> None:
+            """Wait for every submitted gather (before their block is reused or dropped)."""
+            wait(in_flight)
+            in_flight.clear()
+
+        def plan() -> Iterator[Future]:
+            """The gather thread: cut batches (cheap), hand their gathers to the workers."""
             if not on_cpu:  # fresh pinned tensors (torch caches them, and knows when copies finish)
-                raws = self._batches(start, blocks, pool, retired, self._alloc, False, with_index)
+                raws = self._batches(start, blocks, pool, retired, self._alloc, drain, with_index, stacked=self._combined)
             elif self._direct:  # rows already are the output: gather straight into reused tensors
-                raws = self._batches(start, blocks, pool, retired, ring.get, False, with_index, stacked=self._stacked)
-            else:  # gather into scratch tensors, then convert into reused output tensors
-                scratch = lambda shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
-                raws = self._batches(start, blocks, pool, retired, scratch, True, with_index)
+                raws = self._batches(start, blocks, pool, retired, ring.get, drain, with_index, stacked=self._stacked)
+            else:  # gather into reused raw tensors, then convert into reused output tensors
+                raw_ring = OutputRing(self.cfg.prefetch + n_workers + 4)
+                raws = self._batches(start, blocks, pool, retired, raw_ring.get, drain, with_index, stacked=self._combined)
             for raw in raws:
-                yield raw, (self._finish_cpu(raw, ring) if on_cpu else None)
+                fut = workers.submit(job, raw)
+                in_flight[:] = [f for f in in_flight if not f.done()] + [fut]
+                yield fut
 
-        batches = Prefetcher(gather, self.cfg.prefetch, "actstore-stream-gather", stop)
+        batches = Prefetcher(plan, self.cfg.prefetch, "actstore-stream-plan", stop)
         try:
-            for raw, done in batches:
+            for fut in batches:
+                raw, done = fut.result()
                 batch = done if done is not None else self._finish_on_device(raw)
                 self._cursor = raw.cursor
                 yield batch
         finally:
             batches.close()
             blocks.close()
+            workers.shutdown(wait=False, cancel_futures=True)
             if not (batches.alive or blocks.alive):
                 self._spare_buffers = pool.buffers
 
@@ -514,7 +559,10 @@ class Stream:
             reader.read_chunks_into(ids, [buf[path][k * ct : (k + 1) * ct] for k in range(len(ids))])
             return None
 
-        fetched = dict(zip(self._array_paths(), io.map(fetch, self._array_paths()), strict=True))  # re-raises failures
+        separate = [p for p in self._array_paths() if not (self._combined and p in self._gathered)]
+        fetched = dict(zip(separate, io.map(fetch, separate), strict=True))  # re-raises failures
+        if self._combined:  # every hook's chunks in one address range: one gather per batch
+            fetched[_STACK] = map_arrays([self.store.array_reader(p) for p in self._gathered], ids)
         # piece k sits in buffer rows k * ct + [lo_k, hi_k)
         counts_K = pieces.hi_K - pieces.lo_K
         first_K = np.arange(len(pieces)) * ct + pieces.lo_K
@@ -538,7 +586,14 @@ class Stream:
             key_T = key_T.astype(np.int32)  # sorts faster
         order_T[first:] = np.sort(key_T) % n_rows
         sources = {}
-        for path in self._gathered:
+        if self._combined:  # token t, hook h -> the row of chunk (h, k_t) in the combined mapping
+            mapped, H, K = fetched[_STACK], len(self._gathered), len(ids)
+            row_bytes = _row_bytes(*self._row_layout(self._gathered[0]))
+            unit = unit_for(row_bytes, mapped.starts)
+            k_T, r_T = np.divmod(order_T, ct)
+            index_TH = mapped.starts[k_T[:, None] + np.arange(H) * K] // unit + (r_T * (row_bytes // unit))[:, None]
+            sources[_STACK] = _Source(mapped.rows_view(row_bytes, unit), unit, torch.from_numpy(index_TH.reshape(-1)), H)
+        for path in self._gathered if not self._combined else ():
             row_bytes = _row_bytes(*self._row_layout(path))
             mapped = fetched[path]
             if mapped is None:  # block buffer: rows are buffer rows
@@ -556,16 +611,17 @@ class Stream:
     # ---- batches (assembler thread) ----------------------------------------------------------
     def _batches(
         self, start: Cursor, blocks: Prefetcher[_Block], pool: BufferPool, retired: list[_Block],
-        alloc: Callable[..., torch.Tensor], scratch: bool, with_index: bool, stacked: bool = False,
+        alloc: Callable[..., torch.Tensor], drain: Callable[[], None], with_index: bool, stacked: bool = False,
     ) -> Iterator[_RawBatch]:
-        """Cut the blocks' output into batches of raw rows, gathered into tensors from ``alloc``:
-        new ones for every batch, or with ``scratch`` the same ones every batch (the caller
-        finishes each batch before asking for the next); with ``stacked``, into the slices of
-        one ``[B, H, D]`` tensor. Served blocks go to ``retired``."""
+        """Cut the blocks' output into batches of raw rows, to be gathered (:meth:`_RawBatch.gather`)
+        into tensors from ``alloc``, or with ``stacked`` into the slices of one ``[B, H, D]``
+        tensor. When a block is served, the gathers of a batch still being filled run here and
+        ``drain`` waits for those handed out, before the block goes to ``retired``."""
         B, ct = self.cfg.batch_size, self._ct
         specs = {p: self._row_spec(p) for p in self._gathered}
         batches, tokens = start.batches, start.tokens
         out: dict[str, torch.Tensor] = {}
+        copies: list[_Copy] = []
         whole: torch.Tensor | None = None
         index_B: torch.Tensor | None = None
         filled = 0
@@ -574,7 +630,7 @@ class Stream:
             off = start.offset if blk.key == start.block_key else 0
             n = len(blk.order_T)
             while off < n:
-                if filled == 0 and not (scratch and out):
+                if filled == 0:
                     if stacked:
                         tail, dtype = specs[self._gathered[0]]
                         whole = alloc((B, len(self._gathered), *tail), dtype)
@@ -584,8 +640,11 @@ class Stream:
                     index_B = alloc((B,), torch.int64) if with_index else None
                 take = min(B - filled, n - off)
                 for p, src in blk.sources.items():
-                    dest = out[p][filled : filled + take].view(torch.uint8).view(take, -1).view(_UNIT_INT[src.unit])
-                    torch.index_select(src.rows, 0, src.index_T[off : off + take], out=dest)
+                    target = whole if p == _STACK else out[p]
+                    assert target is not None
+                    h = src.per_token
+                    dest = target[filled : filled + take].view(torch.uint8).view(take * h, -1).view(_UNIT_INT[src.unit])
+                    copies.append(_Copy(src.rows, src.index_T[off * h : (off + take) * h], dest))
                 if index_B is not None:
                     k_b, r_b = np.divmod(blk.order_T[off : off + take], ct)
                     index_B[filled : filled + take] = torch.from_numpy(blk.chunk_K[k_b] * ct + r_b)
@@ -594,8 +653,12 @@ class Stream:
                 if filled == B:
                     batches, tokens = batches + 1, tokens + B
                     cursor = Cursor(e, s, b, off, batches, tokens) if off < n else Cursor(e, s, b + 1, 0, batches, tokens)
-                    yield _RawBatch(dict(out), B, cursor, index_B, whole)
-                    filled = 0
+                    yield _RawBatch(dict(out), B, cursor, index_B, whole, copies)
+                    copies, filled = [], 0
+            for c in copies:  # a batch that runs on into the next block: its rows from this one now
+                c.run()
+            copies = []
+            drain()
             pool.release(blk.buffer)
             retired.append(blk)
             del blk
@@ -635,11 +698,11 @@ class Stream:
             return getattr(torch, self.cfg.dtype)
         return torch.float32 if self._fp8 else _TORCH_DTYPE[self.store.config.dtype]
 
-    def _hook_values(self, raw: _RawBatch, hook: str, dev: torch.device) -> torch.Tensor:
+    def _hook_values(self, arrays: dict[str, torch.Tensor], hook: str, dev: torch.device) -> torch.Tensor:
         """One hook's rows as values: dequantised (fp8) and scaled (normalize), float32 if either."""
-        x = raw.arrays[acts_path(hook)].to(dev, non_blocking=True).view(_TORCH_DTYPE[self.store.config.dtype])
+        x = arrays[acts_path(hook)].to(dev, non_blocking=True).view(_TORCH_DTYPE[self.store.config.dtype])
         if self._fp8:
-            x = x.float() * raw.arrays[scale_path(hook)].to(dev, non_blocking=True).view(torch.float32)[:, None]
+            x = x.float() * arrays[scale_path(hook)].to(dev, non_blocking=True).view(torch.float32)[:, None]
         if hook in self.scales:
             x = x.float() * self.scales[hook]
         return x
@@ -654,7 +717,11 @@ class Stream:
     def _finish_on_device(self, raw: _RawBatch) -> IndexedBatch:
         """CUDA: copy the raw rows over (pinned, non-blocking), then convert there."""
         dev, target = self._device, self._target_dtype
-        parts = {h: self._hook_values(raw, h, dev).to(target) for h in self.cfg.hooks}
+        arrays = raw.arrays
+        if raw.stacked is not None:  # one copy of the whole [B, H, D] block, not one per strided slice
+            whole = raw.stacked.to(dev, non_blocking=True)
+            arrays = {p: whole[:, i] for i, p in enumerate(self._gathered)}
+        parts = {h: self._hook_values(arrays, h, dev).to(target) for h in self.cfg.hooks}
         index_B = raw.index_B.to(dev, non_blocking=True) if raw.index_B is not None else _NO_INDEX
         return self._assemble(parts, index_B)
 
@@ -675,7 +742,7 @@ class Stream:
             dests = {h: ring.get((n, self.widths[h]), target) for h in hooks}
         cpu = torch.device("cpu")
         for h, dest in dests.items():
-            dest.copy_(self._hook_values(raw, h, cpu))
+            dest.copy_(self._hook_values(raw.arrays, h, cpu))
         index_B = _NO_INDEX
         if raw.index_B is not None:
             index_B = ring.get((n,), torch.int64)

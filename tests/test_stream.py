@@ -316,7 +316,8 @@ def test_kept_batches_and_views_are_never_overwritten(url):
     "store, options",
     [
         (dict(dtype="float32"), dict(hooks=HOOK, min_position=2, drop_token_ids=[3, 4])),
-        (dict(dtype="bfloat16"), dict(hooks=list(make_config().hooks), dtype=None)),  # gathered into [B, H, D] slices
+        (dict(dtype="bfloat16"), dict(hooks=list(make_config().hooks), dtype=None)),  # all hooks in one gather
+        (dict(dtype="bfloat16"), dict(hooks=list(make_config().hooks), normalize="expected_norm")),  # ... then scaled
         (dict(dtype="float8_e4m3fn"), dict(hooks=list(make_config().hooks)[:2], stack=False)),  # scales mapped too
     ],
 )
@@ -328,6 +329,7 @@ def test_mapped_read_and_compressed_stores_give_the_same_batches(tmp_path, store
     args = dict(batch_size=48, seed=5, epochs=2, memory=small(cfg, 3), **options)
     mapped = actstore.stream(str(tmp_path / "none"), **args)
     assert mapped._mapped
+    assert mapped._combined == (isinstance(options["hooks"], list) and "stack" not in options and store["dtype"] == "bfloat16")
     runs = [drain(mapped), drain(actstore.stream(str(tmp_path / "none"), mmap=False, **args)),
             drain(actstore.stream(str(tmp_path / "zstd"), **args))]
     for other in runs[1:]:
