@@ -436,7 +436,7 @@ class Stream:
             in_flight.clear()
 
         def plan() -> Iterator[Future]:
-            """The gather thread: cut batches (cheap), hand their gathers to the workers."""
+            """The planner thread: cut batches (cheap), hand their gathers to the workers."""
             if not on_cpu:  # fresh pinned tensors (torch caches them, and knows when copies finish)
                 raws = self._batches(start, blocks, pool, retired, self._alloc, drain, with_index, stacked=self._combined)
             elif self._direct:  # rows already are the output: gather straight into reused tensors
@@ -608,7 +608,7 @@ class Stream:
             sources[path] = _Source(rows, unit, torch.from_numpy(index_T))
         return _Block(key, buf, order_T, pieces.chunk_K, sources)
 
-    # ---- batches (assembler thread) ----------------------------------------------------------
+    # ---- batches (planner thread) ----------------------------------------------------------
     def _batches(
         self, start: Cursor, blocks: Prefetcher[_Block], pool: BufferPool, retired: list[_Block],
         alloc: Callable[..., torch.Tensor], drain: Callable[[], None], with_index: bool, stacked: bool = False,

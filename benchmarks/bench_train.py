@@ -8,7 +8,13 @@ shards are held out. For each architecture, both trainers get the same width, k 
 coefficient, learning rate, batch size, LR warm-up and final linear decay, sparsity warm-up and
 dead-latent window, and the same initial weights (actstore's initialisation, copied into SAELens'
 SAE); everything else is each library's own (AuxK details, TopK's decoder-norm rescaling,
-JumpReLU threshold parametrisation).
+unit-norm decoders for Gated and JumpReLU in actstore, decoder-norm-weighted penalties in SAELens).
+
+The same penalty coefficient need not give the same L0 in two implementations, and FVU is only
+comparable at equal L0. So where a penalty architecture (ReLU, Gated, JumpReLU) ends more than 5%
+away from SAELens' L0, actstore trains once more with the coefficient scaled by
+``(L0 ours / L0 SAELens)^2`` and its FVU at SAELens' L0 is read off the log-log line through its
+two runs (a local piece of the sparsity-fidelity frontier); the FVU ratio uses that figure.
 
 Each trained SAE is saved in SAELens' format, loaded back with ``sae_lens.SAE.load_from_disk``
 and evaluated by the same code on the held-out tokens: FVU (lower is better) and L0. Reported:
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -55,6 +62,7 @@ ARCHS = ("topk", "batchtopk", "relu", "gated", "jumprelu")
 SPARSITY = {"relu": 0.1, "gated": 0.1, "jumprelu": 0.05}
 JUMPRELU_BANDWIDTH = 0.05
 JUMPRELU_INIT_THRESHOLD = 0.01
+MATCH_L0_TOLERANCE = 0.05  # penalty architectures whose L0s differ more than this are compared at SAELens' L0
 
 
 def saelens_sae(arch: str, d_in: int, d_sae: int, k: int, warmup_steps: int):
@@ -78,11 +86,11 @@ def saelens_sae(arch: str, d_in: int, d_sae: int, k: int, warmup_steps: int):
     raise ValueError(arch)
 
 
-def actstore_config(arch: str, d_in: int, d_sae: int, k: int):
+def actstore_config(arch: str, d_in: int, d_sae: int, k: int, coeff_scale: float = 1.0):
     fields = {
-        "topk": {"k": k}, "batchtopk": {"k": k}, "relu": {"l1_coeff": SPARSITY["relu"]},
-        "gated": {"l1_coeff": SPARSITY["gated"]},
-        "jumprelu": {"l0_coeff": SPARSITY["jumprelu"], "bandwidth": JUMPRELU_BANDWIDTH,
+        "topk": {"k": k}, "batchtopk": {"k": k}, "relu": {"l1_coeff": SPARSITY["relu"] * coeff_scale},
+        "gated": {"l1_coeff": SPARSITY["gated"] * coeff_scale},
+        "jumprelu": {"l0_coeff": SPARSITY["jumprelu"] * coeff_scale, "bandwidth": JUMPRELU_BANDWIDTH,
                      "init_threshold": JUMPRELU_INIT_THRESHOLD},
     }[arch]
     return sae_config(arch, d_in=d_in, d_sae=d_sae, **fields)
@@ -99,12 +107,13 @@ def same_start(theirs, cfg, first_batch: torch.Tensor) -> None:
             param.copy_(getattr(ours, name))
 
 
-def train_actstore(arch: str, batches: list[torch.Tensor], args, d_in: int, out: Path) -> float:
+def train_actstore(arch: str, batches: list[torch.Tensor], args, d_in: int, out: Path, coeff_scale: float = 1.0) -> float:
     steps = len(batches)
     cfg = TrainConfig(tokens=sum(len(b) for b in batches), lr_warmup_steps=args.warmup_steps, lr_decay_start=0.8,
                       sparsity_warmup=min(1.0, args.warmup_steps / steps), dead_tokens=args.dead_steps * args.batch_size,
                       log_every=10**9)
-    trainer = Trainer(cfg, [Experiment(arch, actstore_config(arch, d_in, d_in * args.expansion, args.k), args.lr)], batches)
+    exp = Experiment(arch, actstore_config(arch, d_in, d_in * args.expansion, args.k, coeff_scale), args.lr)
+    trainer = Trainer(cfg, [exp], batches)
     t = time.perf_counter()
     trainer.fit()
     elapsed = time.perf_counter() - t
@@ -137,6 +146,14 @@ def held_out_eval(path: Path, held: list[torch.Tensor]) -> dict[str, float]:
     from sae_lens import SAE
 
     return evaluate(SAE.load_from_disk(str(path)), held)
+
+
+def fvu_at_l0(points: list[dict[str, float]], l0: float) -> float:
+    """FVU at ``l0`` on the line through two (L0, FVU) runs, in log-log (a local piece of the
+    sparsity-fidelity frontier)."""
+    (a, b) = sorted(points, key=lambda r: r["l0"])[:2]
+    slope = math.log(b["fvu"] / a["fvu"]) / math.log(b["l0"] / a["l0"])
+    return a["fvu"] * (l0 / a["l0"]) ** slope
 
 
 def encoder_bound(batch_size: int, d_in: int, d_sae: int, repeats: int = 5) -> float:
@@ -200,19 +217,30 @@ def main() -> None:
             ours_rate = train_actstore(arch, batches, args, d_in, root / f"ours-{arch}")
             theirs_rate = train_saelens(arch, batches, args, d_in, root / f"saelens-{arch}")
             ours, theirs = held_out_eval(root / f"ours-{arch}", held), held_out_eval(root / f"saelens-{arch}", held)
+            matched = ours["fvu"]
+            if arch in SPARSITY and abs(ours["l0"] / theirs["l0"] - 1) > MATCH_L0_TOLERANCE:
+                # same coefficient, different L0: FVU is only comparable at equal L0, so train ours once
+                # more with the coefficient moved towards SAELens' L0 and read the FVU there
+                train_actstore(arch, batches, args, d_in, root / f"ours-{arch}-2", (ours["l0"] / theirs["l0"]) ** 2)
+                second = held_out_eval(root / f"ours-{arch}-2", held)
+                matched = fvu_at_l0([ours, second], theirs["l0"])
+                console.print(f"  {arch}: L0 {ours['l0']:.0f} vs SAELens {theirs['l0']:.0f}; second run at L0 "
+                              f"{second['l0']:.0f} (FVU {second['fvu']:.4f}) -> FVU {matched:.4f} at L0 {theirs['l0']:.0f}")
             rows.append({"arch": arch, "actstore_fvu": ours["fvu"], "saelens_fvu": theirs["fvu"],
-                         "fvu_ratio": ours["fvu"] / theirs["fvu"], "actstore_l0": ours["l0"], "saelens_l0": theirs["l0"],
+                         "actstore_fvu_at_saelens_l0": matched,
+                         "fvu_ratio": matched / theirs["fvu"], "actstore_l0": ours["l0"], "saelens_l0": theirs["l0"],
                          "actstore_tokens_per_s": ours_rate, "saelens_tokens_per_s": theirs_rate,
                          "speedup": ours_rate / theirs_rate})
             console.print(f"  {arch}: done")
 
     table = Table(title=f"SAE training, actstore vs SAELens (held-out FVU, L0; tokens/s; encoder-matmul bound {bound:,.0f} tok/s)")
-    for col in ("arch", "FVU actstore", "FVU SAELens", "FVU ratio", "L0 actstore", "L0 SAELens",
+    for col in ("arch", "FVU actstore", "FVU SAELens", "L0 actstore", "L0 SAELens", "FVU actstore at SAELens' L0", "FVU ratio",
                 "tok/s actstore", "tok/s SAELens", "speedup"):
         table.add_column(col, justify="left" if col == "arch" else "right")
     for r in rows:
-        table.add_row(r["arch"], f"{r['actstore_fvu']:.4f}", f"{r['saelens_fvu']:.4f}", f"{r['fvu_ratio']:.3f}",
-                      f"{r['actstore_l0']:.1f}", f"{r['saelens_l0']:.1f}", f"{r['actstore_tokens_per_s']:,.0f}",
+        table.add_row(r["arch"], f"{r['actstore_fvu']:.4f}", f"{r['saelens_fvu']:.4f}", f"{r['actstore_l0']:.1f}",
+                      f"{r['saelens_l0']:.1f}", f"{r['actstore_fvu_at_saelens_l0']:.4f}", f"{r['fvu_ratio']:.3f}",
+                      f"{r['actstore_tokens_per_s']:,.0f}",
                       f"{r['saelens_tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x")
     console.print(table)
     console.print("goals: FVU ratio <= 1.02 for every architecture; TopK speedup >= 4x; TopK actstore >= half the bound")

@@ -104,6 +104,35 @@ def test_jumprelu_pseudo_derivatives_follow_the_rectangle_kernel():
     assert sae.threshold.shape == (3,)
 
 
+def test_jumprelu_threshold_parametrisations_step_as_adam_moves_them():
+    """``direct``: Adam moves theta by about lr per step, clamped at 0; ``log``: by a factor
+    of about exp(lr). Both load the other's weights (older checkpoints hold ``log_threshold``)."""
+    x = sparse_data(256, seed=4)
+    moved = {}
+    for param in ("direct", "log"):
+        torch.manual_seed(0)
+        sae = make_sae(sae_config("jumprelu", d_in=D, d_sae=F, l0_coeff=10.0, bandwidth=2.0, init_threshold=0.01,
+                                  threshold_param=param))
+        opt = torch.optim.Adam(sae.parameters(), lr=0.05)
+        sae.training_step(x).loss.backward()
+        opt.step()
+        sae.after_step()
+        moved[param] = sae.threshold.detach()
+        other = make_sae(sae_config("jumprelu", d_in=D, d_sae=F, threshold_param="log" if param == "direct" else "direct"))
+        other.load_state_dict(sae.state_dict())
+        torch.testing.assert_close(other.threshold.detach(), moved[param].clamp_min(1e-30) if param == "direct" else moved[param])
+    pushed = moved["direct"] != 0.01  # latents whose threshold the step moved
+    assert pushed.sum() > F // 4
+    torch.testing.assert_close(moved["direct"][pushed], torch.full((int(pushed.sum()),), 0.06), atol=1e-4, rtol=0)  # +lr
+    torch.testing.assert_close(moved["log"][pushed], torch.full((int(pushed.sum()),), 0.01 * np.exp(0.05)), atol=1e-6, rtol=1e-4)
+    # pushed the other way, theta stops at 0
+    sae = make_sae(sae_config("jumprelu", d_in=D, d_sae=F, init_threshold=0.01))
+    with torch.no_grad():
+        sae.theta.sub_(1.0)
+    sae.after_step()
+    assert torch.equal(sae.threshold, torch.zeros(F))
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_each_architecture_learns_a_sparse_code(arch):
     cfg = configs()[arch]

@@ -53,7 +53,7 @@ def load_gemma_scope(path: str | Path) -> JumpReLUSAE:
         sae.b_dec.copy_(arrays["b_dec"])
         sae.b_enc.copy_(arrays["b_enc"] + (arrays["b_dec"].double() @ W_enc_DF.double()).float())
         # a zero threshold (latent always on when positive) stays representable in log space
-        sae.log_threshold.copy_(arrays["threshold"].clamp_min(1e-30).log())
+        sae.set_threshold(arrays["threshold"])
     return sae
 
 

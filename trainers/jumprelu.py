@@ -1,7 +1,13 @@
 """JumpReLU SAE trained with straight-through estimators (Rajamanoharan et al. 2024, arXiv 2407.14435).
 
 - Latents (§2): ``f = JumpReLU_theta(pre) = pre * H(pre - theta)``, a learned threshold
-  ``theta_i = exp(log_theta_i) > 0`` per latent (H the Heaviside step).
+  ``theta_i >= 0`` per latent (H the Heaviside step).
+- Threshold parameter: ``threshold_param="direct"`` (default) trains ``theta`` itself, put back
+  to ``max(theta, 0)`` after every step; ``"log"`` trains ``log theta`` as the paper does (§4).
+  Adam moves a parameter by about the learning rate per step, so under ``log`` a threshold
+  moves by a factor ``exp(lr)`` per step and barely leaves a small initial value in a short
+  run (L0 then stays far above what the penalty asks for); ``direct`` moves it by about ``lr``
+  per step, as SAELens does (its issue #494).
 - Loss (§3): ``||x - x_hat||^2 + lambda ||f||_0``: the L0 itself, not an L1 proxy.
 - Gradients through the discontinuities (§3, pseudo-derivatives with a kernel ``K`` and
   bandwidth ``eps``; here the rectangle ``K(u) = 1[|u| < 1/2]``):
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -36,6 +42,8 @@ class JumpReLUConfig(SAEConfig):
     """Initial theta for every latent."""
     target_l0: float | None = None
     """If set, penalise ``(L0 / target_l0 - 1)^2`` instead of L0."""
+    threshold_param: Literal["direct", "log"] = "direct"
+    """Train ``theta`` itself (clamped at 0) or ``log theta`` (see the module docstring)."""
 
     arch: ClassVar[str] = "jumprelu"
 
@@ -45,6 +53,8 @@ class JumpReLUConfig(SAEConfig):
             raise ValueError("l0_coeff must be >= 0, bandwidth and init_threshold > 0")
         if self.target_l0 is not None and not 0 < self.target_l0 <= self.d_sae:
             raise ValueError(f"target_l0 must be in (0, d_sae], got {self.target_l0}")
+        if self.threshold_param not in ("direct", "log"):
+            raise ValueError(f"threshold_param must be 'direct' or 'log', got {self.threshold_param!r}")
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -89,11 +99,37 @@ class JumpReLUSAE(SAE):
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
-        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold)))
+        if cfg.threshold_param == "direct":
+            self.theta = nn.Parameter(torch.full((cfg.d_sae,), cfg.init_threshold))
+        else:
+            self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold)))
 
     @property
     def threshold(self) -> torch.Tensor:
-        return self.log_threshold.exp()
+        """``theta``, per latent."""
+        return self.theta if self.cfg.threshold_param == "direct" else self.log_threshold.exp()
+
+    @torch.no_grad()
+    def set_threshold(self, theta_F: torch.Tensor) -> None:
+        if self.cfg.threshold_param == "direct":
+            self.theta.copy_(theta_F.clamp_min(0))
+        else:
+            self.log_threshold.copy_(theta_F.float().clamp_min(1e-30).log())
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        super().after_step()
+        if self.cfg.threshold_param == "direct":
+            self.theta.clamp_(min=0.0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Checkpoints of either parametrisation load into both (older ones trained ``log theta``)."""
+        theta, log = prefix + "theta", prefix + "log_threshold"
+        if self.cfg.threshold_param == "direct" and log in state_dict and theta not in state_dict:
+            state_dict[theta] = state_dict.pop(log).exp()
+        elif self.cfg.threshold_param == "log" and theta in state_dict and log not in state_dict:
+            state_dict[log] = state_dict.pop(theta).clamp_min(1e-30).log()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         pre_BF = self.pre_acts(x_BD)

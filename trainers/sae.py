@@ -132,6 +132,12 @@ class SAE(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
+    def after_step(self) -> None:
+        """Constraints put back after each optimiser step (unit-norm decoder rows, where required)."""
+        if self.unit_norm_decoder:
+            self.normalize_decoder()
+
+    @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
         """Drop the part of each decoder row's gradient along the row (Bricken et al. 2023,
         §Appendix: Autoencoder training details), so the unit-norm step loses nothing."""

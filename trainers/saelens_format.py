@@ -84,7 +84,7 @@ def load_saelens(path: str | Path) -> tuple[SAE, HookInfo]:
     with torch.no_grad():
         for name, tensor in state.items():
             if name == "threshold":
-                sae.log_threshold.copy_(tensor.float().clamp_min(1e-30).log())
+                sae.set_threshold(tensor.float())
             elif hasattr(sae, name):
                 getattr(sae, name).copy_(tensor.float())
             else:

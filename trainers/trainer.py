@@ -175,8 +175,7 @@ class Trainer:
             for group in run.opt.param_groups:
                 group["lr"] = run.exp.lr * lr_scale
             run.opt.step()
-            if run.sae.unit_norm_decoder:
-                run.sae.normalize_decoder()
+            run.sae.after_step()
             fired_F = out.fired_F
             if self.world_size > 1:
                 self._average_buffers(run.sae)
