@@ -87,6 +87,16 @@ class ArrayLayout:
     def chunk_shape(self) -> tuple[int, ...]:
         return (self.chunk_tokens, *self.shape[1:])
 
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of one decoded inner chunk."""
+        return self.dtype.itemsize * math.prod(self.chunk_shape)
+
+    @property
+    def crc_len(self) -> int:
+        """Bytes of the checksum after each stored chunk."""
+        return 4 if self.crc else 0
+
     @classmethod
     def from_zarr_json(cls, path: str, doc: dict[str, Any]) -> ArrayLayout:
         """Parse and check an array's ``zarr.json`` against the layout actstore writes."""
@@ -279,7 +289,7 @@ class ShardedArrayReader:
         one straight into ``outs`` (its checksum then verified in place), a compressed one into
         a scratch buffer and decoded from there. Same checks and errors as the generic path."""
         indexes = self.shard_indexes(sorted({s for s, _ in chunks}))
-        crc_len = 4 if self.layout.crc else 0
+        crc_len = self.layout.crc_len
 
         def read_one(i: int) -> None:
             shard, c = chunks[i]
@@ -328,31 +338,23 @@ class ShardedArrayReader:
     def _chunk_ranges(self, chunks: Sequence[tuple[int, int]]) -> list[tuple[str, int, int]]:
         """``(file, offset, nbytes)`` of each chunk, checked against the shard index."""
         indexes = self.shard_indexes(sorted({s for s, _ in chunks}))
-        expected = self._chunk_bytes + self._crc_len
+        chunk_bytes, crc_len = self.layout.chunk_bytes, self.layout.crc_len
         ranges = []
         for shard, c in chunks:
             offset, nbytes = (int(v) for v in indexes[shard][c])
             where = f"{self.layout.path} shard {shard} chunk {c}"
             if offset == int(_EMPTY) and nbytes == int(_EMPTY):
                 raise MissingChunkError(f"{where} is absent")
-            if nbytes != expected:
-                raise CorruptChunkError(f"{where}: holds {nbytes - self._crc_len} bytes, expected {self._chunk_bytes}")
+            if nbytes != chunk_bytes + crc_len:
+                raise CorruptChunkError(f"{where}: holds {nbytes - crc_len} bytes, expected {chunk_bytes}")
             ranges.append((self._shard_path(shard), offset, nbytes))
         return ranges
 
-    @property
-    def _crc_len(self) -> int:
-        return 4 if self.layout.crc else 0
-
-    @property
-    def _chunk_bytes(self) -> int:
-        return self.layout.chunk_tokens * self.layout.dtype.itemsize * math.prod(self.layout.shape[1:])
-
     def _verify_mapped(self, region: np.ndarray, starts: np.ndarray, chunks: Sequence[tuple[int, int]]) -> None:
         """Check the checksums of mapped chunks this reader has not checked before."""
-        if not self._crc_len:
+        if not self.layout.crc:
             return
-        cps, n = self.layout.chunks_per_shard, self._chunk_bytes
+        cps, n = self.layout.chunks_per_shard, self.layout.chunk_bytes
         unchecked = [i for i, (shard, c) in enumerate(chunks) if not self._verified[shard * cps + c]]
 
         def verify(i: int) -> None:
