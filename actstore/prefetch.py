@@ -9,12 +9,15 @@ at its next hand-off, so abandoning an iteration leaves no thread behind.
 ``BufferPool`` lends out a fixed set of reusable buffers: a producer that holds them all waits
 until the consumer gives one back, which bounds memory without reallocating (and re-faulting)
 large arrays for every block. ``OutputRing`` reuses batch tensors once their consumer has let
-go of them.
+go of them, and makes them with :func:`empty_huge` (transparent huge pages: a batch of 4096
+tokens x 4 hooks x 576 bf16 is 19 MB, 4,600 page faults on 4 KiB pages, 10 on 2 MiB ones).
 """
 
 from __future__ import annotations
 
+import mmap
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
@@ -130,6 +133,25 @@ class BufferPool(Generic[T]):
         return list(self._all)
 
 
+_HUGE_PAGE = 2 << 20
+
+
+def empty_huge(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty`` for a long-lived CPU tensor, backed by transparent huge pages where Linux
+    offers them (``madvise`` mode): first touching a 2 MiB page is one fault instead of 512,
+    which for a fresh batch-sized tensor costs more than the gather filling it. Falls back to
+    ``torch.empty`` for small tensors and elsewhere."""
+    nbytes = max(1, dtype.itemsize) * int(torch.Size(shape).numel())
+    if nbytes < _HUGE_PAGE or sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # THP switched off: plain pages, as torch.empty would give
+        pass
+    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps the mapping alive
+
+
 def _storage_refs(t: torch.Tensor) -> int | None:
     """How many tensors, views and arrays share ``t``'s memory (None if torch cannot say)."""
     use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -160,8 +182,8 @@ class OutputRing:
         for t, idle in entries:
             if idle is not None and _storage_refs(t) == idle:
                 return t.view(t.shape)  # a new alias, so whoever holds it counts as a reference
-        t = torch.empty(shape, dtype=dtype)
         if len(entries) < self._size:
+            t = empty_huge(shape, dtype)
             entries.append((t, _storage_refs(t)))
             return t.view(t.shape)
-        return t
+        return torch.empty(shape, dtype=dtype)
