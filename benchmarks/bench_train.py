@@ -8,7 +8,7 @@ shards are held out. For each architecture, both trainers get the same width, k 
 coefficient, learning rate, batch size, LR warm-up and final linear decay, sparsity warm-up and
 dead-latent window, and the same initial weights (actstore's initialisation, copied into SAELens'
 SAE); everything else is each library's own (AuxK details, TopK's decoder-norm rescaling,
-unit-norm decoders for Gated and JumpReLU in actstore, decoder-norm-weighted penalties in SAELens).
+JumpReLU's unit-norm decoder in actstore against its decoder-norm-weighted penalty in SAELens).
 
 The same penalty coefficient need not give the same L0 in two implementations, and FVU is only
 comparable at equal L0. So where a penalty architecture (ReLU, Gated, JumpReLU) ends more than 5%

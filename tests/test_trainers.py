@@ -133,6 +133,36 @@ def test_jumprelu_threshold_parametrisations_step_as_adam_moves_them():
     assert torch.equal(sae.threshold, torch.zeros(F))
 
 
+def test_gated_loss_and_gradients_match_eq9_with_the_decoder_norm_penalty():
+    """Reference written out: reconstruction + lambda * ReLU(pi_gate) . ||W_dec rows|| + the
+    auxiliary reconstruction from ReLU(pi_gate), the decoder trainable in every term."""
+    torch.manual_seed(3)
+    sae = make_sae(sae_config("gated", d_in=D, d_sae=F, l1_coeff=0.7))
+    with torch.no_grad():
+        for p in (sae.b_gate, sae.r_mag, sae.b_mag, sae.b_dec):
+            p.normal_(std=0.3)
+        sae.W_dec.mul_(torch.rand(F, 1) + 0.5)  # rows of different norms
+    x = torch.randn(32, D)
+    got = sae.training_step(x, sparsity_scale=0.5)
+    params = dict(sae.named_parameters())
+    W_enc, W_dec, b_dec = params["W_enc_FD"].T, params["W_dec"], params["b_dec"]
+    x_in = x - b_dec
+    gate = x_in @ W_enc + params["b_gate"]
+    mag = x_in @ (W_enc * params["r_mag"].exp()) + params["b_mag"]
+    recon = ((gate > 0) * torch.relu(mag)) @ W_dec + b_dec
+    want = (
+        (x - recon).pow(2).sum(-1).mean()
+        + 0.5 * 0.7 * (torch.relu(gate) * W_dec.norm(dim=1)).sum(-1).mean()
+        + (x - (torch.relu(gate) @ W_dec + b_dec)).pow(2).sum(-1).mean()
+    )
+    torch.testing.assert_close(got.loss, want)
+    names = list(params)
+    for name, g, h in zip(names, torch.autograd.grad(got.loss, list(params.values()), retain_graph=True),
+                          torch.autograd.grad(want, list(params.values())), strict=True):
+        torch.testing.assert_close(g, h, msg=name)
+    assert not sae.unit_norm_decoder
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_each_architecture_learns_a_sparse_code(arch):
     cfg = configs()[arch]

@@ -7,10 +7,15 @@
   to a per-latent rescaling ``exp(r_mag)``);
 - ``f = 1[pi_gate > 0] * ReLU(pi_mag)``.
 
-Loss (§3.2): ``||x - x_hat||^2 + lambda ||ReLU(pi_gate)||_1 + ||x - x_hat_frozen(ReLU(pi_gate))||^2``,
-the last (auxiliary) term decoding the gate's ReLU with a frozen (gradient-stopped) copy of
-the decoder, so the gate path gets a reconstruction signal through the Heaviside step.
-Decoder rows at unit norm (the L1 then needs no decoder-norm weighting).
+Loss (§3.2, eq. 9, with the decoder-norm penalty its authors recommend in place of unit-norm
+decoder rows): ``||x - x_hat||^2 + lambda sum_i ReLU(pi_gate)_i ||W_dec,i|| + ||x - x_hat(ReLU(pi_gate))||^2``.
+The last (auxiliary) term decodes the gate's ReLU, so the gate path gets a reconstruction
+signal through the Heaviside step. The paper keeps decoder rows at unit norm and freezes the
+decoder in the auxiliary term; weighting the L1 by the decoder row norms (Anthropic, "Circuits
+Updates, April 2024") does away with the norm constraint, and then the decoder must be trainable
+in both places or frozen in both (Rajamanoharan, on the paper's LessWrong post: mixing the two is
+worse). Trainable in both, as SAELens does; on SmolLM2 activations this gives SAELens' FVU at
+equal L0, where the paper's unit-norm version was 7% worse (``benchmarks/bench_train.py``).
 Shape letters: B batch, D d_in, F d_sae.
 """
 
@@ -40,7 +45,6 @@ class GatedConfig(SAEConfig):
 
 class GatedSAE(SAE):
     cfg: GatedConfig
-    unit_norm_decoder: ClassVar[bool] = True
     saelens_architecture: ClassVar[str] = "gated"
 
     def __init__(self, cfg: GatedConfig):
@@ -67,8 +71,8 @@ class GatedSAE(SAE):
         recon_BD = self.decode(f_BF)
         gate_relu_BF = torch.relu(gate_BF)
         l2 = mse(x_BD, recon_BD)
-        l1 = gate_relu_BF.sum(-1).mean()
-        aux = mse(x_BD, gate_relu_BF @ self.W_dec.detach() + self.b_dec.detach())
+        l1 = (gate_relu_BF * self.W_dec.norm(dim=1)).sum(-1).mean()  # decoder-norm-weighted L1
+        aux = mse(x_BD, self.decode(gate_relu_BF))  # auxiliary: the gate path alone, decoder trainable
         loss = l2 + sparsity_scale * self.cfg.l1_coeff * l1 + aux
         terms = {"mse": l2.detach(), "l1": l1.detach(), "aux": aux.detach()}
         return StepOutput(loss, recon_BD.detach(), active_BF.sum(-1).float().mean(), active_BF.any(0), terms)
