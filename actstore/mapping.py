@@ -10,8 +10,10 @@ boundary in it, so every mapped chunk has an offset in a single buffer. An overl
 view of that buffer (:meth:`MappedRanges.rows_view`: row ``i`` starts at element ``i``) then
 lets one ``index_select`` copy rows from any mapped chunk, in any file.
 
-Mappings are made with ``MAP_POPULATE``, so the thread that maps a block also faults its pages
-in (reading them from disk if they are not cached) before the gather needs them. The address
+Mappings are made with ``MAP_POPULATE`` (unless ``populate=False``: the caller reads every
+byte right away, e.g. to verify checksums on several threads), so the thread that maps a block
+also faults its pages in (reading them from disk if they are not cached) before the gather
+needs them. The address
 range is unmapped when the last tensor viewing it is freed. Files are checked to be long
 enough before mapping (reading past the end of a mapped file would kill the process).
 """
@@ -82,7 +84,7 @@ class MappedRanges:
     and ``EOFError`` (naming the file) for one shorter than a range needs.
     """
 
-    def __init__(self, ranges: Sequence[tuple[str, int, int]]):
+    def __init__(self, ranges: Sequence[tuple[str, int, int]], populate: bool = True):
         if not AVAILABLE:
             raise OSError("mapping file ranges into one address range needs Linux")
         # runs of ranges that continue each other in one file: one mapping each
@@ -116,7 +118,8 @@ class MappedRanges:
                     size = os.fstat(fd).st_size
                     if size < end:
                         raise EOFError(f"{path} holds {size} bytes, a chunk needs {end}")
-                    _mmap(self.address + at, length, _PROT_READ, _MAP_SHARED | _MAP_FIXED | _MAP_POPULATE, fd, aligned)
+                    flags = _MAP_SHARED | _MAP_FIXED | (_MAP_POPULATE if populate else 0)
+                    _mmap(self.address + at, length, _PROT_READ, flags, fd, aligned)
                 finally:
                     os.close(fd)
         except BaseException:

@@ -350,6 +350,10 @@ class ShardedArrayReader:
             ranges.append((self._shard_path(shard), offset, nbytes))
         return ranges
 
+    def _chunk_numbers(self, chunks: Sequence[tuple[int, int]]) -> np.ndarray:
+        cps = self.layout.chunks_per_shard
+        return np.fromiter((shard * cps + c for shard, c in chunks), dtype=np.int64, count=len(chunks))
+
     def _verify_mapped(self, region: np.ndarray, starts: np.ndarray, chunks: Sequence[tuple[int, int]]) -> None:
         """Check the checksums of mapped chunks this reader has not checked before."""
         if not self.layout.crc:
@@ -391,8 +395,11 @@ def map_arrays(readers: Sequence[ShardedArrayReader], chunks: Sequence[tuple[int
     :meth:`ShardedArrayReader.map_chunks`."""
     ranges = [r for reader in readers for r in reader._chunk_ranges(chunks)]
     names = ", ".join(reader.layout.path for reader in readers)
+    # chunks whose checksums are still to be verified get their pages faulted in by the
+    # (multi-threaded) verification; otherwise the mapping thread populates them
+    checked_all = all(reader.layout.crc and not reader._verified[reader._chunk_numbers(chunks)].any() for reader in readers)
     try:
-        mapped = mapping.MappedRanges(ranges)
+        mapped = mapping.MappedRanges(ranges, populate=not checked_all)
     except FileNotFoundError as e:
         raise MissingChunkError(f"{names}: shard object missing ({e.filename})") from e
     except EOFError as e:

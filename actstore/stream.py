@@ -546,8 +546,7 @@ class Stream:
         self, buf: dict[str, np.ndarray], pieces: Pieces, key: tuple[int, int, int], io: ThreadPoolExecutor,
         first: int, boundary: int,
     ) -> _Block:
-        """Read (or map) a block, put its tokens in output order from ``first`` on, and sort each
-        batch's share (batches start at ``boundary + j * batch_size``) into row order."""
+        """Read (or map) a block and put its tokens in output order (:meth:`_order`)."""
         ct, cps = self._ct, self._cps
         pieces = pieces[np.argsort(pieces.chunk_K, kind="stable")]  # block rows in store order
         ids = [(int(g) // cps, int(g) % cps) for g in pieces.chunk_K]
@@ -560,14 +559,17 @@ class Stream:
             return None
 
         separate = [p for p in self._array_paths() if not (self._combined and p in self._gathered)]
-        fetched = dict(zip(separate, io.map(fetch, separate), strict=True))  # re-raises failures
+        pending = {p: io.submit(fetch, p) for p in separate}
         if self._combined:  # every hook's chunks in one address range: one gather per batch
-            fetched[_STACK] = map_arrays([self.store.array_reader(p) for p in self._gathered], ids)
+            pending[_STACK] = io.submit(map_arrays, [self.store.array_reader(p) for p in self._gathered], ids)
         # piece k sits in buffer rows k * ct + [lo_k, hi_k)
         counts_K = pieces.hi_K - pieces.lo_K
         first_K = np.arange(len(pieces)) * ct + pieces.lo_K
         offsets_K = np.cumsum(counts_K) - counts_K
         rows_T = np.repeat(first_K - offsets_K, counts_K) + np.arange(int(counts_K.sum()))
+        if not self.cfg.filters:  # the order needs no data: work it out while the chunks are read
+            order_T = self._order(rows_T, counts_K, key, first, boundary, len(pieces))
+        fetched = {p: f.result() for p, f in pending.items()}  # re-raises failures
         if self.cfg.filters:
             keep_T = np.ones(len(rows_T), dtype=bool)
             if self.cfg.min_position > 0:
@@ -576,15 +578,7 @@ class Stream:
                 keep_T &= ~np.isin(buf[TOKENS][rows_T], self._drop_ids)
             piece_T = np.repeat(np.arange(len(pieces)), counts_K)
             counts_K = np.bincount(piece_T[keep_T], minlength=len(pieces))
-            rows_T = rows_T[keep_T]
-        order_T = rows_T[interleave(counts_K, rng_for(self.cfg.seed, *key, self.cfg.rank))]
-        # each batch's share in row order: sort by (batch, row)
-        n_rows = max(1, len(pieces) * ct)
-        batch_T = (np.arange(first, len(order_T)) - boundary) // self.cfg.batch_size
-        key_T = (batch_T - batch_T[:1]) * n_rows + order_T[first:]
-        if len(key_T) and (batch_T[-1] - batch_T[0] + 1) * n_rows <= 2**31:
-            key_T = key_T.astype(np.int32)  # sorts faster
-        order_T[first:] = np.sort(key_T) % n_rows
+            order_T = self._order(rows_T[keep_T], counts_K, key, first, boundary, len(pieces))
         sources = {}
         if self._combined:  # token t, hook h -> the row of chunk (h, k_t) in the combined mapping
             mapped, H, K = fetched[_STACK], len(self._gathered), len(ids)
@@ -607,6 +601,20 @@ class Stream:
                 index_T = mapped.starts[k_T] // unit + r_T * (row_bytes // unit)
             sources[path] = _Source(rows, unit, torch.from_numpy(index_T))
         return _Block(key, buf, order_T, pieces.chunk_K, sources)
+
+    def _order(
+        self, rows_T: np.ndarray, counts_K: np.ndarray, key: tuple[int, int, int], first: int, boundary: int, n_pieces: int,
+    ) -> np.ndarray:
+        """A block's rows (``counts_K`` from each piece) in output order from ``first`` on, each
+        batch's share (batches start at ``boundary + j * batch_size``) sorted into row order."""
+        order_T = rows_T[interleave(counts_K, rng_for(self.cfg.seed, *key, self.cfg.rank))]
+        n_rows = max(1, n_pieces * self._ct)
+        batch_T = (np.arange(first, len(order_T)) - boundary) // self.cfg.batch_size
+        key_T = (batch_T - batch_T[:1]) * n_rows + order_T[first:]
+        if len(key_T) and (batch_T[-1] - batch_T[0] + 1) * n_rows <= 2**31:
+            key_T = key_T.astype(np.int32)  # sorts faster
+        order_T[first:] = np.sort(key_T) % n_rows
+        return order_T
 
     # ---- batches (planner thread) ----------------------------------------------------------
     def _batches(

@@ -25,10 +25,11 @@ def files(tmp_path):
     return out
 
 
-def test_ranges_read_back_from_one_buffer(files):
+@pytest.mark.parametrize("populate", [True, False])
+def test_ranges_read_back_from_one_buffer(files, populate):
     a, b = files
     ranges = [(a, 100, 4000), (a, 4100, 5000), (b, 8, 4096), (a, 3 * mapping.PAGE, 123)]
-    m = mapping.MappedRanges(ranges)
+    m = mapping.MappedRanges(ranges, populate=populate)  # unpopulated pages fault in on first read
     buf = m.bytes_u8
     for (path, off, n), start in zip(ranges, m.starts, strict=True):
         np.testing.assert_array_equal(buf[start : start + n], files[path][off : off + n])
