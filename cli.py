@@ -24,6 +24,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 import actstore  # noqa: E402
+from pipelines.groups import DEFAULT_AMAD_THRESHOLD  # noqa: E402
 
 app = typer.Typer(
     name="actstore",
@@ -208,6 +209,36 @@ def train_sae(
         table.add_row(*[row[c] if c == "name" else ("-" if row.get(c) is None else f"{row[c]:.4g}") for c in cols])
     Console().print(table)
     typer.echo(f"SAEs (SAELens format), summary.json and plots in {result.out}")
+
+
+@app.command()
+@user_errors
+def groups(
+    store: Annotated[str, typer.Option(help="Store path or URL.")],
+    hooks: Annotated[str | None, typer.Option(help="Comma list of hooks to group (default: all of the store's).")] = None,
+    tokens: Annotated[str, typer.Option(help="Tokens sampled to measure layer distances: 64k, 1M...")] = "64k",
+    amad_threshold: Annotated[float, typer.Option(help="Choose the smallest G whose AMAD is at most this.")] = DEFAULT_AMAD_THRESHOLD,
+    n_groups: Annotated[int | None, typer.Option("--groups", help="Use exactly this many groups instead.")] = None,
+    out: Annotated[str, typer.Option(help="Folder for groups.json and groups_heatmap.png.")] = "groups",
+    seed: Annotated[int, typer.Option(help="Seed of the token sample.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Group similar layers for Group-SAEs: layer distances, AMAD for every G, the chosen groups (arXiv 2410.21508)."""
+    from pathlib import Path
+
+    from pipelines.groups import GroupsConfig, find_groups, render, save
+    from pipelines.harvest import parse_count
+
+    chosen_hooks = tuple(h.strip() for h in hooks.split(",") if h.strip()) if hooks else ()
+    cfg = GroupsConfig(store=store, hooks=chosen_hooks, tokens=parse_count(tokens), amad_threshold=amad_threshold,
+                       groups=n_groups, seed=seed)
+    result = find_groups(cfg)
+    json_path, png_path = save(result, Path(out))
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    render(result, Console())
+    typer.echo(f"groups in {json_path}, heatmap in {png_path}")
 
 
 @app.command("import-sae")
