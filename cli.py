@@ -148,8 +148,9 @@ def harvest(
 @user_errors
 def train_sae(
     store: Annotated[str, typer.Option(help="Store path or URL.")],
-    hook: Annotated[str, typer.Option(help="Hook to train on, e.g. blocks.12.hook_resid_post.")],
     out: Annotated[str, typer.Option(help="Output folder (one SAELens folder per experiment).")],
+    hook: Annotated[str | None, typer.Option(help="Hook to train on, e.g. blocks.12.hook_resid_post; a comma list trains Group-SAEs on those layers.")] = None,
+    groups: Annotated[str | None, typer.Option(help="groups.json from actstore groups: one Group-SAE run per group (out/group<i>).")] = None,
     tokens: Annotated[str, typer.Option(help="Training tokens: 500k, 5M...")] = "5M",
     arch: Annotated[str, typer.Option(help="Comma list of topk, batchtopk, relu, gated, jumprelu.")] = "topk",
     k: Annotated[str, typer.Option(help="Comma list of k (topk, batchtopk).")] = "32",
@@ -173,10 +174,14 @@ def train_sae(
     """Train SAEs on a store's activations, several configurations on each batch read once; rerun to resume.
 
     Data parallel: torchrun --nproc_per_node N $(which actstore) train-sae ... (each rank streams its own part)."""
+    from pipelines.groups import read_groups
     from pipelines.harvest import parse_count
-    from pipelines.train import TrainSAEConfig, parse_list, read_sweep
+    from pipelines.train import TrainSAEConfig, parse_list, read_sweep, train_groups
     from pipelines.train import train_sae as run_train
 
+    if (hook is None) == (groups is None):
+        raise ValueError("give --hook (one hook, or a comma list for one Group-SAE) or --groups groups.json, not both")
+    layers = [h.strip() for h in hook.split(",") if h.strip()] if hook else []
     archs = tuple(a.strip() for a in arch.split(",") if a.strip())
     sparsity: dict[str, tuple[float, ...]] = {}
     for name in archs:
@@ -187,28 +192,45 @@ def train_sae(
         elif name == "jumprelu" and l0_coeff:
             sparsity[name] = parse_list(l0_coeff)
     cfg = TrainSAEConfig(
-        store=store, hook=hook, out=out, tokens=parse_count(tokens), archs=archs, expansions=parse_list(expansion, int),
+        store=store, hook=layers[0] if layers else "", group=tuple(layers) if len(layers) > 1 else (), out=out,
+        tokens=parse_count(tokens), archs=archs, expansions=parse_list(expansion, int),
         lrs=parse_list(lr), sparsity=sparsity, sweep=read_sweep(sweep) if sweep else (), batch_size=batch_size,
         seed=seed, memory=memory, normalize=normalize, min_position=min_position,
         eval_tokens=0 if eval_tokens.strip() == "0" else parse_count(eval_tokens), device=device, progress=progress and not as_json,
         wandb_project=wandb, wandb_name=wandb_name,
     )
-    result = run_train(cfg)
-    if result.rank != 0:  # under torchrun, rank 0 reports
+    results = train_groups(cfg, read_groups(groups)) if groups else [run_train(cfg)]
+    if results[0].rank != 0:  # under torchrun, rank 0 reports
         return
+    named = [(f"group{i}/" if groups else "", r) for i, r in enumerate(results)]
     if as_json:
-        typer.echo(json.dumps({"out": str(result.out), "tokens_per_s": result.tokens_per_s, "experiments": result.rows}, indent=2))
+        typer.echo(json.dumps({"out": out, "tokens_per_s": [r.tokens_per_s for r in results],
+                               "experiments": [{**row, "name": prefix + row["name"]} for prefix, r in named for row in r.rows]}, indent=2))
         return
     from rich.table import Table
 
-    table = Table(title=f"train-sae: {hook} ({result.tokens_per_s:,.0f} tokens/s, all experiments together)")
-    cols = ["name", "train_fvu", "train_l0", "eval_fvu", "eval_l0", "eval_dead"]
+    what = f"groups of {groups}" if groups else ", ".join(layers)
+    rate = sum(r.tokens_per_s for r in results) / len(results)
+    table = Table(title=f"train-sae: {what} ({rate:,.0f} tokens/s, all experiments together)")
+    cols = ["name", "layer", "train_fvu", "train_l0", "eval_fvu", "eval_l0", "eval_dead"]
     for col in cols:
-        table.add_column(col, justify="left" if col == "name" else "right")
-    for row in result.rows:
-        table.add_row(*[row[c] if c == "name" else ("-" if row.get(c) is None else f"{row[c]:.4g}") for c in cols])
+        table.add_column(col, justify="left" if col in ("name", "layer") else "right")
+    for prefix, r in named:
+        for row in r.rows:
+            per_layer = row.get("eval_layers") or {}
+            cells = {**row, "name": prefix + row["name"], "layer": "mean of group" if per_layer else ""}
+            table.add_row(*[_cell(cells, c) for c in cols])
+            for layer, m in per_layer.items():
+                table.add_row("", layer, "", "", *[_cell({f"eval_{k}": v for k, v in m.items()}, c) for c in cols[4:]])
     Console().print(table)
-    typer.echo(f"SAEs (SAELens format), summary.json and plots in {result.out}")
+    typer.echo(f"SAEs (SAELens format), summary.json and plots in {out}")
+
+
+def _cell(row: dict[str, Any], col: str) -> str:
+    value = row.get(col)
+    if col in ("name", "layer"):
+        return str(value or "")
+    return "-" if value is None else f"{value:.4g}"
 
 
 @app.command()

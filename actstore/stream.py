@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -459,7 +460,8 @@ class Stream:
         finally:
             batches.close()
             blocks.close()
-            workers.shutdown(wait=False, cancel_futures=True)
+            if not sys.is_finalizing():  # an abandoned iteration closed at interpreter exit: modules are half torn down
+                workers.shutdown(wait=False, cancel_futures=True)
             if not (batches.alive or blocks.alive):
                 self._spare_buffers = pool.buffers
 

@@ -17,6 +17,10 @@ Choice of ``G`` (a rule of ours; the paper reads it off the AMAD curve): the sma
 whose AMAD is at most ``amad_threshold`` (default :data:`DEFAULT_AMAD_THRESHOLD`), i.e. no
 group spans layers further apart than that on average; ``groups=G`` sets it directly.
 
+§3.3 (training): one SAE per group; each training token takes the activation of one layer drawn
+uniformly from the group, every layer first scaled to ``E||x||^2 = D`` with its own scale
+(:class:`LayerSampled`, used by ``actstore train-sae --groups groups.json``).
+
 The tokens are a shuffled sample of the store (``actstore.stream``, the same tokens at every
 layer), BOS positions dropped (their activations are outliers at every layer). Shape letters:
 B batch, H layers (hooks), D width.
@@ -178,6 +182,43 @@ def find_groups(cfg: GroupsConfig) -> LayerGroups:
         hooks=hooks, tokens=used, distances=d_HH.round(6).tolist(), amad={g: round(v, 6) for g, v in curve.items()},
         chosen=chosen, rule=rule, groups=named[chosen], partitions=named,
     )
+
+
+def read_groups(path: str) -> list[list[str]]:
+    """Groups of hooks from ``groups.json`` (``actstore groups``'s output, its ``groups``) or
+    from a JSON list of lists of hooks."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"groups file {path} does not exist; make one with actstore groups") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"groups file {path} is not valid JSON ({e})") from None
+    groups = doc.get("groups") if isinstance(doc, dict) else doc
+    if not (isinstance(groups, list) and groups and all(isinstance(g, list) and g and all(isinstance(h, str) for h in g) for g in groups)):
+        raise ValueError(f"groups file {path} must hold a non-empty list of lists of hook names (or actstore groups' JSON)")
+    return groups
+
+
+class LayerSampled:
+    """Batches ``[B, D]`` from a stacked stream ``[B, H, D]`` of a group's layers: each token's
+    activation at one layer drawn uniformly (Group-SAE §3.3). The draws are a function of
+    ``(seed, batch number)``, so a resumed stream (``load_state_dict``) draws the same layers."""
+
+    def __init__(self, stream: actstore.Stream, seed: int):
+        self.stream, self.seed = stream, seed
+        self.scales = stream.scales
+
+    def __iter__(self):
+        for x_BHD in self.stream:
+            n = self.stream.state_dict()["cursor"]["batches"]  # this batch's number, counted from 1
+            layer_B = torch.from_numpy(np.random.default_rng([self.seed, n]).integers(0, x_BHD.shape[1], len(x_BHD)))
+            yield x_BHD[torch.arange(len(x_BHD)), layer_B]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
 
 
 def render(result: LayerGroups, console: Console) -> None:

@@ -17,6 +17,13 @@ With ``wandb_project`` the recorded metrics also go to Weights & Biases (:mod:`p
 
 Output folder: one SAELens folder per experiment, ``summary.json``, ``checkpoint.pt`` (rerun
 the same command to resume), ``training_curves.png`` and, for sweeps, ``l0_vs_fvu.png``.
+
+Group-SAEs (:mod:`pipelines.groups`, arXiv 2410.21508 §3.3): with ``group`` (several hooks of
+one width) each SAE trains on one layer per token drawn uniformly from the group, every layer
+scaled by its own normalisation; it is saved once per member layer (``<experiment>/<hook>/``,
+that layer's scale folded in, so each folder is an ordinary SAELens SAE of its hook) and
+evaluated on every member layer's held-out tokens. :func:`train_groups` trains one such run
+per group of a ``groups.json`` (``<out>/group<i>/``).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,7 @@ import torch
 
 import actstore
 from pipelines.distributed import data_parallel
+from pipelines.groups import LayerSampled
 from pipelines.tracking import WANDB_DIR, WandbLog
 from trainers import ARCHITECTURES, sae_config
 from trainers.saelens_format import HookInfo, save_saelens
@@ -52,6 +60,8 @@ class TrainSAEConfig:
     hook: str
     out: str
     tokens: int
+    group: tuple[str, ...] = ()
+    """Several hooks of one width: train Group-SAEs on them (``hook`` is then ignored)."""
     archs: tuple[str, ...] = ("topk",)
     expansions: tuple[int, ...] = (8,)
     lrs: tuple[float, ...] = (2e-4,)
@@ -74,6 +84,7 @@ class TrainSAEConfig:
     wandb_name: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "group", tuple(self.group))
         unknown = [a for a in self.archs if a not in ARCHITECTURES]
         if unknown:
             raise ValueError(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(ARCHITECTURES)}")
@@ -131,20 +142,26 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
     """Run ``cfg``; see the module docstring. Under ``torchrun`` every rank runs this; rank 0
     writes the outputs and evaluates."""
     store = actstore.open_store(cfg.store)
-    if cfg.hook not in store.hooks:
-        raise KeyError(f"hook {cfg.hook!r} is not in {store.url}; it has {', '.join(store.hooks)}")
-    d_in = store.config.width(cfg.hook)
+    hooks = list(cfg.group) or [cfg.hook]
+    for hook in hooks:
+        if hook not in store.hooks:
+            raise KeyError(f"hook {hook!r} is not in {store.url}; it has {', '.join(store.hooks)}")
+    widths = {h: store.config.width(h) for h in hooks}
+    if len(set(widths.values())) > 1:
+        raise ValueError("a group's layers must share one width: " + ", ".join(f"{h} ({w})" for h, w in widths.items()))
+    d_in = widths[hooks[0]]
     exps = experiments(cfg, d_in)
     train_shards, eval_shards = split_shards(store, cfg.eval_tokens)
     out = Path(cfg.out)
     _check_out_dir(out, exps)
     with data_parallel(cfg.device) as ranks:
-        data = actstore.stream(
-            store, cfg.hook, cfg.batch_size, seed=cfg.seed, epochs=None, memory=cfg.memory, shards=train_shards,
-            min_position=cfg.min_position, normalize="expected_norm" if cfg.normalize else "none",
+        stream = actstore.stream(
+            store, hooks if cfg.group else cfg.hook, cfg.batch_size, seed=cfg.seed, epochs=None, memory=cfg.memory,
+            shards=train_shards, min_position=cfg.min_position, normalize="expected_norm" if cfg.normalize else "none",
             rank=ranks.rank, world_size=ranks.world_size,
         )
-        scale = data.scales.get(cfg.hook, 1.0)
+        data = LayerSampled(stream, cfg.seed) if cfg.group else stream
+        scales = {h: stream.scales.get(h, 1.0) for h in hooks}
         train = TrainConfig(tokens=cfg.tokens, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                             device=ranks.device, dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 4)))
         trainer = Trainer(train, exps, data, out_dir=out)
@@ -170,20 +187,48 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
     if not ranks.main:
         return TrainResult(out, rows, rate, ranks.rank)
     meta = store.config
-    hook = HookInfo(cfg.hook, meta.model.name, meta.context_size, meta.prepend_bos)
-    held_out = list(held_out_batches(store, cfg.hook, eval_shards, cfg.batch_size, cfg.min_position, scale))  # read once, evaluated by every SAE
+    per_layer: dict[str, dict[str, dict[str, float]]] = {run.exp.name: {} for run in trainer.runs}
+    for hook in hooks if eval_shards else ():
+        held_out = list(held_out_batches(store, hook, eval_shards, cfg.batch_size, cfg.min_position, scales[hook]))  # read once, evaluated by every SAE
+        for run in trainer.runs:
+            per_layer[run.exp.name][hook] = evaluate(run.sae, held_out, ranks.device)
     for run, row in zip(trainer.runs, rows, strict=True):
-        if eval_shards:
-            row.update({f"eval_{k}": v for k, v in evaluate(run.sae, held_out, ranks.device).items()})
-        save_saelens(run.sae, out / run.exp.name, hook, scale=scale,
-                     extra={"store": store.url, "tokens": trainer.tokens, "summary": row})
-    (out / "summary.json").write_text(json.dumps({"store": store.url, "hook": cfg.hook, "tokens": trainer.tokens,
-                                                  "scale": scale, "world_size": ranks.world_size,
+        layers = per_layer[run.exp.name]
+        if layers:  # one layer: its figures; a group: the mean over its layers, and each layer's
+            row.update({f"eval_{k}": sum(m[k] for m in layers.values()) / len(layers) for k in ("fvu", "l0", "dead")})
+            row["eval_tokens"] = sum(m["tokens"] for m in layers.values())
+            if cfg.group:
+                row["eval_layers"] = layers
+        extra = {"store": store.url, "tokens": trainer.tokens, "summary": row}
+        if cfg.group:
+            extra["group"] = hooks
+        for hook in hooks:
+            info = HookInfo(hook, meta.model.name, meta.context_size, meta.prepend_bos)
+            save_saelens(run.sae, out / run.exp.name / hook if cfg.group else out / run.exp.name, info, scale=scales[hook], extra=extra)
+    (out / "summary.json").write_text(json.dumps({"store": store.url, "hook": cfg.hook if not cfg.group else None,
+                                                  "group": hooks if cfg.group else None, "tokens": trainer.tokens,
+                                                  "scales": scales, "world_size": ranks.world_size,
                                                   "experiments": rows}, indent=2) + "\n")
     _plots(out, trainer)
     if tracker is not None:
         tracker.finish(rows)
     return TrainResult(out, rows, rate, ranks.rank)
+
+
+def train_groups(cfg: TrainSAEConfig, groups: list[list[str]]) -> list[TrainResult]:
+    """One Group-SAE run per group (``<out>/group<i>/``), each with ``cfg``'s experiments and token
+    budget; a single-layer group trains an ordinary SAE of that layer."""
+    store = actstore.open_store(cfg.store)
+    for i, group in enumerate(groups):
+        missing = [h for h in group if h not in store.hooks]
+        if missing:
+            raise KeyError(f"group {i} names hook {missing[0]!r}, which {store.url} lacks; it has {', '.join(store.hooks)}")
+    results = []
+    for i, group in enumerate(groups):
+        single = len(group) == 1
+        run = replace(cfg, hook=group[0], group=() if single else tuple(group), out=str(Path(cfg.out) / f"group{i}"))
+        results.append(train_sae(run))
+    return results
 
 
 def _row(run) -> dict[str, Any]:

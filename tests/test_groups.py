@@ -9,9 +9,16 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import actstore
-from pipelines.groups import GroupsConfig, amad, complete_linkage_partitions, find_groups
+from pipelines.groups import (
+    GroupsConfig,
+    LayerSampled,
+    amad,
+    complete_linkage_partitions,
+    find_groups,
+)
 from tests.conftest import make_config, write_shards
 
 LAYERS = tuple(f"blocks.{i}.hook_resid_post" for i in range(5))
@@ -109,3 +116,63 @@ def test_layers_of_different_widths_are_refused(tmp_path):
     store = make_layer_store(tmp_path / "s", hook_dims={LAYERS[4]: 32})
     out = run_cli("groups", "--store", store.url, "--out", str(tmp_path / "g"))
     assert out.returncode == 2 and "different widths" in out.stderr and "blocks.4.hook_resid_post (32)" in out.stderr
+
+
+def test_layer_sampled_draws_each_layer_uniformly_and_resumes_exactly(tmp_path):
+    cfg = make_config(hooks=LAYERS[:3], n_tokens_target=1024, dtype="float32")
+    n = cfg.n_tokens_target
+    data = {"tokens": np.zeros(n, dtype=np.int64), "positions": np.arange(n) % cfg.context_size}
+    for i, hook in enumerate(cfg.hooks):  # layer i's activations are all i + 1: a row shows its layer
+        data[hook] = np.full((n, cfg.model.d_model), i + 1.0, dtype=np.float32)
+    with actstore.open_store(str(tmp_path / "s"), "w", config=cfg) as w:
+        write_shards(w, cfg, data, range(cfg.n_shards))
+
+    def sampled():
+        return LayerSampled(actstore.stream(str(tmp_path / "s"), list(cfg.hooks), 128, epochs=None), seed=3)
+
+    first = sampled()
+    it = iter(first)
+    batches = [next(it) for _ in range(12)]
+    layer = torch.cat([b[:, 0] for b in batches]).long() - 1
+    assert all(torch.equal(b, b[:, :1].expand_as(b)) for b in batches)  # whole rows of one layer
+    counts = torch.bincount(layer, minlength=3).float() / len(layer)
+    assert torch.all((counts - 1 / 3).abs() < 0.05), counts
+    state = first.state_dict()  # after 12 batches: a fresh sampler continues with the same draws
+    want = [next(it) for _ in range(3)]
+    it.close()
+    resumed = sampled()
+    resumed.load_state_dict(state)
+    got = [b for _, b in zip(range(3), resumed, strict=False)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_train_sae_on_groups_saves_each_layer_and_evaluates_it(tmp_path):
+    from trainers.saelens_format import load_saelens
+
+    store = make_layer_store(tmp_path / "s")
+    groups = [list(LAYERS[:2]), list(LAYERS[2:])]
+    (tmp_path / "groups.json").write_text(json.dumps({"groups": groups}))
+    out = tmp_path / "o"
+    args = ["train-sae", "--store", store.url, "--groups", str(tmp_path / "groups.json"), "--out", str(out), "--tokens", "2k",
+            "--arch", "topk", "--k", "4", "--expansion", "2", "--batch-size", "128", "--eval-tokens", "256", "--no-progress"]
+    res = run_cli(*args, "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["experiments"]
+    assert [r["name"].split("/")[0] for r in rows] == ["group0", "group1"]
+    for i, group in enumerate(groups):
+        row = rows[i]
+        assert sorted(row["eval_layers"]) == sorted(group)
+        assert row["eval_fvu"] == pytest.approx(np.mean([m["fvu"] for m in row["eval_layers"].values()]))
+        summary = json.loads((out / f"group{i}" / "summary.json").read_text())
+        name = summary["experiments"][0]["name"]
+        saes = {h: load_saelens(out / f"group{i}" / name / h)[0] for h in group}
+        scales = summary["scales"]
+        # one SAE, each layer's scale folded in: W_dec * s is the same for every member layer
+        ref = group[0]
+        for h in group[1:]:
+            torch.testing.assert_close(saes[h].W_dec * scales[h], saes[ref].W_dec * scales[ref])
+    bad = run_cli("train-sae", "--store", store.url, "--hook", LAYERS[0], "--groups", str(tmp_path / "groups.json"), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "not both" in bad.stderr
+    (tmp_path / "bad.json").write_text(json.dumps([[LAYERS[0], "blocks.9.hook_resid_post"]]))
+    bad = run_cli("train-sae", "--store", store.url, "--groups", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "blocks.9.hook_resid_post" in bad.stderr
