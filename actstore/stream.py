@@ -19,15 +19,18 @@ sinks with outsized norms). ``drop_token_ids`` drops tokens by id; ``drop_specia
 the special-token ids the harvest recorded (``extra.special_token_ids``).
 
 **Normalisation** (``normalize="expected_norm"``): hook ``h`` is multiplied by
-``s_h = sqrt(D_h / E||x_h||^2)``, with ``E||x||^2`` from the store's statistics over all stored
-tokens, so the streamed vectors have ``E||s x||^2 = D`` (Anthropic, "Circuits Updates, April
-2024"; SAELens' ``normalize_activations="expected_average_only_in"``). ``Stream.scales`` holds
+``s_h = sqrt(D_h / E||x_h||^2)`` over the tokens the stream serves, so the streamed vectors have
+``E||s x||^2 = D`` (Anthropic, "Circuits Updates, April 2024"; SAELens'
+``normalize_activations="expected_average_only_in"``). Without filters ``E||x||^2`` comes from
+the store's statistics (every stored token); with filters it is measured on the tokens they
+keep, in up to :data:`NORM_SAMPLE_TOKENS` tokens spread over the store (all of a smaller store),
+because the dropped tokens can dominate it: in SmolLM2-135M's middle layers BOS has 10^3-10^4
+times the squared norm of other tokens, so all-token statistics would leave the served tokens at
+1-15% of ``D``. ``Stream.scales`` holds
 ``s_h``. A trainer folds it back so the SAE takes raw activations: with encoder pre-activations
 ``(s x - b_dec) W_enc + b_enc`` and reconstruction ``x_hat = (f W_dec + b_dec) / s``, set
 ``W_enc <- s W_enc``, ``W_dec <- W_dec / s``, ``b_dec <- b_dec / s`` (``b_enc`` and any
 threshold stay): pre-activations are unchanged and reconstructions come out in raw units.
-The statistics include the filtered tokens; BOS tokens, whose norms are large, make ``s`` a
-little smaller than the filtered tokens alone would (a constant factor, folded back exactly).
 
 **Prefetch.** A loader thread reads and decodes the next block (ranged reads, bounded
 concurrency, retries; chunks decoded on all cores) while a planner thread cuts batches from the
@@ -84,6 +87,8 @@ _TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32":
 _NO_INDEX = torch.empty(0, dtype=torch.int64)
 _STACK = "<stacked hooks>"  # the source key of hooks gathered together (``Stream._combined``)
 _BLOCK_OVERHEAD_BYTES = 32  # per token: order, index and filter arrays beside the activations
+NORM_SAMPLE_TOKENS = 65536
+"""Tokens (whole chunks, spread over the store) that ``normalize`` measures when filters are on."""
 
 
 class EmptyStoreError(ActstoreError):
@@ -307,7 +312,6 @@ class Stream:
         self._cps = scfg.shard_tokens // scfg.chunk_tokens
         self._fp8 = scfg.dtype == "float8_e4m3fn"
         self._drop_ids = self._token_ids_to_drop()
-        self.scales = self._scales()
         if not cfg.follow:
             shards = tuple(store.committed_shards)
             if cfg.shards is not None:
@@ -322,6 +326,7 @@ class Stream:
                 )
         else:
             shards = tuple(range(scfg.n_shards))
+        self.scales = self._scales(shards)
         n_tokens = scfg.tokens_in(shards)
         per_rank = n_tokens // cfg.world_size
         if cfg.batch_size > per_rank:
@@ -573,11 +578,8 @@ class Stream:
             order_T = self._order(rows_T, counts_K, key, first, boundary, len(pieces))
         fetched = {p: f.result() for p, f in pending.items()}  # re-raises failures
         if self.cfg.filters:
-            keep_T = np.ones(len(rows_T), dtype=bool)
-            if self.cfg.min_position > 0:
-                keep_T &= buf[POSITIONS][rows_T] >= self.cfg.min_position
-            if self._drop_ids:
-                keep_T &= ~np.isin(buf[TOKENS][rows_T], self._drop_ids)
+            keep_T = self._keep(len(rows_T), buf[POSITIONS][rows_T] if self.cfg.min_position > 0 else None,
+                                buf[TOKENS][rows_T] if self._drop_ids else None)
             piece_T = np.repeat(np.arange(len(pieces)), counts_K)
             counts_K = np.bincount(piece_T[keep_T], minlength=len(pieces))
             order_T = self._order(rows_T[keep_T], counts_K, key, first, boundary, len(pieces))
@@ -774,18 +776,56 @@ class Stream:
             ids |= {int(t) for t in special}
         return tuple(sorted(ids))
 
-    def _scales(self) -> dict[str, float]:
+    def _scales(self, shards: Sequence[int]) -> dict[str, float]:
         if self.cfg.normalize == "none":
             return {}
+        if self.cfg.filters:  # the store's statistics count every token; measure the served ones
+            mean_sq = self._served_mean_sq_norms(shards)
+        else:
+            mean_sq = {}
+            for hook in self.cfg.hooks:
+                stats = self.store.stats(hook)
+                if stats.count and stats.sum_sq_norm > 0:
+                    mean_sq[hook] = stats.sum_sq_norm / stats.count
         out = {}
         for hook in self.cfg.hooks:
-            stats = self.store.stats(hook)
-            if stats.count == 0 or stats.sum_sq_norm <= 0:
+            if mean_sq.get(hook, 0.0) <= 0:
                 if self.cfg.follow:
                     raise ValueError("normalize='expected_norm' needs committed statistics; wait for the first shard before following")
                 raise EmptyStoreError(f"store {self.store.url} has no statistics for {hook} to normalise by")
-            out[hook] = math.sqrt(self.widths[hook] / (stats.sum_sq_norm / stats.count))
+            out[hook] = math.sqrt(self.widths[hook] / mean_sq[hook])
         return out
+
+    def _served_mean_sq_norms(self, shards: Sequence[int]) -> dict[str, float]:
+        """``E||x||^2`` per hook over the tokens the filters keep, from up to
+        :data:`NORM_SAMPLE_TOKENS` tokens in whole chunks spread evenly over the committed
+        ``shards`` (all of them when the store is smaller): a function of the store alone."""
+        scfg, ct = self.store.config, self._ct
+        committed = sorted(set(shards) & set(self.store.committed_shards))
+        chunks = chunks_of_shards(committed, scfg.shard_tokens, ct, scfg.n_tokens_target).chunk_K
+        if len(chunks) > max(1, NORM_SAMPLE_TOKENS // ct):
+            chunks = chunks[np.unique(np.linspace(0, len(chunks) - 1, max(1, NORM_SAMPLE_TOKENS // ct)).round().astype(int))]
+        sums = dict.fromkeys(self.cfg.hooks, 0.0)
+        kept = 0
+        for c in chunks:
+            a, b = int(c) * ct, min((int(c) + 1) * ct, scfg.n_tokens_target)
+            keep = self._keep(b - a, self.store.positions(a, b) if self.cfg.min_position > 0 else None,
+                              self.store.tokens(a, b) if self._drop_ids else None)
+            kept += int(keep.sum())
+            for hook in self.cfg.hooks:
+                x = self.store.read(hook, a, b)[keep].astype(np.float64)
+                sums[hook] += float(np.einsum("td,td->", x, x))
+        return {h: v / kept for h, v in sums.items()} if kept else {}
+
+    def _keep(self, n: int, positions_T: np.ndarray | None, tokens_T: np.ndarray | None) -> np.ndarray:
+        """Which of ``n`` tokens pass the filters (positions needed with ``min_position``, token
+        ids with dropped ids)."""
+        keep_T = np.ones(n, dtype=bool)
+        if self.cfg.min_position > 0:
+            keep_T &= positions_T >= self.cfg.min_position
+        if self._drop_ids:
+            keep_T &= ~np.isin(tokens_T, self._drop_ids)
+        return keep_T
 
     def _bytes_per_token(self) -> int:
         per = sum(self.widths[h] * numpy_dtype(self.store.config.dtype).itemsize for h in self.cfg.hooks)

@@ -7,6 +7,7 @@ comparison is exact), through the store index the stream reports for each row.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 
@@ -230,6 +231,32 @@ def test_expected_norm_scaling_uses_the_store_statistics(url):
     assert s.scales[HOOK] == pytest.approx(scale, rel=1e-6)
     acts = np.concatenate([a for a, _ in drain(s)])
     assert np.mean(np.sum(acts.astype(np.float64) ** 2, axis=1)) == pytest.approx(x.shape[1], rel=1e-5)
+
+
+def test_expected_norm_with_filters_measures_the_served_tokens(tmp_path, monkeypatch):
+    """BOS with 1000x the squared norm (as in real middle layers) must not shrink the served
+    tokens: with ``min_position=1`` they come out at E||x||^2 = D, exactly for a store the
+    sample covers, closely from a sample of a bigger one."""
+    cfg = make_config(dtype="float32")
+    data = make_data(cfg)
+    bos = data["positions"] == 0
+    for hook in cfg.hooks:
+        data[hook][bos] *= np.sqrt(1000.0)
+    url = str(tmp_path / "s")
+    with actstore.open_store(url, "w", config=cfg) as w:
+        write_shards(w, cfg, data, range(cfg.n_shards))
+    hooks = list(cfg.hooks)[:2]
+    s = actstore.stream(url, hooks, 100, normalize="expected_norm", min_position=1, stack=True)
+    acts = np.concatenate([a for a, _ in drain(s)]).astype(np.float64)
+    assert len(acts) == int((~bos).sum())
+    for i in range(len(hooks)):
+        assert np.mean(np.sum(acts[:, i] ** 2, axis=1)) == pytest.approx(cfg.model.d_model, rel=1e-6)
+    monkeypatch.setattr(sys.modules["actstore.stream"], "NORM_SAMPLE_TOKENS", 256)  # 4 of the 16 chunks
+    sampled = actstore.stream(url, hooks[0], 100, normalize="expected_norm", min_position=1)
+    assert sampled.scales[hooks[0]] == pytest.approx(s.scales[hooks[0]], rel=0.05)
+    assert sampled.scales[hooks[0]] != s.scales[hooks[0]]
+    unfiltered = actstore.stream(url, hooks[0], 100, normalize="expected_norm")  # store statistics, BOS included
+    assert unfiltered.scales[hooks[0]] < 0.2 * s.scales[hooks[0]]
 
 
 def test_several_hooks_stacked_dict_and_stored_dtypes(url):
