@@ -151,6 +151,7 @@ def train_sae(
     out: Annotated[str, typer.Option(help="Output folder (one SAELens folder per experiment).")],
     hook: Annotated[str | None, typer.Option(help="Hook to train on, e.g. blocks.12.hook_resid_post; a comma list trains Group-SAEs on those layers.")] = None,
     groups: Annotated[str | None, typer.Option(help="groups.json from actstore groups: one Group-SAE run per group (out/group<i>).")] = None,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="With --groups: also train one SAE per member layer (same settings and tokens) and compare.")] = False,
     tokens: Annotated[str, typer.Option(help="Training tokens: 500k, 5M...")] = "5M",
     arch: Annotated[str, typer.Option(help="Comma list of topk, batchtopk, relu, gated, jumprelu.")] = "topk",
     k: Annotated[str, typer.Option(help="Comma list of k (topk, batchtopk).")] = "32",
@@ -199,6 +200,21 @@ def train_sae(
         eval_tokens=0 if eval_tokens.strip() == "0" else parse_count(eval_tokens), device=device, progress=progress and not as_json,
         wandb_project=wandb, wandb_name=wandb_name,
     )
+    if per_layer:
+        if not groups:
+            raise ValueError("--per-layer compares Group-SAEs with per-layer SAEs; give --groups groups.json")
+        from pipelines.group_eval import compare_groups, comparison_tables
+
+        comparison = compare_groups(cfg, read_groups(groups))
+        if comparison.group_results[0].rank != 0:
+            return
+        if as_json:
+            typer.echo(json.dumps(comparison.summary(), indent=2))
+            return
+        for table in comparison_tables(comparison):
+            Console().print(table)
+        typer.echo(f"group SAEs in {out}/group<i>, per-layer SAEs in {out}/per_layer/<hook>")
+        return
     results = train_groups(cfg, read_groups(groups)) if groups else [run_train(cfg)]
     if results[0].rank != 0:  # under torchrun, rank 0 reports
         return

@@ -9,8 +9,8 @@ the same settings and the same token budget per SAE (TopK, k, expansion, lr, ``-
 - L per-layer SAEs (``train-sae --hook`` on each layer),
 - G group SAEs (``train-sae --groups``: each token at one layer drawn from its group),
 
-both timed (wall clock, the whole ``train_sae`` call), and every layer's held-out tokens
-evaluated by its own SAE and by its group's SAE. Reported: the AMAD curve and chosen G, the
+both timed (wall clock, the whole ``train_sae`` calls), and every layer's held-out tokens
+evaluated by its own SAE and by its group's SAE (:mod:`pipelines.group_eval`). Reported: the AMAD curve and chosen G, the
 per-layer table (FVU and L0 side by side), the training time of the L SAEs over the G group
 SAEs (the compute saved; L/G when every SAE costs the same), and the mean FVU change.
 
@@ -21,22 +21,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+os.environ.setdefault("TQDM_DISABLE", "1")  # the model loader's bars
+
+from rich.console import Console  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines import smollm2  # noqa: E402
+from pipelines.group_eval import compare_groups, comparison_tables  # noqa: E402
 from pipelines.groups import GroupsConfig, find_groups, plot_heatmap  # noqa: E402
 from pipelines.harvest import HarvestConfig, harvest  # noqa: E402
 from pipelines.text import TextConfig  # noqa: E402
-from pipelines.train import TrainSAEConfig, train_groups, train_sae  # noqa: E402
+from pipelines.train import TrainSAEConfig  # noqa: E402
 
 
 def main() -> None:
@@ -70,54 +71,17 @@ def main() -> None:
     console.print("AMAD by G: " + ", ".join(f"{g}: {v:.3f}" for g, v in groups.amad.items()))
     console.print(f"chosen G = {G} ({groups.rule}): " + " | ".join(",".join(h.split(".")[1] for h in g) for g in groups.groups))
 
-    base = TrainSAEConfig(store=str(root / "store"), hook=layers[0], out="", tokens=args.train_tokens, archs=("topk",),
-                          expansions=(args.expansion,), lrs=(args.lr,), sparsity={"topk": (args.k,)},
+    base = TrainSAEConfig(store=str(root / "store"), hook=layers[0], out=str(root / "saes"), tokens=args.train_tokens,
+                          archs=("topk",), expansions=(args.expansion,), lrs=(args.lr,), sparsity={"topk": (args.k,)},
                           batch_size=args.batch_size, eval_tokens=args.eval_tokens, progress=False, log_every=10**9)
-    console.print(f"training {len(layers)} per-layer SAEs and {G} group SAEs, {args.train_tokens:,} tokens each...")
-    t = time.perf_counter()
-    per_layer = {h: train_sae(replace(base, hook=h, out=str(root / "per_layer" / h))).rows[0]
-                 for h in layers}
-    time_layers = time.perf_counter() - t
-    t = time.perf_counter()
-    group_results = train_groups(replace(base, out=str(root / "groups")), groups.groups)
-    time_groups = time.perf_counter() - t
-
-    by_layer = {}
-    for i, (members, result) in enumerate(zip(groups.groups, group_results, strict=True)):
-        row = result.rows[0]
-        for h in members:
-            m = row["eval_layers"][h] if len(members) > 1 else {"fvu": row["eval_fvu"], "l0": row["eval_l0"]}
-            by_layer[h] = (i, m)
-    table = Table(title=f"held-out FVU and L0 per layer: its own SAE vs its group's SAE (TopK k {args.k}, "
-                        f"d_sae {576 * args.expansion}, {args.train_tokens:,} training tokens each)")
-    for col in ("layer", "group", "FVU per-layer", "FVU group", "change", "L0 per-layer", "L0 group"):
-        table.add_column(col, justify="right")
-    changes = []
-    for h in layers:
-        own, (g, grp) = per_layer[h], by_layer[h]
-        change = grp["fvu"] / own["eval_fvu"] - 1
-        changes.append(change)
-        table.add_row(h.split(".")[1], str(g), f"{own['eval_fvu']:.4f}", f"{grp['fvu']:.4f}", f"{change:+.1%}",
-                      f"{own['eval_l0']:.1f}", f"{grp['l0']:.1f}")
-    console.print(table)
-    mean_own = statistics.fmean(per_layer[h]["eval_fvu"] for h in layers)
-    mean_grp = statistics.fmean(by_layer[h][1]["fvu"] for h in layers)
-    summary = Table(title="Group-SAEs against per-layer SAEs, same run")
-    for col in ("layers L", "groups G", "AMAD(G)", "train time L SAEs s", "train time G SAEs s", "time saved", "mean FVU per-layer",
-                "mean FVU group", "mean FVU change"):
-        summary.add_column(col, justify="right")
-    summary.add_row(str(len(layers)), str(G), f"{groups.amad[G]:.3f}", f"{time_layers:.0f}", f"{time_groups:.0f}",
-                    f"{time_layers / time_groups:.1f}x (L/G {len(layers) / G:.1f})", f"{mean_own:.4f}", f"{mean_grp:.4f}",
-                    f"{statistics.fmean(changes):+.1%}")
-    console.print(summary)
+    console.print(f"training {G} group SAEs and {len(layers)} per-layer SAEs, {args.train_tokens:,} tokens each...")
+    result = compare_groups(base, groups.groups)
+    for table in comparison_tables(result):
+        console.print(table)
     console.print(f"heatmap: {root / 'groups_heatmap.png'}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "amad": groups.amad, "chosen": G, "groups": groups.groups, "time_layers_s": time_layers, "time_groups_s": time_groups,
-            "per_layer": {h: {"fvu_own": per_layer[h]["eval_fvu"], "fvu_group": by_layer[h][1]["fvu"], "group": by_layer[h][0]}
-                          for h in layers},
-            "mean_fvu_change": statistics.fmean(changes),
-        }, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"amad": groups.amad, "chosen": G, "groups": groups.groups, **result.summary()},
+                                              indent=2) + "\n")
 
 
 if __name__ == "__main__":

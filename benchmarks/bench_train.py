@@ -7,8 +7,7 @@ trainers see exactly the same batches in the same order (``--epochs`` passes). T
 shards are held out. For each architecture, both trainers get the same width, k or sparsity
 coefficient, learning rate, batch size, LR warm-up and final linear decay, sparsity warm-up and
 dead-latent window, and the same initial weights (actstore's initialisation, copied into SAELens'
-SAE); everything else is each library's own (AuxK details, TopK's decoder-norm rescaling,
-JumpReLU's unit-norm decoder in actstore against its decoder-norm-weighted penalty in SAELens).
+SAE); everything else is each library's own (AuxK details, TopK's decoder-norm rescaling...).
 
 The same penalty coefficient need not give the same L0 in two implementations, and FVU is only
 comparable at equal L0. So where a penalty architecture (ReLU, Gated, JumpReLU) ends more than 5%
@@ -58,10 +57,11 @@ CONTEXT = 256
 MIN_POSITION = 1
 ARCHS = ("topk", "batchtopk", "relu", "gated", "jumprelu")
 # The sparsity setting of each architecture, the same number for both libraries (both define
-# these penalties the same way: summed over latents, averaged over tokens, MSE summed over D).
-SPARSITY = {"relu": 0.1, "gated": 0.1, "jumprelu": 0.05}
-JUMPRELU_BANDWIDTH = 0.05
-JUMPRELU_INIT_THRESHOLD = 0.01
+# these penalties the same way: summed over latents, averaged over tokens, MSE summed over D;
+# inputs scaled to E||x||^2 = D over the served tokens). Chosen for L0 of a few hundred here.
+SPARSITY = {"relu": 0.8, "gated": 0.8, "jumprelu": 3.5}
+JUMPRELU_BANDWIDTH = 0.4
+JUMPRELU_INIT_THRESHOLD = 0.08
 MATCH_L0_TOLERANCE = 0.05  # penalty architectures whose L0s differ more than this are compared at SAELens' L0
 
 

@@ -176,3 +176,26 @@ def test_train_sae_on_groups_saves_each_layer_and_evaluates_it(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([[LAYERS[0], "blocks.9.hook_resid_post"]]))
     bad = run_cli("train-sae", "--store", store.url, "--groups", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "blocks.9.hook_resid_post" in bad.stderr
+
+
+def test_per_layer_comparison_pairs_every_layer(tmp_path):
+    store = make_layer_store(tmp_path / "s")
+    groups = [list(LAYERS[:2]), list(LAYERS[2:4]), [LAYERS[4]]]
+    (tmp_path / "groups.json").write_text(json.dumps(groups))
+    out = tmp_path / "o"
+    res = run_cli("train-sae", "--store", store.url, "--groups", str(tmp_path / "groups.json"), "--per-layer", "--out", str(out),
+                  "--tokens", "1k", "--arch", "topk", "--k", "4", "--expansion", "2", "--batch-size", "128", "--eval-tokens", "256",
+                  "--no-progress", "--json")
+    assert res.returncode == 0, res.stderr
+    s = json.loads(res.stdout)
+    assert (s["layers"], s["groups"]) == (5, 3) and s["time_saved"] > 0
+    rows = {r["layer"]: r for r in s["rows"]}
+    assert list(rows) == list(LAYERS) and [rows[h]["group"] for h in LAYERS] == [0, 0, 1, 1, 2]
+    for h in LAYERS:
+        own = json.loads((out / "per_layer" / h / "summary.json").read_text())["experiments"][0]
+        assert rows[h]["fvu_own"] == pytest.approx(own["eval_fvu"])
+        assert rows[h]["change"] == pytest.approx(rows[h]["fvu_group"] / rows[h]["fvu_own"] - 1)
+    # a one-layer group is trained like its per-layer SAE (same settings, seed and tokens)
+    assert rows[LAYERS[4]]["fvu_group"] == pytest.approx(rows[LAYERS[4]]["fvu_own"], rel=1e-5)
+    bad = run_cli("train-sae", "--store", store.url, "--hook", LAYERS[0], "--per-layer", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--groups" in bad.stderr
