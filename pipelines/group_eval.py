@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.table import Table
 
+from pipelines.groups import short_hook
 from pipelines.train import TrainResult, TrainSAEConfig, train_groups, train_sae
 
 
@@ -86,11 +87,15 @@ def compare_groups(cfg: TrainSAEConfig, groups: list[list[str]]) -> GroupCompari
 
 def comparison_tables(result: GroupComparison) -> tuple[Table, Table]:
     """Per layer (FVU and L0, its own SAE beside its group's) and the totals."""
-    per_layer = Table(title="held-out FVU and L0 per layer: its own SAE vs its group's SAE (same settings and tokens)")
-    for col in ("experiment", "layer", "group", "FVU own", "FVU group", "change", "L0 own", "L0 group"):
+    experiments = sorted({r.experiment for r in result.rows})
+    title = "held-out FVU and L0 per layer: its own SAE vs its group's SAE (same settings and tokens)"
+    per_layer = Table(title=title + (f", {experiments[0]}" if len(experiments) == 1 else ""))
+    cols = (["experiment"] if len(experiments) > 1 else []) + ["layer", "group", "FVU own", "FVU group", "change", "L0 own", "L0 group"]
+    for col in cols:
         per_layer.add_column(col, justify="left" if col in ("experiment", "layer") else "right")
     for r in result.rows:
-        per_layer.add_row(r.experiment, r.layer, str(r.group), f"{r.fvu_own:.4f}", f"{r.fvu_group:.4f}", f"{r.change:+.1%}",
+        cells = [r.experiment] if len(experiments) > 1 else []
+        per_layer.add_row(*cells, short_hook(r.layer), str(r.group), f"{r.fvu_own:.4f}", f"{r.fvu_group:.4f}", f"{r.change:+.1%}",
                           f"{r.l0_own:.1f}", f"{r.l0_group:.1f}")
     s = result.summary()
     totals = Table(title="Group-SAEs against per-layer SAEs")

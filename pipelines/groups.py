@@ -229,7 +229,7 @@ def render(result: LayerGroups, console: Console) -> None:
     curve.add_column("groups")
     for g, value in result.amad.items():
         mark = "  <- chosen" if g == result.chosen else ""
-        curve.add_row(str(g), f"{value:.4f}", " | ".join(",".join(_short(h).split()[0] for h in grp) for grp in result.partitions[g]) + mark)
+        curve.add_row(str(g), f"{value:.4f}", " | ".join(",".join(short_hook(h).split()[0] for h in grp) for grp in result.partitions[g]) + mark)
     console.print(curve)
     chosen = Table(title=f"{result.chosen} groups ({result.rule})", title_justify="left")
     chosen.add_column("group", justify="right")
@@ -262,7 +262,7 @@ def plot_heatmap(result: LayerGroups, path: Path) -> None:
 
     d_HH = np.asarray(result.distances)
     H = len(result.hooks)
-    labels = [_short(h) for h in result.hooks]
+    labels = [short_hook(h) for h in result.hooks]
     fig, (ax, ax_curve) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.25, 1]})
     im = ax.imshow(d_HH, cmap="viridis", vmin=0)
     fig.colorbar(im, ax=ax, label="angular distance / pi")
@@ -290,7 +290,7 @@ def plot_heatmap(result: LayerGroups, path: Path) -> None:
     plt.close(fig)
 
 
-def _short(hook: str) -> str:
+def short_hook(hook: str) -> str:
     """``blocks.12.hook_resid_post`` -> ``12 post``."""
     parts = hook.split(".")
     if len(parts) == 3 and parts[0] == "blocks":
