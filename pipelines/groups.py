@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 import actstore
+from pipelines.files import read_json
 
 DEFAULT_AMAD_THRESHOLD = 0.2
 """Default largest AMAD for the chosen number of groups (angular distance / pi)."""
@@ -187,12 +188,7 @@ def find_groups(cfg: GroupsConfig) -> LayerGroups:
 def read_groups(path: str) -> list[list[str]]:
     """Groups of hooks from ``groups.json`` (``actstore groups``'s output, its ``groups``) or
     from a JSON list of lists of hooks."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"groups file {path} does not exist; make one with actstore groups") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"groups file {path} is not valid JSON ({e})") from None
+    doc = read_json(path, "groups file", "; make one with actstore groups")
     groups = doc.get("groups") if isinstance(doc, dict) else doc
     if not (isinstance(groups, list) and groups and all(isinstance(g, list) and g and all(isinstance(h, str) for h in g) for g in groups)):
         raise ValueError(f"groups file {path} must hold a non-empty list of lists of hook names (or actstore groups' JSON)")

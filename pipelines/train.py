@@ -41,6 +41,7 @@ import torch
 
 import actstore
 from pipelines.distributed import data_parallel
+from pipelines.files import read_json
 from pipelines.groups import LayerSampled
 from pipelines.tracking import WANDB_DIR, WandbLog
 from trainers import ARCHITECTURES, sae_config
@@ -351,12 +352,7 @@ def parse_list(spec: str, kind: type = float) -> tuple:
 
 def read_sweep(path: str) -> tuple[dict[str, Any], ...]:
     """A sweep file: a JSON list of experiment objects."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"sweep file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"sweep file {path} is not valid JSON ({e})") from None
+    doc = read_json(path, "sweep file")
     if not isinstance(doc, list) or not all(isinstance(x, dict) for x in doc) or not doc:
         raise ValueError(f"sweep file {path} must hold a non-empty JSON list of objects")
     return tuple(doc)
