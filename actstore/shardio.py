@@ -397,9 +397,9 @@ def map_arrays(readers: Sequence[ShardedArrayReader], chunks: Sequence[tuple[int
     names = ", ".join(reader.layout.path for reader in readers)
     # chunks whose checksums are still to be verified get their pages faulted in by the
     # (multi-threaded) verification; otherwise the mapping thread populates them
-    checked_all = all(reader.layout.crc and not reader._verified[reader._chunk_numbers(chunks)].any() for reader in readers)
+    unverified = all(reader.layout.crc and not reader._verified[reader._chunk_numbers(chunks)].any() for reader in readers)
     try:
-        mapped = mapping.MappedRanges(ranges, populate=not checked_all)
+        mapped = mapping.MappedRanges(ranges, populate=not unverified)
     except FileNotFoundError as e:
         raise MissingChunkError(f"{names}: shard object missing ({e.filename})") from e
     except EOFError as e:
