@@ -52,6 +52,18 @@ class HookPoint:
         return cls(int(m.group(1)), m.group(2))
 
 
+def module_for(layers: nn.ModuleList, point: HookPoint) -> tuple[nn.Module, str]:
+    """The module whose output (or input, for resid_pre) is ``point``; phase 'pre' or 'post'."""
+    block = layers[point.layer]
+    if point.site == "resid_pre":
+        return block, "pre"
+    if point.site == "resid_post":
+        return block, "post"
+    if point.site == "attn_out":
+        return (block.post_attention_layernorm if _sandwich_norms(block) else block.self_attn), "post"
+    return (block.post_feedforward_layernorm if _sandwich_norms(block) else block.mlp), "post"
+
+
 class _StopForward(Exception):
     """Raised inside a hook once every requested activation is recorded."""
 
@@ -100,15 +112,7 @@ class ActivationCapture:
 
     # ---- hooks ----------------------------------------------------------------------------
     def _module_for(self, point: HookPoint) -> tuple[nn.Module, str]:
-        """The module whose output (or input, for resid_pre) is ``point``; phase 'pre' or 'post'."""
-        block = self.layers[point.layer]
-        if point.site == "resid_pre":
-            return block, "pre"
-        if point.site == "resid_post":
-            return block, "post"
-        if point.site == "attn_out":
-            return (block.post_attention_layernorm if _sandwich_norms(block) else block.self_attn), "post"
-        return (block.post_feedforward_layernorm if _sandwich_norms(block) else block.mlp), "post"
+        return module_for(self.layers, point)
 
     def _install(self) -> None:
         for point in self.points:

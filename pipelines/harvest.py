@@ -238,7 +238,7 @@ def store_config(cfg: HarvestConfig, lm: LoadedModel) -> actstore.StoreConfig:
 def dataset_info(text: TextConfig) -> actstore.DatasetInfo:
     """What the store records of the text: split and column only where they mean something."""
     if text.dataset.startswith("builtin:"):
-        return actstore.DatasetInfo(text.dataset)
+        return actstore.DatasetInfo(text.dataset, split=text.split)
     files = local_files(text.dataset)
     if files is not None:
         tabular = any(f.suffix != ".txt" for f in files)

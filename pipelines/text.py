@@ -19,6 +19,7 @@ their own).
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import random
@@ -50,7 +51,7 @@ class TextConfig:
     dataset: str = corpus.NAME
     """``builtin:python-docs``, a local file, folder or glob, or an HF dataset name."""
     split: str = "train"
-    """Split of an HF dataset."""
+    """Split of an HF dataset or of the built-in corpus (train, test, all); local files have none."""
     text_column: str = "text"
     """Column holding the text (rows with ``input_ids`` are used as token ids instead)."""
     context_size: int = 1024
@@ -184,7 +185,9 @@ def buffer_shuffle(items: Iterable[Document], seed: int, buffer: int) -> Iterato
 def documents(cfg: TextConfig) -> Iterator[Document]:
     """Documents of ``cfg.dataset`` in the seeded order."""
     if cfg.dataset == corpus.NAME:
-        source: Iterable[Document] = corpus.python_docs()
+        if cfg.split not in corpus.SPLITS:
+            raise DatasetError(f"unknown split {cfg.split!r} of {corpus.NAME}; choose {', '.join(corpus.SPLITS)}")
+        source: Iterable[Document] = corpus.python_docs(cfg.split)
     elif cfg.dataset.startswith("builtin:"):
         raise DatasetError(f"unknown built-in dataset {cfg.dataset!r}; the built-in one is {corpus.NAME}")
     else:
@@ -215,3 +218,18 @@ def token_windows(cfg: TextConfig, tokenizer: Any) -> Iterator[np.ndarray]:
         while len(buf) >= body:
             window, buf = buf[:body], buf[body:]
             yield np.asarray(([bos] if cfg.prepend_bos else []) + window, dtype=np.int64)
+
+
+def take_windows(cfg: TextConfig, tokenizer: Any, n_tokens: int, skip: int = 0) -> list[np.ndarray]:
+    """The first ``ceil(n_tokens / context_size)`` windows after skipping ``skip`` windows;
+    fewer when the text runs out, and a :class:`DatasetError` when it yields none."""
+    n_windows = -(-n_tokens // cfg.context_size)
+    windows = list(itertools.islice(token_windows(cfg, tokenizer), skip, skip + n_windows))
+    if not windows:
+        split = f" (split {cfg.split})" if cfg.split else ""
+        raise DatasetError(f"{cfg.dataset}{split} holds no window of {cfg.context_size} tokens after the first {skip}; "
+                           "use more text or a smaller --context-size")
+    if len(windows) < n_windows:
+        log.warning("%s (split %s) holds only %d windows of %d tokens; asked for %d", cfg.dataset, cfg.split,
+                    len(windows), cfg.context_size, n_windows)
+    return windows

@@ -43,6 +43,7 @@ import actstore
 from pipelines.distributed import data_parallel
 from pipelines.files import read_json
 from pipelines.groups import LayerSampled
+from pipelines.progress import progress_bar
 from pipelines.tracking import WANDB_DIR, WandbLog
 from trainers import ARCHITECTURES, sae_config
 from trainers.saelens_format import HookInfo, save_saelens
@@ -175,7 +176,7 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
             tracker = WandbLog(cfg.wandb_project, cfg.wandb_name, {**settings, "world_size": ranks.world_size, "experiments": {
                 e.name: {"arch": e.sae.arch, "d_sae": e.sae.d_sae, "lr": e.lr, **e.sae.hyperparameters()} for e in exps}}, out)
         start_tokens, t0 = trainer.tokens, time.perf_counter()
-        with _progress(cfg.progress and ranks.main, cfg.tokens, trainer.tokens) as advance:
+        with progress_bar(cfg.progress and ranks.main, "train-sae", cfg.tokens, trainer.tokens) as advance:
             def on_step(step: int, tokens: int) -> None:
                 advance(tokens)
                 if tracker is not None:
@@ -276,33 +277,6 @@ def _check_out_dir(out: Path, exps: list[Experiment]) -> None:
     if sorted(saved.get("runs", {})) != sorted(e.name for e in exps):
         raise ValueError(f"output folder {out} holds another run ({', '.join(sorted(saved.get('runs', {})))}); "
                          "choose another folder or repeat that run's settings to resume it")
-
-
-class _progress:
-    """A rich progress bar over training tokens (or nothing)."""
-
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.enabled, self.total, self.done = enabled, total, done
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda tokens: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("train-sae"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeRemainingColumn())
-        self.bar.start()
-        self.task = self.bar.add_task("train", total=self.total, completed=self.done)
-        return lambda tokens: self.bar.update(self.task, completed=min(tokens, self.total))
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.stop()
 
 
 def _plots(out: Path, trainer: Trainer) -> None:

@@ -89,4 +89,18 @@ def load_saelens(path: str | Path) -> tuple[SAE, HookInfo]:
                 getattr(sae, name).copy_(tensor.float())
             else:
                 raise ValueError(f"{root}: unexpected weight {name!r} for a {arch} SAE")
+        if not cfg.get("apply_b_dec_to_input", True):
+            _fold_b_dec(sae)
     return sae, hook
+
+
+@torch.no_grad()
+def _fold_b_dec(sae: SAE) -> None:
+    """SAELens SAEs with ``apply_b_dec_to_input: false`` encode ``x`` itself; actstore's encode
+    ``x - b_dec``. Adding ``b_dec @ W_enc`` to the encoder biases gives the same pre-activations."""
+    shift_F = (sae.b_dec.double() @ sae.W_enc.double()).float()
+    if hasattr(sae, "b_gate"):  # gated: both paths read x @ W_enc (the magnitude path rescaled)
+        sae.b_gate += shift_F
+        sae.b_mag += shift_F * sae.r_mag.exp()
+    else:
+        sae.b_enc += shift_F
