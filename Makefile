@@ -34,6 +34,8 @@ bench: setup
 	$(PY) benchmarks/bench_harvest.py
 	$(PY) benchmarks/bench_stream.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_groups.py
+	$(PY) benchmarks/bench_lora.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

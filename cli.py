@@ -28,7 +28,7 @@ from pipelines.groups import DEFAULT_AMAD_THRESHOLD  # noqa: E402
 
 app = typer.Typer(
     name="actstore",
-    help="Activation caching for sparse-autoencoder research: harvest, store, stream, train.",
+    help="Activation caching for sparse-autoencoder research: harvest, store, stream, train, evaluate, LoRA.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -86,7 +86,7 @@ def harvest(
     layers: Annotated[str, typer.Option(help="Blocks to capture: 0-25, 3,7,11, mixes, or all.")] = "all",
     sites: Annotated[str, typer.Option(help="Comma list of resid_post, resid_pre, mlp_out, attn_out.")] = "resid_post",
     dataset: Annotated[str, typer.Option(help="builtin:python-docs, a .txt/.jsonl/.parquet file, folder or glob, or an HF dataset.")] = "builtin:python-docs",
-    split: Annotated[str, typer.Option(help="Split of an HF dataset.")] = "train",
+    split: Annotated[str, typer.Option(help="Split of an HF dataset, or of the built-in corpus (train, test: every tenth docstring, all).")] = "train",
     text_column: Annotated[str, typer.Option(help="Column holding the text (rows with input_ids are used as token ids).")] = "text",
     tokens: Annotated[str, typer.Option(help="Tokens to store: 20000, 20k, 5M (rounded up to whole contexts).")] = "1M",
     context_size: Annotated[int, typer.Option(help="Tokens per context window.")] = 1024,
@@ -109,8 +109,7 @@ def harvest(
     from pipelines.models import model_depth
     from pipelines.text import TextConfig
 
-    if model_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"unknown --model-dtype {model_dtype!r}; choose auto, float32, bfloat16 or float16")
+    _model_dtype(model_dtype)
     if codec not in ("zstd", "none"):
         raise ValueError(f"unknown --codec {codec!r}; choose zstd or none")
     n_layers = model_depth(model, revision) if layers.strip() == "all" else None
@@ -277,6 +276,111 @@ def groups(
         return
     render(result, Console())
     typer.echo(f"groups in {json_path}, heatmap in {png_path}")
+
+
+SAE_HELP = "An SAE folder (cfg.json + sae_weights.safetensors, from train-sae or SAELens), a Gemma Scope params.npz, or saelens:<release>/<sae_id>; repeat to splice several."
+
+
+@app.command("eval")
+@user_errors
+def eval_saes(
+    model: Annotated[str, typer.Option(help="Alias (smollm2-135m, gemma-2-2b, ...), local folder or HF id.")],
+    sae: Annotated[list[str], typer.Option(help=SAE_HELP)],
+    adapter: Annotated[str | None, typer.Option(help="A LoRA adapter folder from actstore lora (on in the spliced pass).")] = None,
+    dataset: Annotated[str, typer.Option(help="builtin:python-docs, a .txt/.jsonl/.parquet file, folder or glob, or an HF dataset.")] = "builtin:python-docs",
+    split: Annotated[str, typer.Option(help="Held-out split (the built-in corpus' test split: docstrings harvests leave out).")] = "test",
+    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    tokens: Annotated[str, typer.Option(help="Tokens evaluated: 32k, 1M...")] = "32k",
+    context_size: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the document order.")] = 0,
+    model_dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Splice SAEs into the live model: CE clean and spliced, delta loss, loss recovered, KL, L0 and FVU."""
+    from pipelines.evaluate import EvalConfig, eval_tables, evaluate
+    from pipelines.harvest import parse_count
+    from pipelines.text import TextConfig
+
+    cfg = EvalConfig(model=model, saes=tuple(sae), adapter=adapter, tokens=parse_count(tokens), batch_size=batch_size,
+                     text=TextConfig(dataset=dataset, split=split, text_column=text_column, context_size=context_size, seed=seed),
+                     model_dtype=_model_dtype(model_dtype), device=device, progress=progress and not as_json)
+    result = evaluate(cfg)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    for table in eval_tables(result, f"eval: {model}, {len(sae)} SAE(s)" + (f", adapter {adapter}" if adapter else "")):
+        Console().print(table)
+
+
+@app.command()
+@user_errors
+def lora(
+    model: Annotated[str, typer.Option(help="Alias (smollm2-135m, gemma-2-2b, ...), local folder or HF id.")],
+    sae: Annotated[list[str], typer.Option(help=SAE_HELP)],
+    out: Annotated[str, typer.Option(help="Output folder: the peft adapter, lora.json, lora_curve.png.")],
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 64,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (updates scaled by alpha / rank).")] = 32.0,
+    layers: Annotated[str, typer.Option(help="Blocks to adapt: after (the blocks after the first SAE), all, or 10-29, 3,7,11.")] = "after",
+    tokens: Annotated[str, typer.Option(help="Training tokens: 100k, 15M...")] = "1M",
+    eval_tokens: Annotated[str, typer.Option(help="Held-out tokens measured before and after.")] = "32k",
+    dataset: Annotated[str, typer.Option(help="builtin:python-docs, a .txt/.jsonl/.parquet file, folder or glob, or an HF dataset.")] = "builtin:python-docs",
+    split: Annotated[str, typer.Option(help="Training split.")] = "train",
+    eval_split: Annotated[str, typer.Option(help="Held-out split (local files have none: their first windows are held out).")] = "test",
+    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    context_size: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Windows per optimiser step.")] = 4,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-5,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip (0: none).")] = 1.0,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: none); rerun to resume.")] = 100,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass (less memory).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the document order and the adapters' initial weights.")] = 0,
+    model_dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present, bf16 autocast), cpu, cuda, cuda:N.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the before/after figures as JSON.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Finetune the model with LoRA around frozen SAEs (KL to the original model); report the CE gap closed (arXiv 2501.19406)."""
+    from pipelines.harvest import parse_count, parse_layers
+    from pipelines.lora import LoRAConfig, before_after_table, train_lora
+    from pipelines.models import model_depth
+    from pipelines.text import TextConfig
+
+    chosen = None if layers.strip() == "after" else parse_layers(layers, model_depth(model) if layers.strip() == "all" else None)
+    cfg = LoRAConfig(
+        model=model, saes=tuple(sae), out=out, rank=rank, alpha=alpha, layers=chosen, tokens=parse_count(tokens),
+        eval_tokens=parse_count(eval_tokens), eval_split=eval_split, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        grad_clip=grad_clip, dropout=dropout, checkpoint_every=checkpoint_every, gradient_checkpointing=gradient_checkpointing,
+        text=TextConfig(dataset=dataset, split=split, text_column=text_column, context_size=context_size, seed=seed),
+        seed=seed, model_dtype=_model_dtype(model_dtype), device=device, progress=progress and not as_json,
+    )
+    try:
+        result = train_lora(cfg)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(json.dumps({"out": out, "layers": list(result.layers), "steps": result.steps, "tokens": result.tokens,
+                               "before": result.before.to_json(), "after": result.after.to_json(),
+                               "ce_gap_closed": result.ce_gap_closed}, indent=2))
+        return
+    Console().print(before_after_table(result, f"lora: {model}, rank {rank}, blocks {_span(result.layers)}, {result.tokens:,} tokens"))
+    typer.echo(f"CE gap closed: {result.ce_gap_closed:.1%}; adapter, lora.json and lora_curve.png in {out}")
+
+
+def _model_dtype(value: str) -> Any:
+    if value not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown --model-dtype {value!r}; choose auto, float32, bfloat16 or float16")
+    return value
+
+
+def _span(layers: tuple[int, ...]) -> str:
+    contiguous = list(layers) == list(range(layers[0], layers[-1] + 1))
+    return f"{layers[0]}-{layers[-1]}" if contiguous and len(layers) > 1 else ",".join(map(str, layers))
 
 
 @app.command("import-sae")

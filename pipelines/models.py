@@ -158,3 +158,19 @@ def load_model(name: str, *, revision: str | None = None, model_dtype: ModelDTyp
     model.requires_grad_(False)
     log.info("loaded %s (%s) on %s in %s", name, target, dev, dtype)
     return LoadedModel(model, tokenizer, name, revision, dev, dtype)
+
+
+def model_identity(name: str) -> str:
+    """``name`` independent of how it was written: the id an alias maps to, the absolute path
+    of a local folder, else the HF id itself (recorded with LoRA adapters, checked on load)."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return str(local.resolve())
+    return ALIASES.get(name, name)
+
+
+def model_shape(model: PreTrainedModel) -> dict[str, object]:
+    """The config fields a model-specific artifact (an adapter) depends on."""
+    c = model.config
+    return {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+            "vocab_size": c.vocab_size}

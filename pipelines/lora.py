@@ -1,0 +1,371 @@
+"""``actstore lora``: finetune the live model with LoRA around frozen SAEs (arXiv 2501.19406).
+
+Chen, Engels & Tegmark 2025, "Low-Rank Adapting Models for Sparse Autoencoders", §3.4: keep
+the SAEs and the model frozen, splice the SAEs in (:mod:`pipelines.splice`), and train LoRA
+adapters (:mod:`pipelines.adapters`) on the blocks after the first SAE so that the spliced,
+adapted model predicts what the original model predicts::
+
+    loss = mean over positions of KL(p_base(. | t_<=i) || p_adapted+SAE(. | t_<=i))
+
+The teacher ``p_base`` is the same model with its adapters disabled and nothing spliced, so one
+copy of the weights serves both passes. The paper's settings are the defaults: AdamW, learning
+rate 5e-5, gradient norm clipped at 1.0, LoRA rank 64 and alpha 32, all overridable.
+"After" means the blocks whose whole computation follows the first splice: ``L + 1`` on for
+a splice in block ``L`` (``resid_post``, ``attn_out``, ``mlp_out``), ``L`` on for
+``resid_pre`` of block ``L``.
+
+Before and after training, on held-out windows (:mod:`pipelines.evaluate`): CE clean, CE with
+the SAEs, KL, L0 and FVU, and the CE gap closed::
+
+    (ce_sae_before - ce_sae_after) / (ce_sae_before - ce_clean)
+
+printed and written to ``lora.json`` beside the peft adapter in ``--out``. Training
+checkpoints (adapter, optimiser, step) go to ``out/checkpoint`` every ``checkpoint_every``
+steps; rerunning the same command resumes from the last one and trains on exactly the windows
+an uninterrupted run would have.
+Shape letters: B windows, T tokens per window, V vocabulary, N positions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import ADAPTER_INFO, adapters_off, lora_model
+from .capture import HookPoint
+from .evaluate import EvalResult, autocast_for, load_saes, measure
+from .models import ModelDType, load_model, model_identity, model_shape
+from .prefix import SharedPrefix
+from .progress import progress_bar
+from .saes import LoadedSAE
+from .splice import Splicer
+from .text import TextConfig, local_files, take_windows, token_windows
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """One LoRA finetune around frozen SAEs."""
+
+    model: str
+    """Alias, local folder or HF id."""
+    saes: tuple[str, ...]
+    """SAE specs (:mod:`pipelines.saes`), spliced together."""
+    out: str
+    """Output folder: the peft adapter, ``lora.json``, the training curve."""
+    rank: int = 64
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    layers: tuple[int, ...] | None = None
+    """Blocks to adapt; None: the blocks after the first SAE (module docstring)."""
+    tokens: int = 1_000_000
+    """Training tokens (rounded up to whole steps)."""
+    text: TextConfig = field(default_factory=lambda: TextConfig(split="train", context_size=256))
+    """Training text."""
+    eval_split: str = "test"
+    """Split of the held-out text (same dataset)."""
+    eval_tokens: int = 32_768
+    """Held-out tokens measured before and after."""
+    batch_size: int = 4
+    """Windows per optimiser step."""
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Maximum gradient norm (0: no clipping)."""
+    dropout: float = 0.0
+    """LoRA dropout."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (0: none)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    autocast: bool = True
+    """bf16 autocast on CUDA."""
+    seed: int = 0
+    """Seed of the adapters' initial weights."""
+    model_dtype: ModelDType = "auto"
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"--rank must be at least 1, got {self.rank}")
+        if self.alpha <= 0 or self.lr <= 0:
+            raise ValueError("--alpha and --lr must be positive")
+        if self.tokens <= 0 or self.eval_tokens <= 0 or self.batch_size <= 0:
+            raise ValueError("--tokens, --eval-tokens and --batch-size must be positive")
+        if self.grad_clip < 0 or self.weight_decay < 0 or not 0 <= self.dropout < 1 or self.checkpoint_every < 0:
+            raise ValueError("--grad-clip, --weight-decay and --checkpoint-every must be >= 0 and --dropout in [0, 1)")
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.tokens / (self.batch_size * self.text.context_size))
+
+    def settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the checkpoint."""
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "progress", "device", "checkpoint_every")}
+
+
+@dataclass(frozen=True)
+class LoRAResult:
+    out: Path
+    before: EvalResult
+    after: EvalResult
+    layers: tuple[int, ...]
+    steps: int
+    tokens: int
+    """Training tokens."""
+    seconds: float
+    """Training time of this run (a resumed run: since the resume)."""
+
+    @property
+    def ce_gap_closed(self) -> float:
+        gap = self.before.ce_spliced - self.before.ce_clean
+        return (self.before.ce_spliced - self.after.ce_spliced) / gap if gap else float("nan")
+
+
+def adapted_layers(saes: list[LoadedSAE], n_layers: int, layers: tuple[int, ...] | None) -> tuple[int, ...]:
+    """``layers`` checked against the model, or the blocks after the first SAE."""
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < n_layers]
+        if bad or not layers:
+            raise ValueError(f"--layers {','.join(map(str, layers))}: the model has {n_layers} layers (0-{n_layers - 1})")
+        return tuple(sorted(set(layers)))
+    first: HookPoint = min(s.point for s in saes)
+    start = first.layer if first.site == "resid_pre" else first.layer + 1
+    if start >= n_layers:
+        raise ValueError(f"no block comes after the SAE at {first.name} ({n_layers} layers); pass --layers all or a list")
+    return tuple(range(start, n_layers))
+
+
+def _same_text(cfg: LoRAConfig) -> bool:
+    """Whether training and held-out text come from one stream (local files have no splits)."""
+    return cfg.eval_split == cfg.text.split or (
+        not cfg.text.dataset.startswith("builtin:") and local_files(cfg.text.dataset) is not None)
+
+
+class LoRATrainer:
+    """The training loop; state (step, optimiser, curve) lives here. ``shared_blocks``: the
+    leading blocks with neither adapters nor splices, run once for teacher and student
+    (:mod:`pipelines.prefix`)."""
+
+    def __init__(self, cfg: LoRAConfig, model: nn.Module, splicer: Splicer, windows: Iterator[np.ndarray],
+                 shared_blocks: int = 0):
+        self.cfg, self.model, self.splicer, self.windows = cfg, model, splicer, windows
+        self.prefix = SharedPrefix(model, shared_blocks)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.device = next(model.parameters()).device
+        self.step = 0
+        self.curve: list[tuple[int, float]] = []
+        """(step, KL) after each step."""
+        self.exhausted = False
+
+    def fit(self, on_step) -> None:
+        while self.step < self.cfg.steps:
+            batch = list(itertools.islice(self.windows, self.cfg.batch_size))
+            if not batch:
+                log.warning("the training text ran out after %d steps (%d asked)", self.step, self.cfg.steps)
+                self.exhausted = True
+                return
+            kl = self._step(torch.from_numpy(np.stack(batch)).to(self.device))
+            self.step += 1
+            self.curve.append((self.step, kl))
+            on_step(self)
+
+    def _step(self, ids_BT: torch.Tensor) -> float:
+        self.splicer.set_inputs(ids_BT)
+        with autocast_for(self.device, self.cfg.autocast):
+            with torch.no_grad(), adapters_off(self.model), self.splicer.mode("clean"), self.prefix.record():
+                teacher_NV = F.log_softmax(self.model(input_ids=ids_BT, use_cache=False).logits.float(), -1).flatten(0, 1)
+            with self.splicer.mode("sae"), self.prefix.reuse():
+                student_NV = F.log_softmax(self.model(input_ids=ids_BT, use_cache=False).logits.float(), -1).flatten(0, 1)
+        loss = F.kl_div(student_NV, teacher_NV, log_target=True, reduction="batchmean")  # mean over positions
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.opt.step()
+        return float(loss.detach())
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save_checkpoint(self, root: Path, before: EvalResult) -> None:
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(str(tmp), save_embedding_layers=False)
+        torch.save({"step": self.step, "optimizer": self.opt.state_dict(), "curve": self.curve,
+                    "before": before.to_json(), "settings": self.cfg.settings()}, tmp / STATE_FILE)
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+
+    def load_checkpoint(self, root: Path) -> dict[str, Any]:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = torch.load(root / STATE_FILE, weights_only=False)
+        set_peft_model_state_dict(self.model, load_file(str(root / "adapter_model.safetensors"), device=str(self.device)))
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.curve = state["step"], [tuple(x) for x in state["curve"]]
+        return state
+
+
+def _eval_result(d: dict[str, Any]) -> EvalResult:
+    from .evaluate import SpliceMetrics
+
+    fields = {k: v for k, v in d.items() if k not in ("delta_loss", "loss_recovered", "splices")}
+    return EvalResult(**fields, splices=tuple(SpliceMetrics(**s) for s in d["splices"]))
+
+
+def _check_out(out: Path, cfg: LoRAConfig) -> dict[str, Any] | None:
+    """The checkpoint state to resume from, or None for a fresh run in an empty folder."""
+    if (out / ADAPTER_INFO).exists():
+        raise ValueError(f"{out} holds a finished LoRA run ({ADAPTER_INFO}); choose a new --out folder")
+    state_path = out / CHECKPOINT_DIR / STATE_FILE
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state["settings"] != cfg.settings():
+            changed = sorted(k for k, v in cfg.settings().items() if state["settings"].get(k) != v)
+            raise ValueError(f"{out} holds a checkpoint made with other settings ({', '.join(changed)}); "
+                             "rerun with the same options to resume, or choose a new --out folder")
+        return state
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output folder {out} is not empty; choose a new --out folder")
+    return None
+
+
+def train_lora(cfg: LoRAConfig) -> LoRAResult:
+    """Run ``cfg``; see the module docstring."""
+    out = Path(cfg.out)
+    resume = _check_out(out, cfg)
+    lm = load_model(cfg.model, model_dtype=cfg.model_dtype, device=cfg.device)
+    saes = load_saes(cfg.saes, lm.model, cfg.model)
+    layers = adapted_layers(saes, lm.n_layers, cfg.layers)
+    held_out = take_windows(replace(cfg.text, split=cfg.eval_split), lm.tokenizer, cfg.eval_tokens)
+    skip = len(held_out) if _same_text(cfg) else 0  # then the held-out windows are the stream's first ones
+    torch.manual_seed(cfg.seed)
+    with Splicer(lm.model, saes, lm.tokenizer.bos_token_id) as splicer:
+        if resume is None:
+            with progress_bar(cfg.progress, "eval before", len(held_out), unit="windows") as advance:
+                before = measure(lm.model, splicer, held_out, batch_size=cfg.batch_size, autocast=cfg.autocast, on_windows=advance)
+        else:
+            before = _eval_result(resume["before"])
+        model = lora_model(lm.model, layers, cfg.rank, cfg.alpha, cfg.dropout)
+        if cfg.gradient_checkpointing:
+            lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # LoRA dropout and checkpointing act in training mode (the models' own dropout is 0)
+        shared = min(min(s.point.layer for s in saes), layers[0])
+        trainer = LoRATrainer(cfg, model, splicer, iter(()), shared_blocks=shared)
+        if resume is not None:
+            trainer.load_checkpoint(out / CHECKPOINT_DIR)
+            log.info("resuming %s from step %d", out, trainer.step)
+        # the windows an uninterrupted run would train on from here
+        trainer.windows = itertools.islice(token_windows(cfg.text, lm.tokenizer), skip + trainer.step * cfg.batch_size, None)
+        start_step, t0 = trainer.step, time.perf_counter()
+        tokens_per_step = cfg.batch_size * cfg.text.context_size
+        with progress_bar(cfg.progress, "lora", cfg.steps * tokens_per_step, trainer.step * tokens_per_step) as advance:
+            def on_step(t: LoRATrainer) -> None:
+                advance(t.step * tokens_per_step)
+                if cfg.checkpoint_every and t.step % cfg.checkpoint_every == 0 and t.step < cfg.steps:
+                    t.save_checkpoint(out / CHECKPOINT_DIR, before)
+
+            out.mkdir(parents=True, exist_ok=True)
+            trainer.fit(on_step)
+        seconds = time.perf_counter() - t0
+        model.eval()
+        with progress_bar(cfg.progress, "eval after", len(held_out), unit="windows") as advance:
+            after = measure(model, splicer, held_out, batch_size=cfg.batch_size, zero=False, adapted=True,
+                            autocast=cfg.autocast, on_windows=advance)
+    after = replace(after, ce_zero=before.ce_zero)  # the base model's zero ablation: unchanged by the adapters
+    result = LoRAResult(out, before, after, layers, trainer.step, trainer.step * tokens_per_step, seconds)
+    log.info("trained %d steps in %.0f s (%.0f tokens/s)", trainer.step - start_step, seconds,
+             (trainer.step - start_step) * tokens_per_step / max(seconds, 1e-9))
+    _save(result, cfg, model, saes, trainer)
+    return result
+
+
+def _save(result: LoRAResult, cfg: LoRAConfig, model: nn.Module, saes: list[LoadedSAE], trainer: LoRATrainer) -> None:
+    out = result.out
+    model.save_pretrained(str(out), save_embedding_layers=False)
+    info = {
+        "model": {"name": cfg.model, "identity": model_identity(cfg.model), **model_shape(model.get_base_model())},
+        "saes": [{"source": s.source, "hook": s.hook} for s in saes],
+        "layers": list(result.layers), "steps": result.steps, "tokens": result.tokens,
+        "text_ran_out": trainer.exhausted, "settings": {k: v for k, v in cfg.settings().items() if k != "model"},
+        "before": result.before.to_json(), "after": result.after.to_json(), "ce_gap_closed": result.ce_gap_closed,
+        "curve": trainer.curve,
+    }
+    (out / ADAPTER_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    (out / "README.md").write_text(  # in place of peft's empty model-card template
+        f"# LoRA adapter trained around frozen SAEs by actstore\n\n"
+        f"Model `{cfg.model}`, SAEs {', '.join(f'`{s.source}` at `{s.hook}`' for s in saes)}; rank {cfg.rank}, "
+        f"alpha {cfg.alpha:g}, blocks {list(result.layers)}, {result.tokens:,} training tokens.\n\n"
+        f"CE on held-out text: clean {result.before.ce_clean:.4f}; with the SAEs {result.before.ce_spliced:.4f} before, "
+        f"{result.after.ce_spliced:.4f} after: {result.ce_gap_closed:.1%} of the gap closed. Figures in `{ADAPTER_INFO}`.\n\n"
+        f"Evaluate: `actstore eval --model {cfg.model} {' '.join(f'--sae {s.source}' for s in saes)} --adapter {out}`; "
+        f"load in Python: `peft.PeftModel.from_pretrained(model, \"{out}\")`.\n")
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    _plot_curve(out / "lora_curve.png", trainer.curve, result)
+
+
+def _plot_curve(path: Path, curve: list[tuple[int, float]], result: LoRAResult) -> None:
+    """Training KL per step (and its running mean) with the held-out KL before and after."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed; no training curve plot")
+        return
+    if not curve:
+        return
+    steps, kl = np.array([s for s, _ in curve]), np.array([v for _, v in curve])
+    window = max(1, len(kl) // 20)
+    smooth = np.convolve(kl, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, kl, alpha=0.3, label="training KL (per step)")
+    ax.plot(steps[window - 1:], smooth, label=f"running mean ({window} steps)")
+    ax.axhline(result.before.kl, color="C3", ls="--", label=f"held-out KL before ({result.before.kl:.3f})")
+    ax.axhline(result.after.kl, color="C2", ls="--", label=f"held-out KL after ({result.after.kl:.3f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL(p_base || p_adapted+SAE), nats")
+    ax.set_title(f"LoRA around SAEs: CE gap closed {result.ce_gap_closed:.0%}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def before_after_table(result: LoRAResult, title: str) -> Any:
+    """A rich table of the held-out figures before and after the finetune."""
+    from rich.table import Table
+
+    before, after = result.before, result.after
+    table = Table(title=f"{title} ({before.tokens:,} held-out positions)", title_justify="left")
+    for col in ("", "before", "after"):
+        table.add_column(col, justify="left" if not col else "right")
+    rows = [("CE clean", before.ce_clean, after.ce_clean), ("CE with SAEs", before.ce_spliced, after.ce_spliced),
+            ("CE gap", before.delta_loss, after.delta_loss), ("KL(p_clean || p_SAE)", before.kl, after.kl),
+            ("CE adapted, no SAE", before.ce_clean, after.ce_adapted)]
+    for s_before, s_after in zip(before.splices, after.splices, strict=True):
+        rows += [(f"L0 at {s_before.hook}", s_before.l0, s_after.l0), (f"FVU at {s_before.hook}", s_before.fvu, s_after.fvu)]
+    for name, b, a in rows:
+        table.add_row(name, f"{b:.4f}", "-" if a is None else f"{a:.4f}")
+    return table

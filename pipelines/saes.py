@@ -1,0 +1,108 @@
+"""Load SAEs to splice into a live model, from any of the places researchers keep them.
+
+An SAE spec (``--sae``) is one of
+
+- a folder in SAELens' format (``cfg.json`` + ``sae_weights.safetensors``): what ``actstore
+  train-sae`` writes and what SAELens' ``SAE.save_model`` writes (``SAE.load_from_disk`` reads
+  the same folders), read by :func:`trainers.saelens_format.load_saelens`;
+- a Gemma Scope ``params.npz`` (or a folder holding one), the hook read from the release's
+  ``layer_N`` folder name (:mod:`trainers.gemma_scope`);
+- ``saelens:<release>/<sae_id>``: a released SAE fetched by SAELens' ``SAE.from_pretrained``
+  (needs the hub), written to a temporary SAELens folder and read as above.
+
+:func:`check_saes` then checks them against the model: the hook exists in the model, the SAE's
+``d_in`` is the hook's width, and no two SAEs read the same hook.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainers import SAE
+from trainers.gemma_scope import hook_from_path, load_gemma_scope
+from trainers.saelens_format import CONFIG_FILE, load_saelens
+
+from .capture import HookPoint
+
+SAELENS_PREFIX = "saelens:"
+SPEC_HELP = "an SAE folder (cfg.json + sae_weights.safetensors), a Gemma Scope params.npz, or saelens:<release>/<sae_id>"
+
+
+@dataclass(frozen=True)
+class LoadedSAE:
+    """An SAE and where it reads."""
+
+    sae: SAE
+    hook: str
+    """TransformerLens-style hook name, e.g. ``blocks.12.hook_resid_post``."""
+    source: str
+    """The spec it was loaded from."""
+
+    @property
+    def point(self) -> HookPoint:
+        return HookPoint.parse(self.hook)
+
+
+def _from_pretrained(spec: str) -> LoadedSAE:
+    release, _, sae_id = spec.removeprefix(SAELENS_PREFIX).partition("/")
+    if not release or not sae_id:
+        raise ValueError(f"{spec!r}: write saelens:<release>/<sae_id>, e.g. saelens:gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical")
+    try:
+        from sae_lens import SAE as SAELensSAE
+    except ImportError as e:
+        raise ValueError(f"{spec!r} needs SAELens: pip install sae-lens") from e
+    try:
+        released = SAELensSAE.from_pretrained(release, sae_id, device="cpu")
+    except Exception as e:  # hub offline, unknown release or id: SAELens and the hub raise their own types
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot fetch {spec!r} with SAELens: {first_line}") from e
+    released = released[0] if isinstance(released, tuple) else released
+    with tempfile.TemporaryDirectory(prefix="actstore-sae-") as tmp:
+        released.save_model(tmp)
+        sae, info = load_saelens(tmp)
+    return LoadedSAE(sae, info.hook_name, spec)
+
+
+def load_sae(spec: str) -> LoadedSAE:
+    """The SAE named by ``spec`` (see the module docstring)."""
+    if spec.startswith(SAELENS_PREFIX):
+        return _from_pretrained(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / CONFIG_FILE).exists() and (path / "params.npz").is_file():
+        path = path / "params.npz"
+    if path.is_file() and path.suffix == ".npz":
+        hook = hook_from_path(path)
+        if hook is None:
+            raise ValueError(f"cannot tell the hook of {path} (no layer_N folder in its path); "
+                             "import it first: actstore import-sae PARAMS --hook blocks.N.hook_resid_post --out DIR")
+        return LoadedSAE(load_gemma_scope(path), hook, spec)
+    if path.is_dir():
+        try:
+            sae, info = load_saelens(path)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}/{CONFIG_FILE} is not an SAELens config (missing or bad field {e})") from None
+        return LoadedSAE(sae, info.hook_name, spec)
+    raise FileNotFoundError(f"SAE {spec} does not exist; give {SPEC_HELP}")
+
+
+def check_saes(saes: list[LoadedSAE], n_layers: int, d_model: int, model_name: str) -> None:
+    """Every SAE reads a hook ``model_name`` has, at the hook's width, and hooks are distinct."""
+    if not saes:
+        raise ValueError(f"no SAE given; pass --sae with {SPEC_HELP}")
+    seen: dict[str, str] = {}
+    for s in saes:
+        try:
+            point = s.point
+        except ValueError as e:
+            raise ValueError(f"SAE {s.source} reads {s.hook!r}, a hook actstore cannot splice: {e}") from None
+        if point.layer >= n_layers:
+            raise ValueError(f"SAE {s.source} reads {s.hook}, but {model_name} has {n_layers} layers (0-{n_layers - 1}); "
+                             "is this SAE for another model?")
+        if s.sae.cfg.d_in != d_model:
+            raise ValueError(f"SAE {s.source} has d_in {s.sae.cfg.d_in}, but {s.hook} of {model_name} is {d_model} wide; "
+                             "is this SAE for another model?")
+        if s.hook in seen:
+            raise ValueError(f"SAEs {seen[s.hook]} and {s.source} both read {s.hook}; splice one SAE per hook")
+        seen[s.hook] = s.source

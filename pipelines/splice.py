@@ -1,0 +1,165 @@
+"""Splice SAEs into a live HF model: replace a hook's activation by the SAE's reconstruction.
+
+With an SAE spliced at hook ``h``, the model runs as usual up to ``h``, then carries on from
+``x_hat = SAE(x)`` instead of ``x`` (the "spliced-in" or "downstream" loss of an SAE: Gao et al.
+2024, arXiv 2406.04093 §4.1; Chen et al. 2025, arXiv 2501.19406 §3.1). Tokens at the
+beginning-of-sequence token keep their own activation: BOS activations are outliers no SAE
+is trained on (actstore's streams drop position 0), and every evaluation of spliced SAEs leaves
+them alone. Several SAEs splice at once, each reading what the earlier splices left.
+
+:class:`Splicer` installs one forward hook per SAE on the module that produces the hook's
+activation (:func:`pipelines.capture.module_for`) and switches between
+
+- ``clean``: the hooks pass the activation through;
+- ``sae``: the activation is replaced by the reconstruction;
+- ``zero``: the activation is replaced by zeros (the zero-ablation baseline of "loss recovered").
+
+Measurement (``measure=True``) accumulates at each splice, over non-BOS tokens, the mean number
+of active latents (L0) and the fraction of variance unexplained (FVU, as in
+:func:`trainers.sae.fvu`: the sum of squared errors over the total squared deviation from the
+mean over all measured tokens). Gradients flow through the reconstruction to the activation (the
+SAEs' own weights are frozen), so LoRA adapters before a later SAE learn through it.
+Shape letters: B windows, T tokens per window, D width, F latents, N tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .capture import decoder_layers, module_for
+from .saes import LoadedSAE
+
+Mode = Literal["clean", "sae", "zero"]
+
+
+@dataclass
+class SpliceStats:
+    """Running sums at one splice (float64)."""
+
+    tokens: int = 0
+    active: float = 0.0
+    """Sum over tokens of the active latent count."""
+    sq_err: float = 0.0
+    sq_norm: float = 0.0
+    sum_D: torch.Tensor | None = field(default=None, repr=False)
+
+    def add(self, x_ND: torch.Tensor, f_NF: torch.Tensor, recon_ND: torch.Tensor) -> None:
+        x64_ND = x_ND.detach().double()
+        self.tokens += x_ND.shape[0]
+        self.active += float((f_NF != 0).sum())
+        self.sq_err += float((x64_ND - recon_ND.detach().double()).pow(2).sum())
+        self.sq_norm += float(x64_ND.pow(2).sum())
+        s_D = x64_ND.sum(0)
+        self.sum_D = s_D if self.sum_D is None else self.sum_D + s_D
+
+    @property
+    def l0(self) -> float:
+        return self.active / max(self.tokens, 1)
+
+    @property
+    def fvu(self) -> float:
+        if not self.tokens or self.sum_D is None:
+            return float("nan")
+        total = self.sq_norm - float(self.sum_D.pow(2).sum()) / self.tokens
+        return self.sq_err / max(total, 1e-30)
+
+
+class Splicer:
+    """Splices ``saes`` into ``model``; use as a context manager to remove the hooks after.
+
+    Call :meth:`set_inputs` with each batch's token ids before the forward pass (it marks the
+    BOS tokens that keep their activation), and run passes under :meth:`mode`.
+    """
+
+    def __init__(self, model: nn.Module, saes: Sequence[LoadedSAE], bos_token_id: int | None):
+        self.saes = list(saes)
+        self.bos_token_id = bos_token_id
+        self._mode: Mode = "clean"
+        self._measure = False
+        self.stats: dict[str, SpliceStats] = {s.hook: SpliceStats() for s in self.saes}
+        self._keep_BT: torch.Tensor | None = None
+        layers = decoder_layers(model)
+        device = next(model.parameters()).device
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        for s in self.saes:
+            s.sae.to(device).eval().requires_grad_(False)
+            module, phase = module_for(layers, s.point)
+            if phase == "pre":
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(s), with_kwargs=True))
+            else:
+                self._handles.append(module.register_forward_hook(self._post_hook(s)))
+
+    # ---- control ----------------------------------------------------------------------------
+    def set_inputs(self, input_ids_BT: torch.Tensor) -> None:
+        """Mark the tokens of this batch that keep their own activation (BOS)."""
+        if self.bos_token_id is None:
+            self._keep_BT = torch.zeros_like(input_ids_BT, dtype=torch.bool)
+        else:
+            self._keep_BT = input_ids_BT == self.bos_token_id
+
+    @contextmanager
+    def mode(self, mode: Mode, measure: bool = False) -> Iterator[None]:
+        """Run forward passes with the splices in ``mode``; ``measure`` accumulates L0 and FVU."""
+        old = self._mode, self._measure
+        self._mode, self._measure = mode, measure
+        try:
+            yield
+        finally:
+            self._mode, self._measure = old
+
+    def reset_stats(self) -> None:
+        self.stats = {s.hook: SpliceStats() for s in self.saes}
+
+    # ---- the replacement -------------------------------------------------------------------
+    def _replace(self, s: LoadedSAE, x_BTD: torch.Tensor) -> torch.Tensor | None:
+        if self._mode == "clean":
+            return None
+        if self._keep_BT is None or self._keep_BT.shape != x_BTD.shape[:-1]:
+            raise RuntimeError("Splicer.set_inputs must be called with this batch's token ids before the forward pass")
+        keep_BT1 = self._keep_BT.unsqueeze(-1)
+        if self._mode == "zero":
+            return x_BTD.masked_fill(~keep_BT1, 0.0)
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1]).float()
+        f_NF = s.sae.encode(x_ND)
+        recon_ND = s.sae.decode(f_NF)
+        if self._measure:
+            spliced_N = ~self._keep_BT.reshape(-1)
+            self.stats[s.hook].add(x_ND[spliced_N], f_NF[spliced_N], recon_ND[spliced_N])
+        return torch.where(keep_BT1, x_BTD, recon_ND.view(x_BTD.shape).to(x_BTD.dtype))
+
+    def _post_hook(self, s: LoadedSAE):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            x_BTD = output[0] if isinstance(output, tuple) else output
+            new_BTD = self._replace(s, x_BTD)
+            if new_BTD is None:
+                return None
+            return (new_BTD, *output[1:]) if isinstance(output, tuple) else new_BTD
+
+        return hook
+
+    def _pre_hook(self, s: LoadedSAE):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args:
+                new_BTD = self._replace(s, args[0])
+                return None if new_BTD is None else ((new_BTD, *args[1:]), kwargs)
+            new_BTD = self._replace(s, kwargs["hidden_states"])
+            return None if new_BTD is None else (args, {**kwargs, "hidden_states": new_BTD})
+
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Splicer:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
