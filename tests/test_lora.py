@@ -316,3 +316,26 @@ def test_a_shared_prefix_gives_the_same_loss_and_gradients(tmp_path, tiny_llama,
     for g0, g1 in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(g0, g1)
     assert all(type(b).__name__ != "_PassThrough" for b in lm.model.model.layers)  # blocks put back
+
+
+def test_released_saelens_saes_are_fetched_and_converted(tmp_path, monkeypatch):
+    sae_lens = pytest.importorskip("sae_lens")
+    torch.manual_seed(0)
+    released = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=D, d_sae=96, k=8))
+    with torch.no_grad():
+        for p in released.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    released.cfg.metadata.hook_name = "blocks.2.hook_resid_post"
+    asked = {}
+
+    def from_pretrained(release, sae_id, device="cpu"):  # stands in for the hub download
+        asked.update(release=release, sae_id=sae_id)
+        return released
+
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", staticmethod(from_pretrained))
+    mine = load_sae("saelens:some-release/layer_2/width_16k/canonical")
+    assert asked == {"release": "some-release", "sae_id": "layer_2/width_16k/canonical"}
+    assert mine.hook == "blocks.2.hook_resid_post" and mine.source.startswith("saelens:")
+    x = torch.randn(8, D)
+    with torch.no_grad():
+        torch.testing.assert_close(mine.sae(x), released(x), atol=1e-5, rtol=1e-4)
