@@ -46,7 +46,7 @@ from torch import nn
 
 from .adapters import ADAPTER_INFO, adapters_off, lora_model
 from .capture import HookPoint
-from .evaluate import EvalResult, autocast_for, load_saes, measure
+from .evaluate import EvalResult, SpliceMetrics, autocast_for, load_saes, measure
 from .models import ModelDType, load_model, model_identity, model_shape
 from .prefix import SharedPrefix
 from .progress import progress_bar
@@ -215,20 +215,17 @@ class LoRATrainer:
         shutil.rmtree(root, ignore_errors=True)
         tmp.rename(root)
 
-    def load_checkpoint(self, root: Path) -> dict[str, Any]:
+    def load_checkpoint(self, root: Path, state: dict[str, Any]) -> None:
+        """Adapter weights from ``root`` and the optimiser and step from its ``state``."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        state = torch.load(root / STATE_FILE, weights_only=False)
         set_peft_model_state_dict(self.model, load_file(str(root / "adapter_model.safetensors"), device=str(self.device)))
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.curve = state["step"], [tuple(x) for x in state["curve"]]
-        return state
 
 
 def _eval_result(d: dict[str, Any]) -> EvalResult:
-    from .evaluate import SpliceMetrics
-
     fields = {k: v for k, v in d.items() if k not in ("delta_loss", "loss_recovered", "splices")}
     return EvalResult(**fields, splices=tuple(SpliceMetrics(**s) for s in d["splices"]))
 
@@ -273,7 +270,7 @@ def train_lora(cfg: LoRAConfig) -> LoRAResult:
         shared = min(min(s.point.layer for s in saes), layers[0])
         trainer = LoRATrainer(cfg, model, splicer, iter(()), shared_blocks=shared)
         if resume is not None:
-            trainer.load_checkpoint(out / CHECKPOINT_DIR)
+            trainer.load_checkpoint(out / CHECKPOINT_DIR, resume)
             log.info("resuming %s from step %d", out, trainer.step)
         # the windows an uninterrupted run would train on from here
         trainer.windows = itertools.islice(token_windows(cfg.text, lm.tokenizer), skip + trainer.step * cfg.batch_size, None)

@@ -33,10 +33,10 @@ def save_sae(path, hook, sae=None, d_in=D, seed=0):
     return str(path)
 
 
-def perfect_sae():
+def perfect_sae(d=D):
     """ReLU SAE with W_enc = [I, -I], W_dec = [I; -I]: relu(x) - relu(-x) = x exactly."""
-    sae = make_sae(sae_config("relu", d_in=D, d_sae=2 * D))
-    eye = torch.eye(D)
+    sae = make_sae(sae_config("relu", d_in=d, d_sae=2 * d))
+    eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], 1))
         sae.W_dec.copy_(torch.cat([eye, -eye], 0))

@@ -14,22 +14,14 @@ import torch
 from pipelines import smollm2
 from pipelines.evaluate import EvalConfig, evaluate
 from pipelines.text import TextConfig, take_windows
-from trainers import make_sae, sae_config
+from tests.test_lora import perfect_sae
 from trainers.saelens_format import HookInfo, save_saelens
 
 pytestmark = pytest.mark.slow
-D = 576
 
 
 def test_eval_on_smollm2_matches_transformers_loss_and_a_perfect_sae_changes_nothing(tmp_path):
-    sae = make_sae(sae_config("relu", d_in=D, d_sae=2 * D))
-    eye = torch.eye(D)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    save_saelens(sae, tmp_path / "perfect", HookInfo("blocks.15.hook_resid_post", smollm2.NAME, 128))
+    save_saelens(perfect_sae(576), tmp_path / "perfect", HookInfo("blocks.15.hook_resid_post", smollm2.NAME, 128))
     text = TextConfig(split="test", context_size=128)
     r = evaluate(EvalConfig(model=smollm2.NAME, saes=(str(tmp_path / "perfect"),), text=text, tokens=1024,
                             device="cpu", progress=False))
