@@ -264,8 +264,12 @@ def train_lora(cfg: LoRAConfig) -> LoRAResult:
         else:
             before = _eval_result(resume["before"])
         model = lora_model(lm.model, layers, cfg.rank, cfg.alpha, cfg.dropout)
-        if cfg.gradient_checkpointing:
-            lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
+            enable = getattr(lm.model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # LoRA dropout and checkpointing act in training mode (the models' own dropout is 0)
         shared = min(min(s.point.layer for s in saes), layers[0])
         trainer = LoRATrainer(cfg, model, splicer, iter(()), shared_blocks=shared)

@@ -339,3 +339,24 @@ def test_released_saelens_saes_are_fetched_and_converted(tmp_path, monkeypatch):
     x = torch.randn(8, D)
     with torch.no_grad():
         torch.testing.assert_close(mine.sae(x), released(x), atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, tiny_llama, monkeypatch):
+    from pipelines.capture import decoder_layers
+
+    sae_dir = save_sae(tmp_path / "sae", "blocks.1.hook_resid_post")
+    mlp_calls = []
+    real_fit = LoRATrainer.fit
+
+    def counting_fit(self, on_step):  # the last block's MLP starts once per pass, again when recomputed
+        decoder_layers(self.model)[3].mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(self.step))
+        return real_fit(self, on_step)
+
+    monkeypatch.setattr(LoRATrainer, "fit", counting_fit)
+    plain = train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "plain", tokens=3 * 4 * 32))
+    plain_calls, mlp_calls[:] = len(mlp_calls), []
+    recomputed = train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "ckpt", tokens=3 * 4 * 32, gradient_checkpointing=True))
+    assert len(mlp_calls) == plain_calls + 3  # one recompute per training step
+    assert recomputed.after.ce_spliced == pytest.approx(plain.after.ce_spliced, rel=1e-5)
+    curves = [np.array(json.loads((tmp_path / run / "lora.json").read_text())["curve"]) for run in ("plain", "ckpt")]
+    np.testing.assert_allclose(curves[1], curves[0], rtol=1e-5)
