@@ -1,7 +1,7 @@
 # Set-up on a fresh machine, then the main job or the tests.
 #   make demo   virtualenv + install + the offline demo
 #   make test   virtualenv + install + the whole test suite
-#   make bench  the benchmarks, each printing its ratios
+#   make bench  every benchmark, one after the other, then one table of their figures
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -25,17 +25,10 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(VENV)/bin/actstore harvest --model smollm2-135m --layers 0-29 --dataset builtin:python-docs \
-		--tokens 20000 --out runs/demo
-	$(VENV)/bin/actstore info runs/demo
+	$(VENV)/bin/actstore demo --out runs/demo
 
 bench: setup
-	$(PY) benchmarks/bench_store.py
-	$(PY) benchmarks/bench_harvest.py
-	$(PY) benchmarks/bench_stream.py
-	$(PY) benchmarks/bench_train.py
-	$(PY) benchmarks/bench_groups.py
-	$(PY) benchmarks/bench_lora.py
+	$(PY) benchmarks/run_all.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

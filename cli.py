@@ -372,6 +372,25 @@ def lora(
     typer.echo(f"CE gap closed: {result.ce_gap_closed:.1%}; adapter, lora.json and lora_curve.png in {out}")
 
 
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[str, typer.Option(help="Folder for the store, groups, SAEs, adapter and plots (the store is reused on a rerun).")] = "runs/demo",
+    tokens: Annotated[str, typer.Option(help="Tokens harvested.")] = "48k",
+    lora_tokens: Annotated[str, typer.Option(help="LoRA training tokens.")] = "40k",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """The whole pipeline offline on SmolLM2-135M: harvest, info, groups, train-sae, eval, lora (about 10 min on 2 cores)."""
+    from pipelines.demo import DemoConfig, run_demo, summary_table
+    from pipelines.harvest import parse_count
+
+    console = Console()
+    result = run_demo(DemoConfig(out=out, tokens=parse_count(tokens), lora_tokens=parse_count(lora_tokens), progress=progress), console)
+    console.rule("[bold]summary")
+    console.print(summary_table(result))
+    typer.echo("plots: " + ", ".join(str(p) for p in result.pngs))
+
+
 def _model_dtype(value: str) -> Any:
     if value not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"unknown --model-dtype {value!r}; choose auto, float32, bfloat16 or float16")

@@ -32,6 +32,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the model loader's bars
 from rich.console import Console  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from report import write_json  # noqa: E402
+
 from pipelines import smollm2  # noqa: E402
 from pipelines.group_eval import compare_groups, comparison_tables  # noqa: E402
 from pipelines.groups import GroupsConfig, find_groups, plot_heatmap  # noqa: E402
@@ -79,9 +81,12 @@ def main() -> None:
     for table in comparison_tables(result):
         console.print(table)
     console.print(f"heatmap: {root / 'groups_heatmap.png'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"amad": groups.amad, "chosen": G, "groups": groups.groups, **result.summary()},
-                                              indent=2) + "\n")
+    summary = result.summary()
+    write_json(args.json, [
+        ("groups chosen (AMAD <= threshold)", f"{G} of {len(layers)} layers", ""),
+        ("training time, per-layer SAEs / group SAEs", f"{summary['time_saved']:.1f}x", ""),
+        ("held-out FVU change, group SAE vs own SAE (mean)", f"{summary['mean_fvu_change']:+.1%}", ""),
+    ], amad=groups.amad, chosen=G, groups=groups.groups, **summary)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ AdamW lr 5e-5, clip 1.0) and about 0.1M training tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from report import write_json  # noqa: E402
+
 from pipelines import smollm2  # noqa: E402
 from pipelines.harvest import HarvestConfig, harvest  # noqa: E402
 from pipelines.lora import LoRAConfig, before_after_table, train_lora  # noqa: E402
@@ -90,12 +91,11 @@ def main() -> None:
     total = time.perf_counter() - t_all
     console.print(f"CE gap closed: {result.ce_gap_closed:.1%} (goal >= 30%); lora stage {t_lora:.0f} s "
                   f"(training {result.seconds:.0f} s, {result.tokens / result.seconds:,.0f} tokens/s), whole run {total / 60:.1f} min")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "hook": hook, "ce_gap_closed": result.ce_gap_closed, "before": before.to_json(), "after": after.to_json(),
-            "seconds": {"harvest": t_harvest, "sae": t_sae, "lora": t_lora, "lora_training": result.seconds, "total": total},
-            "torch_threads": torch.get_num_threads(), "args": vars(args)}, indent=2) + "\n")
-
+    write_json(args.json, [("CE gap closed by LoRA around a TopK SAE", f"{result.ce_gap_closed:.1%}", ">= 30%"),
+                           ("bench_lora whole run", f"{total / 60:.1f} min", "about 15 min")],
+               hook=hook, ce_gap_closed=result.ce_gap_closed, before=before.to_json(), after=after.to_json(),
+               seconds={"harvest": t_harvest, "sae": t_sae, "lora": t_lora, "lora_training": result.seconds, "total": total},
+               torch_threads=torch.get_num_threads(), args=vars(args))
 
 if __name__ == "__main__":
     main()

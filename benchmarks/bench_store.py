@@ -25,6 +25,7 @@ from pathlib import Path
 import numcodecs
 import numpy as np
 import torch
+from report import write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("--layers", default="0,7,14,21,28")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--json", help="also write the headline figures to this JSON file")
     args = parser.parse_args()
     console = Console()
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="actstore-bench-"))
@@ -162,6 +164,8 @@ def main() -> None:
     for name, t_w, t_r in rows:
         table.add_row(f"store {name}", f"{mb / t_w:.0f}", f"{t_plain_w / t_w:.2f}", f"{mb / t_r:.0f}", f"{t_plain_r / t_r:.2f}")
     console.print(table)
+    headline = [(f"store {name} {kind} / plain files", f"{t_plain / t:.2f}", "")
+                for name, t_w, t_r in rows for kind, t_plain, t in (("write", t_plain_w, t_w), ("read", t_plain_r, t_r))]
 
     # ---- compression ----------------------------------------------------------------------
     comp = Table(title="compression on real activations (raw bytes of the stored dtype / bytes stored)")
@@ -176,6 +180,8 @@ def main() -> None:
         s = write_capture(url, cap, cfg.with_(dtype=dtype), overwrite=True).summary()
         values = s["n_tokens"] * sum(cfg.width(h) for h in cfg.hooks)
         comp.add_row(dtype, "zstd-1 byte-shuffled", f"{s['compression_ratio']:.3f}", f"{s['acts_bytes_stored'] / values:.3f}")
+        if dtype == "bfloat16":
+            headline.append(("compression, bf16 zstd-1 byte-shuffled", f"{s['compression_ratio']:.2f}x", ""))
     console.print(comp)
 
     # ---- fp8 error ------------------------------------------------------------------------
@@ -186,6 +192,7 @@ def main() -> None:
         mean_rel, max_rel, cos = fp8_errors(x)
         err.add_row(hook, f"{mean_rel:.4f}", f"{max_rel:.4f}", f"{cos:.5f}", f"{bf16_error(x):.4f}")
     console.print(err)
+    write_json(args.json, headline, megabytes=mb, cores=os.cpu_count())
     if args.dir is None:
         shutil.rmtree(scratch, ignore_errors=True)
 

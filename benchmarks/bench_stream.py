@@ -35,6 +35,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_store import Capture, capture, store_config, write_capture  # noqa: E402
+from report import write_json  # noqa: E402
 
 import actstore  # noqa: E402
 from actstore.shuffle import ideal_same_context_rate, same_context_rate  # noqa: E402
@@ -129,6 +130,7 @@ def main() -> None:
     p.add_argument("--memory", default="256MiB")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--s3-tokens", type=int, default=32768)
+    p.add_argument("--json", help="also write the headline figures to this JSON file")
     args = p.parse_args()
     console = Console()
     layers = [int(x) for x in args.layers.split(",")]
@@ -142,6 +144,7 @@ def main() -> None:
                         f"batch {args.batch_size}, memory {args.memory}, median of {args.repeats})")
     for col in ("store", "hooks", "plain read MB/s", "stream MB/s", "ratio", "after 1st batch MB/s", "ratio "):
         table.add_column(col, justify="right" if col != "store" else "left")
+    headline: list[tuple[str, str, str]] = []
     for codec in ("none", "zstd"):
         cfg = store_config(lm, cap, CONTEXT, dtype="bfloat16", codec=codec)
         store = write_capture(str(tmp / codec), cap, cfg)
@@ -151,7 +154,11 @@ def main() -> None:
             for _ in range(args.repeats):
                 plain.append(plain_read(store, files))
                 streamed.append(stream_read(store, chosen, args.batch_size, args.epochs, args.memory))
-            table.add_row(f"local bf16 {codec}", str(len(chosen)), *ratio_cells(plain, streamed))
+            cells = ratio_cells(plain, streamed)
+            table.add_row(f"local bf16 {codec}", str(len(chosen)), *cells)
+            goal = ">= 0.70" if codec == "none" else ""
+            headline += [(f"stream / plain read, local {codec}, {len(chosen)} hook(s), whole run", cells[2], goal),
+                         (f"stream / plain read, local {codec}, {len(chosen)} hook(s), after 1st batch", cells[4], goal)]
 
     s3 = s3_store(cap, lm, args.s3_tokens)
     if s3 is not None:
@@ -162,6 +169,7 @@ def main() -> None:
         if actstore.stream(s3, hooks[0], args.batch_size, memory=args.memory).block_tokens >= s3.n_tokens:
             cells[3:] = ["(one block)", ""]  # the whole store is read before the first batch: no steady state
         table.add_row("S3 (moto, loopback) bf16 none", "1", *cells)
+        headline.append(("stream / plain read, S3 (moto, loopback), 1 hook, whole run", cells[2], ""))
     console.print(table)
 
     store = actstore.open_store(str(tmp / "none"))
@@ -172,10 +180,12 @@ def main() -> None:
     for memory in ("2GiB", "128MiB", "32MiB", "8MiB"):
         block, ratio = quality(store, hooks[0], args.batch_size, memory)
         q.add_row(f"actstore memory={memory}", f"{block:,} per block", f"{ratio:.2f}")
+        headline.append((f"shuffle quality, memory {memory} (ideal 1)", f"{ratio:.2f}", "<= 2"))
         if block < store.n_tokens:  # a mixing buffer holding as many tokens as actstore's two blocks
             q.add_row("  mixing buffer, same memory (SAELens-like)", f"{2 * block:,} in buffer",
                       f"{mixing_buffer_quality(store, args.batch_size, 2 * block):.2f}")
     console.print(q)
+    write_json(args.json, headline, cores=os.cpu_count(), torch_threads=torch.get_num_threads())
 
 
 def s3_store(cap: Capture, lm, n_tokens: int) -> actstore.Store | None:

@@ -326,7 +326,8 @@ def _save(result: LoRAResult, cfg: LoRAConfig, model: nn.Module, saes: list[Load
 
 
 def _plot_curve(path: Path, curve: list[tuple[int, float]], result: LoRAResult) -> None:
-    """Training KL per step (and its running mean) with the held-out KL before and after."""
+    """Left: training KL per step (and its running mean) with the held-out KL before and after.
+    Right: held-out CE clean and with the SAEs, before and after (the CE gap closed)."""
     try:
         import matplotlib
 
@@ -340,15 +341,23 @@ def _plot_curve(path: Path, curve: list[tuple[int, float]], result: LoRAResult) 
     steps, kl = np.array([s for s, _ in curve]), np.array([v for _, v in curve])
     window = max(1, len(kl) // 20)
     smooth = np.convolve(kl, np.ones(window) / window, mode="valid")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     ax.plot(steps, kl, alpha=0.3, label="training KL (per step)")
     ax.plot(steps[window - 1:], smooth, label=f"running mean ({window} steps)")
     ax.axhline(result.before.kl, color="C3", ls="--", label=f"held-out KL before ({result.before.kl:.3f})")
     ax.axhline(result.after.kl, color="C2", ls="--", label=f"held-out KL after ({result.after.kl:.3f})")
     ax.set_xlabel("step")
     ax.set_ylabel("KL(p_base || p_adapted+SAE), nats")
-    ax.set_title(f"LoRA around SAEs: CE gap closed {result.ce_gap_closed:.0%}")
+    ax.set_title("LoRA training")
     ax.legend(fontsize=8)
+    names = ["clean", "with SAEs\nbefore", "with SAEs\nafter"]
+    values = [result.before.ce_clean, result.before.ce_spliced, result.after.ce_spliced]
+    bars.bar(names, values, color=["C7", "C3", "C2"])
+    for i, v in enumerate(values):
+        bars.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    bars.set_ylim(min(values) * 0.9, max(values) * 1.05)
+    bars.set_ylabel("held-out CE loss, nats")
+    bars.set_title(f"CE gap closed: {result.ce_gap_closed:.0%}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

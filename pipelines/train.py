@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -50,6 +51,9 @@ from trainers.saelens_format import HookInfo, save_saelens
 from trainers.trainer import CHECKPOINT_FILE, Experiment, TrainConfig, Trainer, evaluate
 
 log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 100
+"""Learning-rate warm-up; runs shorter than 1,000 steps warm up over their first tenth."""
 SPARSITY_KEY = {"topk": "k", "batchtopk": "k", "relu": "l1_coeff", "gated": "l1_coeff", "jumprelu": "l0_coeff"}
 SWEEP_KEYS = {"name", "arch", "expansion", "d_sae", "lr"}
 
@@ -164,8 +168,10 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         )
         data = LayerSampled(stream, cfg.seed) if cfg.group else stream
         scales = {h: stream.scales.get(h, 1.0) for h in hooks}
+        steps = math.ceil(cfg.tokens / (cfg.batch_size * ranks.world_size))
         train = TrainConfig(tokens=cfg.tokens, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                            device=ranks.device, dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 4)))
+                            device=ranks.device, dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 4)),
+                            lr_warmup_steps=min(WARMUP_STEPS, max(1, steps // 10)))
         trainer = Trainer(train, exps, data, out_dir=out)
         if (out / CHECKPOINT_FILE).exists():
             trainer.load_checkpoint()
