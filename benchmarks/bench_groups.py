@@ -86,7 +86,7 @@ def main() -> None:
         ("groups chosen (AMAD <= threshold)", f"{G} of {len(layers)} layers", ""),
         ("training time, per-layer SAEs / group SAEs", f"{summary['time_saved']:.1f}x", ""),
         ("held-out FVU change, group SAE vs own SAE (mean)", f"{summary['mean_fvu_change']:+.1%}", ""),
-    ], amad=groups.amad, chosen=G, groups=groups.groups, **summary)
+    ], amad=groups.amad, chosen=G, chosen_groups=groups.groups, **summary)
 
 
 if __name__ == "__main__":
