@@ -1,21 +1,24 @@
-"""File byte ranges mapped back to back into one address range (Linux), so one gather reads
-rows straight from the page cache of many shard files.
+"""Whole files mapped at fixed slots of one reserved address range (Linux), so one gather
+reads rows straight from the page cache of many shard files, epoch after epoch.
 
 The shuffled stream gathers each batch from a block of chunks spread over many shard files.
 Copying the chunks into a block buffer first and gathering from there costs two passes over
 memory where a plain sequential read costs one. For uncompressed local stores the rows can
-instead be gathered from the page cache directly: a :class:`MappedRanges` reserves one range
-of address space and maps each file range (``mmap`` with ``MAP_FIXED``) at the next page
-boundary in it, so every mapped chunk has an offset in a single buffer. An overlapping strided
-view of that buffer (:meth:`MappedRanges.rows_view`: row ``i`` starts at element ``i``) then
-lets one ``index_select`` copy rows from any mapped chunk, in any file.
+instead be gathered from the page cache directly: :class:`FileSlots` reserves one range of
+address space with a fixed-size slot per file and maps each file whole (``mmap`` with
+``MAP_FIXED``) into its slot the first time it is needed, so every byte of every file has one
+offset in a single buffer. An overlapping strided view of that buffer (:meth:`FileSlots.rows_view`:
+row ``i`` starts at element ``i``) lets one ``index_select`` copy rows from any chunk of any file.
 
-Mappings are made with ``MAP_POPULATE`` (unless ``populate=False``: the caller reads every
-byte right away, e.g. to verify checksums on several threads), so the thread that maps a block
-also faults its pages in (reading them from disk if they are not cached) before the gather
-needs them. The address
-range is unmapped when the last tensor viewing it is freed. Files are checked to be long
-enough before mapping (reading past the end of a mapped file would kill the process).
+Mappings stay for the life of the object (as ``numpy.memmap`` or the memory-mapped Arrow files
+of Hugging Face ``datasets`` do), so a chunk's page-table entries, once made, serve every later
+epoch: :meth:`FileSlots.populate` makes them ahead of the gather (``MADV_POPULATE_READ``, which
+also reads pages that are not cached), and :meth:`FileSlots.release` drops them again (the pages
+stay in the page cache) where the caller streams more than memory holds. The kernel reclaims
+mapped file pages under memory pressure as it does any page cache. The reservation is unmapped
+when the object and the last tensor viewing it are gone. Files are checked against their slot and
+callers check byte ranges against :meth:`FileSlots.size` (reading past the end of a mapped file
+would kill the process).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import ctypes.util
 import mmap
 import os
 import sys
+import threading
 import weakref
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -34,7 +37,7 @@ import torch
 PAGE = mmap.PAGESIZE
 _PROT_NONE, _PROT_READ = 0, 1
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x01, 0x02, 0x10, 0x20, 0x4000
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_MADV_DONTNEED, _MADV_POPULATE_READ = 4, 22
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _UNIT_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
@@ -50,15 +53,18 @@ def _libc() -> ctypes.CDLL | None:
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
     libc.munmap.restype = ctypes.c_int
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.madvise.restype = ctypes.c_int
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
 
 
 _LIBC = _libc()
 AVAILABLE = _LIBC is not None
-"""Whether this platform can map file ranges back to back (Linux)."""
+"""Whether this platform can map files at fixed slots (Linux)."""
 
 
-def _round_up(n: int) -> int:
+def round_up(n: int) -> int:
+    """``n`` rounded up to whole pages."""
     return -(-n // PAGE) * PAGE
 
 
@@ -76,60 +82,68 @@ def _unmap(addr: int, length: int) -> None:
     _LIBC.munmap(addr, length)
 
 
-class MappedRanges:
-    """Byte ranges ``(path, offset, nbytes)`` of files, mapped read-only into one address range.
+class FileSlots:
+    """``n_slots`` slots of ``slot_bytes`` (whole pages) in one reserved address range; a file
+    mapped read-only into slot ``i`` starts at byte ``i * slot_bytes`` of :attr:`bytes_u8`."""
 
-    ``starts[i]`` is where range ``i`` begins in :attr:`bytes_u8`. Ranges that continue each
-    other in the same file share one mapping. Raises ``FileNotFoundError`` for a missing file
-    and ``EOFError`` (naming the file) for one shorter than a range needs.
-    """
-
-    def __init__(self, ranges: Sequence[tuple[str, int, int]], populate: bool = True):
+    def __init__(self, n_slots: int, slot_bytes: int):
         if not AVAILABLE:
-            raise OSError("mapping file ranges into one address range needs Linux")
-        # runs of ranges that continue each other in one file: one mapping each
-        runs: list[list[int]] = []
-        for i, (path, off, _) in enumerate(ranges):
-            if runs:
-                p, o, m = ranges[runs[-1][-1]]
-                if p == path and o + m == off:
-                    runs[-1].append(i)
-                    continue
-            runs.append([i])
-        plans = []  # (path, file offset aligned down, length, slot start)
-        slot = 0
-        self.starts = np.zeros(len(ranges), dtype=np.int64)
-        for run in runs:
-            path, first, _ = ranges[run[0]]
-            _, last_off, last_n = ranges[run[-1]]
-            aligned = first - first % PAGE
-            length = _round_up(last_off + last_n - aligned)
-            for i in run:
-                self.starts[i] = slot + ranges[i][1] - aligned
-            plans.append((path, aligned, last_off + last_n, length, slot))
-            slot += length
-        self.nbytes = max(slot, PAGE)
+            raise OSError("mapping files at fixed slots needs Linux")
+        self.slot_bytes = round_up(max(1, slot_bytes))
+        self.nbytes = self.slot_bytes * max(1, n_slots)
         self.address = _mmap(None, self.nbytes, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
         self._finalizer = weakref.finalize(self, _unmap, self.address, self.nbytes)
-        try:
-            for path, aligned, end, length, at in plans:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    size = os.fstat(fd).st_size
-                    if size < end:
-                        raise EOFError(f"{path} holds {size} bytes, a chunk needs {end}")
-                    flags = _MAP_SHARED | _MAP_FIXED | (_MAP_POPULATE if populate else 0)
-                    _mmap(self.address + at, length, _PROT_READ, flags, fd, aligned)
-                finally:
-                    os.close(fd)
-        except BaseException:
-            self._finalizer()
-            raise
+        self._sizes: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._populate_works = True
+
+    def map(self, slot: int, path: str) -> int:
+        """Map ``path`` whole into ``slot`` (once; later calls return at once) and return its size
+        in bytes. Raises ``FileNotFoundError`` for a missing file and ``EOFError`` for one larger
+        than a slot."""
+        with self._lock:
+            if slot in self._sizes:
+                return self._sizes[slot]
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                if size > self.slot_bytes:
+                    raise EOFError(f"{path} holds {size} bytes, more than the {self.slot_bytes} its layout allows")
+                if size:
+                    _mmap(self.address + slot * self.slot_bytes, round_up(size), _PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, 0)
+            finally:
+                os.close(fd)
+            self._sizes[slot] = size
+            return size
+
+    def size(self, slot: int) -> int | None:
+        """Bytes of the file mapped in ``slot``; None before it is mapped."""
+        return self._sizes.get(slot)
+
+    def _advise(self, start: int, nbytes: int, advice: int, outward: bool) -> int:
+        assert _LIBC is not None
+        lo = start - start % PAGE if outward else round_up(start)
+        hi = round_up(start + nbytes) if outward else (start + nbytes) - (start + nbytes) % PAGE
+        if hi <= lo:
+            return 0
+        return _LIBC.madvise(self.address + lo, hi - lo, advice)
+
+    def populate(self, start: int, nbytes: int) -> None:
+        """Fault in the pages of mapped bytes ``[start, start + nbytes)`` now (reading them from
+        disk if they are not cached), so a later gather finds them; a no-op on kernels before
+        5.14, where the gather faults them in itself."""
+        if self._populate_works and self._advise(start, nbytes, _MADV_POPULATE_READ, outward=True) != 0:
+            self._populate_works = False
+
+    def release(self, start: int, nbytes: int) -> None:
+        """Drop the page-table entries of the whole pages inside ``[start, start + nbytes)``;
+        the data stays in the page cache and a later read faults it back in."""
+        self._advise(start, nbytes, _MADV_DONTNEED, outward=False)
 
     @property
     def bytes_u8(self) -> np.ndarray:
-        """The whole address range as bytes (pages between ranges are not readable); the
-        mapping lives while any array or tensor viewing it does."""
+        """The whole address range as bytes (only mapped file bytes are readable); the mapping
+        lives while any array or tensor viewing it does."""
         buffer = (ctypes.c_uint8 * self.nbytes).from_address(self.address)
         buffer._owner = self  # type: ignore[attr-defined]
         return np.ctypeslib.as_array(buffer)
@@ -148,4 +162,4 @@ def unit_for(row_bytes: int, starts: np.ndarray) -> int:
     return next(u for u in (8, 4, 2, 1) if g % u == 0)
 
 
-__all__ = ["AVAILABLE", "PAGE", "MappedRanges", "unit_for"]
+__all__ = ["AVAILABLE", "PAGE", "FileSlots", "round_up", "unit_for"]

@@ -51,7 +51,8 @@ def _blosc_encoder_cached(cname: str, clevel: int, shuffle: str, blocksize: int)
 
 
 @functools.cache
-def _decode_pool() -> ThreadPoolExecutor:
+def decode_pool() -> ThreadPoolExecutor:
+    """Threads that check and decode chunks (crc32c and blosc release the GIL): one per core."""
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="actstore-decode")
 
 
@@ -175,7 +176,8 @@ class ShardedArrayReader:
         # object stores run a batch of ranged reads concurrently: bound how many are in flight
         self._concurrency = {"batch_size": max_concurrency} if isinstance(loc.fs, AsyncFileSystem) else {}
         self._local = isinstance(loc.fs, LocalFileSystem) and hasattr(os, "preadv")
-        self._verified = np.zeros(-(-layout.shape[0] // layout.chunk_tokens), dtype=bool)  # mapped chunks checked
+        self.verified = np.zeros(-(-layout.shape[0] // layout.chunk_tokens), dtype=bool)
+        """Chunks whose checksums a mapped read has checked (committed chunks do not change)."""
 
     # ---- shard indexes --------------------------------------------------------------------
     def _shard_path(self, shard: int) -> str:
@@ -282,7 +284,7 @@ class ShardedArrayReader:
         if len(jobs) == 1:
             self._decode_into(*jobs[0])
         else:  # blosc and crc32c release the GIL: decode chunks on all cores
-            list(_decode_pool().map(lambda job: self._decode_into(*job), jobs))
+            list(decode_pool().map(lambda job: self._decode_into(*job), jobs))
 
     def _read_local_into(self, chunks: Sequence[tuple[int, int]], outs: Sequence[np.ndarray]) -> None:
         """Local fast path: each chunk is read with ``pread`` on a pool thread, an uncompressed
@@ -321,25 +323,26 @@ class ShardedArrayReader:
         if len(chunks) == 1:
             read_one(0)
         else:
-            list(_decode_pool().map(read_one, range(len(chunks))))
+            list(decode_pool().map(read_one, range(len(chunks))))
 
     @property
     def mappable(self) -> bool:
-        """Whether :meth:`map_chunks` can serve this array (local, uncompressed, Linux)."""
+        """Whether :class:`actstore.mapped.MappedArrays` can serve this array (local,
+        uncompressed, Linux)."""
         return self._local and self.layout.blosc is None and mapping.AVAILABLE
 
-    def map_chunks(self, chunks: Sequence[tuple[int, int]]) -> mapping.MappedRanges:
-        """Map inner chunks ``(shard, chunk_in_shard)`` of an uncompressed local array into one
-        address range (:class:`actstore.mapping.MappedRanges`, whose ``starts`` are where each
-        chunk's data begins). Same checks and errors as reading; a chunk's checksum is verified
-        the first time this reader maps it (committed shards do not change)."""
-        return map_arrays([self], chunks)
+    @property
+    def max_shard_bytes(self) -> int:
+        """The most bytes an uncompressed shard object of this array can hold."""
+        n = self.layout.chunks_per_shard
+        return n * (self.layout.chunk_bytes + self.layout.crc_len) + n * 16 + 4
 
-    def _chunk_ranges(self, chunks: Sequence[tuple[int, int]]) -> list[tuple[str, int, int]]:
-        """``(file, offset, nbytes)`` of each chunk, checked against the shard index."""
+    def chunk_spans(self, chunks: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``(offset, nbytes)`` of each inner chunk ``(shard, chunk_in_shard)`` in its shard
+        object (checksum included), checked against the shard index as a read would."""
         indexes = self.shard_indexes(sorted({s for s, _ in chunks}))
         chunk_bytes, crc_len = self.layout.chunk_bytes, self.layout.crc_len
-        ranges = []
+        spans = []
         for shard, c in chunks:
             offset, nbytes = (int(v) for v in indexes[shard][c])
             where = f"{self.layout.path} shard {shard} chunk {c}"
@@ -347,27 +350,12 @@ class ShardedArrayReader:
                 raise MissingChunkError(f"{where} is absent")
             if nbytes != chunk_bytes + crc_len:
                 raise CorruptChunkError(f"{where}: holds {nbytes - crc_len} bytes, expected {chunk_bytes}")
-            ranges.append((self._shard_path(shard), offset, nbytes))
-        return ranges
+            spans.append((offset, nbytes))
+        return spans
 
-    def _chunk_numbers(self, chunks: Sequence[tuple[int, int]]) -> np.ndarray:
-        cps = self.layout.chunks_per_shard
-        return np.fromiter((shard * cps + c for shard, c in chunks), dtype=np.int64, count=len(chunks))
-
-    def _verify_mapped(self, region: np.ndarray, starts: np.ndarray, chunks: Sequence[tuple[int, int]]) -> None:
-        """Check the checksums of mapped chunks this reader has not checked before."""
-        if not self.layout.crc:
-            return
-        cps, n = self.layout.chunks_per_shard, self.layout.chunk_bytes
-        unchecked = [i for i, (shard, c) in enumerate(chunks) if not self._verified[shard * cps + c]]
-
-        def verify(i: int) -> None:
-            a, (shard, c) = int(starts[i]), chunks[i]
-            if crc32c.crc32c(region[a : a + n]) != int.from_bytes(region[a + n : a + n + 4], "little"):
-                raise CorruptChunkError(f"{self.layout.path} shard {shard} chunk {c}: checksum mismatch (data is damaged)")
-            self._verified[shard * cps + c] = True
-
-        list(_decode_pool().map(verify, unchecked))
+    def shard_path(self, shard: int) -> str:
+        """Local path or URL of a shard object."""
+        return self._shard_path(shard)
 
     def read_chunks(self, chunks: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Decoded inner chunks ``(shard, chunk_in_shard)``, each of full chunk shape."""
@@ -386,25 +374,3 @@ class ShardedArrayReader:
         self.read_chunks_into(ids, [out[i * ct : (i + 1) * ct] for i in range(len(ids))])
         offset = first * ct
         return out[start - offset : stop - offset]
-
-
-def map_arrays(readers: Sequence[ShardedArrayReader], chunks: Sequence[tuple[int, int]]) -> mapping.MappedRanges:
-    """The same inner chunks of several uncompressed local arrays mapped into one address range:
-    ``starts[a * len(chunks) + i]`` is where chunk ``i`` of ``readers[a]`` begins, so one gather
-    can read rows of every array (the hooks of a stacked batch). Checks as
-    :meth:`ShardedArrayReader.map_chunks`."""
-    ranges = [r for reader in readers for r in reader._chunk_ranges(chunks)]
-    names = ", ".join(reader.layout.path for reader in readers)
-    # chunks whose checksums are still to be verified get their pages faulted in by the
-    # (multi-threaded) verification; otherwise the mapping thread populates them
-    unverified = all(reader.layout.crc and not reader._verified[reader._chunk_numbers(chunks)].any() for reader in readers)
-    try:
-        mapped = mapping.MappedRanges(ranges, populate=not unverified)
-    except FileNotFoundError as e:
-        raise MissingChunkError(f"{names}: shard object missing ({e.filename})") from e
-    except EOFError as e:
-        raise CorruptChunkError(f"{names}: shard object is truncated ({e})") from e
-    region, n = mapped.bytes_u8, len(chunks)
-    for a, reader in enumerate(readers):
-        reader._verify_mapped(region, mapped.starts[a * n : (a + 1) * n], chunks)
-    return mapped

@@ -36,10 +36,13 @@ threshold stay): pre-activations are unchanged and reconstructions come out in r
 concurrency, retries; chunks decoded on all cores) while a planner thread cuts batches from the
 current one and hands their gathers (and, on CPU, the dtype conversion and scaling) to a pool
 of workers, one per core up to ``prefetch``; batches come out in order, ``prefetch`` ahead.
-Uncompressed local chunks are not copied at all: the loader maps them (``mmap=True``,
-:mod:`actstore.mapping`, checksums verified the first time) and the batches are gathered from
-the page cache, so ``memory`` then bounds the page-cache working set rather than buffers; the
-hooks of a stacked batch are mapped together, so one gather fills the whole ``[B, H, D]``.
+Uncompressed local chunks are not copied at all: their shard files are mapped whole, once
+per stream (``mmap=True``, :mod:`actstore.mapped`), each chunk's checksum verified and its pages
+faulted in the first time a block needs it, and batches are gathered straight from the page
+cache; the hooks of a stacked batch are mapped together, so one gather fills the whole
+``[B, H, D]``. A store that fits in half the machine's RAM stays mapped from epoch to epoch
+(later epochs go straight to the gather); for a larger one each block's page-table entries are
+dropped once it is served, so ``memory`` bounds the mapped working set as it bounds buffers.
 On CUDA, batches are gathered into pinned memory and copied without blocking; dtype
 conversion and scaling then run on the device.
 
@@ -73,10 +76,10 @@ from .commits import ranges_to_shards, shards_to_ranges
 from .dtypes import numpy_dtype
 from .errors import ActstoreError
 from .layout import POSITIONS, TOKENS, acts_path, scale_path
-from .mapping import MappedRanges, unit_for
+from .mapped import MappedArrays, fits, keeps_pages
+from .mapping import unit_for
 from .prefetch import BufferPool, OutputRing, Prefetcher
 from .reader import Store, open_store
-from .shardio import map_arrays
 from .shuffle import Pieces, chunks_of_shards, interleave, rank_pieces, rng_for, split_blocks
 
 log = logging.getLogger(__name__)
@@ -344,9 +347,12 @@ class Stream:
         self._cursor = Cursor()
         self._spare_buffers: list[dict[str, np.ndarray]] = []
         self._gathered = [p for p in self._array_paths() if p not in (POSITIONS, TOKENS)]
-        self._mapped = {p for p in self._gathered if cfg.mmap and store.array_reader(p).mappable}
-        self._combined = self._stacked and len(self._gathered) > 1 and set(self._gathered) <= self._mapped and not self._fp8
+        self._mapped = {p for p in self._gathered if cfg.mmap and fits([store.array_reader(p)])}
+        self._combined = (self._stacked and len(self._gathered) > 1 and set(self._gathered) <= self._mapped and not self._fp8
+                          and fits([store.array_reader(p) for p in self._gathered]))
         """Whether a stacked batch's hooks are gathered together, from one mapping of all their chunks."""
+        self._maps: dict[str, MappedArrays] = {}
+        """Mapped arrays by path (``_STACK``: the hooks mapped together), kept from epoch to epoch."""
         self._device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
 
     # ---- description ----------------------------------------------------------------------
@@ -517,6 +523,7 @@ class Stream:
                 first = start.block if (epoch, segment) == (start.epoch, start.segment) else 0
                 for b in range(first, len(blocks)):
                     buf = pool.acquire()
+                    self._release(retired)
                     retired.clear()
                     key = (epoch, segment, b)
                     try:
@@ -539,6 +546,22 @@ class Stream:
             paths.append(TOKENS)
         return paths
 
+    def _maps_for(self, keys: Sequence[str]) -> dict[str, MappedArrays]:
+        """The mapped arrays of ``keys`` (paths, or ``_STACK``), made on first use."""
+        for key in keys:
+            if key not in self._maps:
+                paths = self._gathered if key == _STACK else [key]
+                self._maps[key] = MappedArrays([self.store.array_reader(p) for p in paths])
+        return {k: self._maps[k] for k in keys}
+
+    def _release(self, blocks: Sequence[_Block]) -> None:
+        """Drop the page-table entries of served blocks' chunks, unless the mapped arrays fit
+        in memory (then later epochs find them mapped: :func:`actstore.mapped.keeps_pages`)."""
+        for m in self._maps.values():
+            if not keeps_pages(m):
+                for blk in blocks:
+                    m.release([(int(g) // self._cps, int(g) % self._cps) for g in blk.chunk_K])
+
     def _new_buffer(self) -> dict[str, np.ndarray]:
         rows = self._plan.block_chunks * self._ct
         out = {}
@@ -558,17 +581,17 @@ class Stream:
         pieces = pieces[np.argsort(pieces.chunk_K, kind="stable")]  # block rows in store order
         ids = [(int(g) // cps, int(g) % cps) for g in pieces.chunk_K]
 
-        def fetch(path: str) -> MappedRanges | None:
+        separate = [p for p in self._array_paths() if not (self._combined and p in self._gathered)]
+        maps = self._maps_for([p for p in separate if p in self._mapped] + ([_STACK] if self._combined else []))
+
+        def fetch(path: str) -> np.ndarray | None:
+            if path in maps:  # every hook's chunks in one address range with _STACK: one gather per batch
+                return maps[path].starts(ids)
             reader = self.store.array_reader(path)
-            if path in self._mapped:
-                return reader.map_chunks(ids)
             reader.read_chunks_into(ids, [buf[path][k * ct : (k + 1) * ct] for k in range(len(ids))])
             return None
 
-        separate = [p for p in self._array_paths() if not (self._combined and p in self._gathered)]
-        pending = {p: io.submit(fetch, p) for p in separate}
-        if self._combined:  # every hook's chunks in one address range: one gather per batch
-            pending[_STACK] = io.submit(map_arrays, [self.store.array_reader(p) for p in self._gathered], ids)
+        pending = {p: io.submit(fetch, p) for p in separate + ([_STACK] if self._combined else [])}
         # piece k sits in buffer rows k * ct + [lo_k, hi_k)
         counts_K = pieces.hi_K - pieces.lo_K
         first_K = np.arange(len(pieces)) * ct + pieces.lo_K
@@ -585,24 +608,24 @@ class Stream:
             order_T = self._order(rows_T[keep_T], counts_K, key, first, boundary, len(pieces))
         sources = {}
         if self._combined:  # token t, hook h -> the row of chunk (h, k_t) in the combined mapping
-            mapped, H, K = fetched[_STACK], len(self._gathered), len(ids)
+            starts, H, K = fetched[_STACK], len(self._gathered), len(ids)
             row_bytes = _row_bytes(*self._row_layout(self._gathered[0]))
-            unit = unit_for(row_bytes, mapped.starts)
+            unit = unit_for(row_bytes, starts)
             k_T, r_T = np.divmod(order_T, ct)
-            index_TH = mapped.starts[k_T[:, None] + np.arange(H) * K] // unit + (r_T * (row_bytes // unit))[:, None]
-            sources[_STACK] = _Source(mapped.rows_view(row_bytes, unit), unit, torch.from_numpy(index_TH.reshape(-1)), H)
+            index_TH = starts[k_T[:, None] + np.arange(H) * K] // unit + (r_T * (row_bytes // unit))[:, None]
+            sources[_STACK] = _Source(maps[_STACK].rows_view(row_bytes, unit), unit, torch.from_numpy(index_TH.reshape(-1)), H)
         for path in self._gathered if not self._combined else ():
             row_bytes = _row_bytes(*self._row_layout(path))
-            mapped = fetched[path]
-            if mapped is None:  # block buffer: rows are buffer rows
+            starts = fetched[path]
+            if starts is None:  # block buffer: rows are buffer rows
                 unit = unit_for(row_bytes, np.zeros(1, dtype=np.int64))
                 rows = torch.from_numpy(buf[path].reshape(len(buf[path]), -1).view(np.uint8)).view(_UNIT_INT[unit])
                 index_T = order_T
             else:
-                unit = unit_for(row_bytes, mapped.starts)
-                rows = mapped.rows_view(row_bytes, unit)
+                unit = unit_for(row_bytes, starts)
+                rows = maps[path].rows_view(row_bytes, unit)
                 k_T, r_T = np.divmod(order_T, ct)
-                index_T = mapped.starts[k_T] // unit + r_T * (row_bytes // unit)
+                index_T = starts[k_T] // unit + r_T * (row_bytes // unit)
             sources[path] = _Source(rows, unit, torch.from_numpy(index_T))
         return _Block(key, buf, order_T, pieces.chunk_K, sources)
 
@@ -627,10 +650,12 @@ class Stream:
     ) -> Iterator[_RawBatch]:
         """Cut the blocks' output into batches of raw rows, to be gathered (:meth:`_RawBatch.gather`)
         into tensors from ``alloc``, or with ``stacked`` into the slices of one ``[B, H, D]``
-        tensor. When a block is served, the gathers of a batch still being filled run here and
-        ``drain`` waits for those handed out, before the block goes to ``retired``."""
+        tensor. When a block whose buffers are gathered from is served, the gathers of a batch
+        still being filled run here and ``drain`` waits for those handed out, before the block
+        goes to ``retired``; mapped chunks stay valid, so then nothing waits."""
         B, ct = self.cfg.batch_size, self._ct
         specs = {p: self._row_spec(p) for p in self._gathered}
+        buffered = not set(self._gathered) <= self._mapped  # mapped chunks outlive their block: no waiting
         batches, tokens = start.batches, start.tokens
         out: dict[str, torch.Tensor] = {}
         copies: list[_Copy] = []
@@ -667,10 +692,11 @@ class Stream:
                     cursor = Cursor(e, s, b, off, batches, tokens) if off < n else Cursor(e, s, b + 1, 0, batches, tokens)
                     yield _RawBatch(dict(out), B, cursor, index_B, whole, copies)
                     copies, filled = [], 0
-            for c in copies:  # a batch that runs on into the next block: its rows from this one now
-                c.run()
-            copies = []
-            drain()
+            if buffered:  # gathers read this block's buffers: finish them (a batch that runs on into the next block: its rows from this one now)
+                for c in copies:
+                    c.run()
+                copies = []
+                drain()
             pool.release(blk.buffer)
             retired.append(blk)
             del blk
@@ -678,7 +704,7 @@ class Stream:
             end = Cursor(self.cfg.epochs or 0, 0, 0, 0, batches + 1, tokens + filled)
             yield _RawBatch(
                 {p: t[:filled] for p, t in out.items()}, filled, end, index_B[:filled] if index_B is not None else None,
-                whole[:filled] if whole is not None else None,
+                whole[:filled] if whole is not None else None, copies,
             )
 
     def _row_spec(self, path: str) -> tuple[tuple[int, ...], torch.dtype]:

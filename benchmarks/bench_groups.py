@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the model loader's bars
 from rich.console import Console  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from report import write_json  # noqa: E402
+from report import scratch, write_json  # noqa: E402
 
 from pipelines import smollm2  # noqa: E402
 from pipelines.group_eval import compare_groups, comparison_tables  # noqa: E402
@@ -57,36 +56,35 @@ def main() -> None:
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     console = Console()
-    root = Path(args.out or tempfile.mkdtemp(prefix="bench-groups-"))
-    root.mkdir(parents=True, exist_ok=True)
+    with scratch(args.out, "bench-groups-") as root:
 
-    console.print(f"harvesting {args.tokens:,} tokens of SmolLM2-135M at all 30 layers into {root / 'store'}...")
-    t = time.perf_counter()
-    harvest(HarvestConfig(model=smollm2.NAME, out=str(root / "store"), layers=tuple(range(30)), tokens=args.tokens,
-                          text=TextConfig(context_size=256), codec="none", shard_tokens=4096, progress=False))
-    console.print(f"  done in {time.perf_counter() - t:.0f} s")
+        console.print(f"harvesting {args.tokens:,} tokens of SmolLM2-135M at all 30 layers into {root / 'store'}...")
+        t = time.perf_counter()
+        harvest(HarvestConfig(model=smollm2.NAME, out=str(root / "store"), layers=tuple(range(30)), tokens=args.tokens,
+                              text=TextConfig(context_size=256), codec="none", shard_tokens=4096, progress=False))
+        console.print(f"  done in {time.perf_counter() - t:.0f} s")
 
-    groups = find_groups(GroupsConfig(store=str(root / "store"), tokens=args.group_tokens, amad_threshold=args.amad_threshold))
-    plot_heatmap(groups, root / "groups_heatmap.png")
-    (root / "groups.json").write_text(json.dumps(groups.to_json(), indent=2) + "\n")
-    layers, G = groups.hooks, groups.chosen
-    console.print("AMAD by G: " + ", ".join(f"{g}: {v:.3f}" for g, v in groups.amad.items()))
-    console.print(f"chosen G = {G} ({groups.rule}): " + " | ".join(",".join(h.split(".")[1] for h in g) for g in groups.groups))
+        groups = find_groups(GroupsConfig(store=str(root / "store"), tokens=args.group_tokens, amad_threshold=args.amad_threshold))
+        plot_heatmap(groups, root / "groups_heatmap.png")
+        (root / "groups.json").write_text(json.dumps(groups.to_json(), indent=2) + "\n")
+        layers, G = groups.hooks, groups.chosen
+        console.print("AMAD by G: " + ", ".join(f"{g}: {v:.3f}" for g, v in groups.amad.items()))
+        console.print(f"chosen G = {G} ({groups.rule}): " + " | ".join(",".join(h.split(".")[1] for h in g) for g in groups.groups))
 
-    base = TrainSAEConfig(store=str(root / "store"), hook=layers[0], out=str(root / "saes"), tokens=args.train_tokens,
-                          archs=("topk",), expansions=(args.expansion,), lrs=(args.lr,), sparsity={"topk": (args.k,)},
-                          batch_size=args.batch_size, eval_tokens=args.eval_tokens, progress=False, log_every=10**9)
-    console.print(f"training {G} group SAEs and {len(layers)} per-layer SAEs, {args.train_tokens:,} tokens each...")
-    result = compare_groups(base, groups.groups)
-    for table in comparison_tables(result):
-        console.print(table)
-    console.print(f"heatmap: {root / 'groups_heatmap.png'}")
-    summary = result.summary()
-    write_json(args.json, [
-        ("groups chosen (AMAD <= threshold)", f"{G} of {len(layers)} layers", ""),
-        ("training time, per-layer SAEs / group SAEs", f"{summary['time_saved']:.1f}x", ""),
-        ("held-out FVU change, group SAE vs own SAE (mean)", f"{summary['mean_fvu_change']:+.1%}", ""),
-    ], amad=groups.amad, chosen=G, chosen_groups=groups.groups, **summary)
+        base = TrainSAEConfig(store=str(root / "store"), hook=layers[0], out=str(root / "saes"), tokens=args.train_tokens,
+                              archs=("topk",), expansions=(args.expansion,), lrs=(args.lr,), sparsity={"topk": (args.k,)},
+                              batch_size=args.batch_size, eval_tokens=args.eval_tokens, progress=False, log_every=10**9)
+        console.print(f"training {G} group SAEs and {len(layers)} per-layer SAEs, {args.train_tokens:,} tokens each...")
+        result = compare_groups(base, groups.groups)
+        for table in comparison_tables(result):
+            console.print(table)
+        console.print(f"heatmap: {root / 'groups_heatmap.png'}")
+        summary = result.summary()
+        write_json(args.json, [
+            ("groups chosen (AMAD <= threshold)", f"{G} of {len(layers)} layers", ""),
+            ("training time, per-layer SAEs / group SAEs", f"{summary['time_saved']:.1f}x", ""),
+            ("held-out FVU change, group SAE vs own SAE (mean)", f"{summary['mean_fvu_change']:+.1%}", ""),
+        ], amad=groups.amad, chosen=G, chosen_groups=groups.groups, **summary)
 
 
 if __name__ == "__main__":

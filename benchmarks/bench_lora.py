@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from report import write_json  # noqa: E402
+from report import scratch, write_json  # noqa: E402
 
 from pipelines import smollm2  # noqa: E402
 from pipelines.harvest import HarvestConfig, harvest  # noqa: E402
@@ -60,43 +59,42 @@ def main() -> None:
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     console = Console()
-    root = Path(args.out or tempfile.mkdtemp(prefix="bench-lora-"))
-    root.mkdir(parents=True, exist_ok=True)
-    hook = f"blocks.{args.layer}.hook_resid_post"
-    t_all = time.perf_counter()
-    console.print(f"torch threads {torch.get_num_threads()}; harvesting {args.harvest_tokens:,} tokens of {hook}...")
-    t = time.perf_counter()
-    harvest(HarvestConfig(model=smollm2.NAME, out=str(root / "store"), layers=(args.layer,), tokens=args.harvest_tokens,
-                          text=TextConfig(context_size=args.context_size), codec="none", progress=False))
-    t_harvest = time.perf_counter() - t
+    with scratch(args.out, "bench-lora-") as root:
+        hook = f"blocks.{args.layer}.hook_resid_post"
+        t_all = time.perf_counter()
+        console.print(f"torch threads {torch.get_num_threads()}; harvesting {args.harvest_tokens:,} tokens of {hook}...")
+        t = time.perf_counter()
+        harvest(HarvestConfig(model=smollm2.NAME, out=str(root / "store"), layers=(args.layer,), tokens=args.harvest_tokens,
+                              text=TextConfig(context_size=args.context_size), codec="none", progress=False))
+        t_harvest = time.perf_counter() - t
 
-    t = time.perf_counter()
-    trained = train_sae(TrainSAEConfig(store=str(root / "store"), hook=hook, out=str(root / "sae"), tokens=args.sae_tokens,
-                                       archs=("topk",), expansions=(args.expansion,), lrs=(1e-3,), sparsity={"topk": (args.k,)},
-                                       eval_tokens=8192, progress=False, log_every=10**9))
-    t_sae = time.perf_counter() - t
-    sae_dir = root / "sae" / trained.rows[0]["name"]
-    console.print(f"  harvest {t_harvest:.0f} s; SAE {trained.rows[0]['name']} in {t_sae:.0f} s, held-out FVU "
-                  f"{trained.rows[0]['eval_fvu']:.3f}, L0 {trained.rows[0]['eval_l0']:.1f}")
+        t = time.perf_counter()
+        trained = train_sae(TrainSAEConfig(store=str(root / "store"), hook=hook, out=str(root / "sae"), tokens=args.sae_tokens,
+                                           archs=("topk",), expansions=(args.expansion,), lrs=(1e-3,), sparsity={"topk": (args.k,)},
+                                           eval_tokens=8192, progress=False, log_every=10**9))
+        t_sae = time.perf_counter() - t
+        sae_dir = root / "sae" / trained.rows[0]["name"]
+        console.print(f"  harvest {t_harvest:.0f} s; SAE {trained.rows[0]['name']} in {t_sae:.0f} s, held-out FVU "
+                      f"{trained.rows[0]['eval_fvu']:.3f}, L0 {trained.rows[0]['eval_l0']:.1f}")
 
-    t = time.perf_counter()
-    result = train_lora(LoRAConfig(model=smollm2.NAME, saes=(str(sae_dir),), out=str(root / "lora"), rank=args.rank,
-                                   tokens=args.lora_tokens, eval_tokens=args.eval_tokens, batch_size=args.batch_size,
-                                   lr=args.lr, text=TextConfig(split="train", context_size=args.context_size),
-                                   checkpoint_every=0, progress=False))
-    t_lora = time.perf_counter() - t
-    before, after = result.before, result.after
-    table = before_after_table(result, f"LoRA rank {args.rank}, lr {args.lr:g}, {result.tokens:,} training tokens, "
-                                       f"around a TopK SAE at {hook} of SmolLM2-135M")
-    console.print(table)
-    total = time.perf_counter() - t_all
-    console.print(f"CE gap closed: {result.ce_gap_closed:.1%} (goal >= 30%); lora stage {t_lora:.0f} s "
-                  f"(training {result.seconds:.0f} s, {result.tokens / result.seconds:,.0f} tokens/s), whole run {total / 60:.1f} min")
-    write_json(args.json, [("CE gap closed by LoRA around a TopK SAE", f"{result.ce_gap_closed:.1%}", ">= 30%"),
-                           ("bench_lora whole run", f"{total / 60:.1f} min", "about 15 min")],
-               hook=hook, ce_gap_closed=result.ce_gap_closed, before=before.to_json(), after=after.to_json(),
-               seconds={"harvest": t_harvest, "sae": t_sae, "lora": t_lora, "lora_training": result.seconds, "total": total},
-               torch_threads=torch.get_num_threads(), args=vars(args))
+        t = time.perf_counter()
+        result = train_lora(LoRAConfig(model=smollm2.NAME, saes=(str(sae_dir),), out=str(root / "lora"), rank=args.rank,
+                                       tokens=args.lora_tokens, eval_tokens=args.eval_tokens, batch_size=args.batch_size,
+                                       lr=args.lr, text=TextConfig(split="train", context_size=args.context_size),
+                                       checkpoint_every=0, progress=False))
+        t_lora = time.perf_counter() - t
+        before, after = result.before, result.after
+        table = before_after_table(result, f"LoRA rank {args.rank}, lr {args.lr:g}, {result.tokens:,} training tokens, "
+                                           f"around a TopK SAE at {hook} of SmolLM2-135M")
+        console.print(table)
+        total = time.perf_counter() - t_all
+        console.print(f"CE gap closed: {result.ce_gap_closed:.1%} (goal >= 30%); lora stage {t_lora:.0f} s "
+                      f"(training {result.seconds:.0f} s, {result.tokens / result.seconds:,.0f} tokens/s), whole run {total / 60:.1f} min")
+        write_json(args.json, [("CE gap closed by LoRA around a TopK SAE", f"{result.ce_gap_closed:.1%}", ">= 30%"),
+                               ("bench_lora whole run", f"{total / 60:.1f} min", "about 15 min")],
+                   hook=hook, ce_gap_closed=result.ce_gap_closed, before=before.to_json(), after=after.to_json(),
+                   seconds={"harvest": t_harvest, "sae": t_sae, "lora": t_lora, "lora_training": result.seconds, "total": total},
+                   torch_threads=torch.get_num_threads(), args=vars(args))
 
 if __name__ == "__main__":
     main()

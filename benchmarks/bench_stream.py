@@ -5,26 +5,27 @@ then tiled to the store size: chunks compress independently, so tiling keeps the
 written as bf16 stores, uncompressed and zstd. Measured side by side, interleaved, median of
 ``--repeats`` runs, page cache warm for both:
 
-- ``actstore.stream`` (stored dtype, ``--epochs`` passes): activation bytes delivered per second,
-  over the whole run (store opened, first block read and verified, inside the timed span) and
-  after the first batch (the rate a long training run sees);
+- ``actstore.stream`` (stored dtype, ``--epochs`` passes): activation bytes delivered per second
+  over the whole run (the store opened afresh inside the timed span), over the first epoch (which
+  also verifies every chunk's checksum once and, for uncompressed stores, faults the mapped pages
+  in) and over the later epochs (the rate of a multi-epoch run once the store is mapped);
 - plain sequential read of the same shard files (``open().read()``, one after another):
   file bytes per second. Ratio = stream / plain (the goal is >= 0.70 uncompressed);
 - the same against the loopback S3 server (moto), plain being ``cat_file`` of each object;
 - shuffle quality: same-context pairs per batch over an ideal uniform shuffle's rate, for
   several memory budgets, beside a SAELens-like mixing buffer holding as many tokens.
 
-    python benchmarks/bench_stream.py [--tokens 131072] [--batch-size 4096] [--repeats 3]
+    python benchmarks/bench_stream.py [--tokens 524288] [--batch-size 4096] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_store import Capture, capture, store_config, write_capture  # noqa: E402
-from report import write_json  # noqa: E402
+from report import scratch, write_json  # noqa: E402
 
 import actstore  # noqa: E402
 from actstore.shuffle import ideal_same_context_rate, same_context_rate  # noqa: E402
@@ -71,28 +72,34 @@ def plain_read(store: actstore.Store, files: list[str]) -> float:
     return n / (time.perf_counter() - t)
 
 
-def stream_read(store: actstore.Store, hooks: list[str], batch_size: int, epochs: int, memory: str) -> tuple[float, float]:
+def stream_read(store: actstore.Store, hooks: list[str], batch_size: int, epochs: int, memory: str) -> tuple[float, ...]:
     """Activation bytes per second delivered by the shuffled stream (stored dtype): over the
-    whole run (the store opened afresh just before, so shard indexes are read and checksums
-    verified inside the timed span, and the first block is read before the first batch), and
-    after the first batch."""
+    whole run (the store opened afresh just before, so shard indexes are read inside the timed
+    span, and the first block is read before the first batch), over the first epoch (up to the
+    first batch that ends in the second), and over the rest (NaN for one epoch)."""
     fresh = actstore.open_store(store.url)
-    n = first_n = 0
+    n = 0
     t = time.perf_counter()
-    first_t = None
+    split: tuple[float, int] | None = None
     s = actstore.stream(fresh, hooks if len(hooks) > 1 else hooks[0], batch_size, dtype=None, epochs=epochs, memory=memory)
     for batch in s:
         n += batch.numel() * batch.element_size()
-        if first_t is None:
-            first_t, first_n = time.perf_counter(), n
+        if split is None and s.cursor.epoch >= 1:
+            split = time.perf_counter(), n
     end = time.perf_counter()
-    return n / (end - t), (n - first_n) / (end - first_t)
+    if split is None or split[1] == n:
+        return n / (end - t), n / (end - t), float("nan")
+    return n / (end - t), split[1] / (split[0] - t), (n - split[1]) / (end - split[0])
 
 
-def ratio_cells(plain: list[float], streamed: list[tuple[float, float]]) -> list[str]:
+def ratio_cells(plain: list[float], streamed: list[tuple[float, ...]]) -> list[str]:
+    """Plain MB/s, then MB/s and ratio for the whole run, the first epoch and the later ones."""
     pm = statistics.median(plain)
-    whole, steady = (statistics.median(x) for x in zip(*streamed, strict=True))
-    return [f"{pm / 1e6:,.0f}", f"{whole / 1e6:,.0f}", f"{whole / pm:.2f}", f"{steady / 1e6:,.0f}", f"{steady / pm:.2f}"]
+    cells = [f"{pm / 1e6:,.0f}"]
+    for rates in zip(*streamed, strict=True):
+        rate = statistics.median(rates)
+        cells += ["", ""] if math.isnan(rate) else [f"{rate / 1e6:,.0f}", f"{rate / pm:.2f}"]
+    return cells
 
 
 def quality(store: actstore.Store, hook: str, batch_size: int, memory: str) -> tuple[int, float]:
@@ -122,7 +129,7 @@ def mixing_buffer_quality(store: actstore.Store, batch_size: int, buffer_tokens:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=131072)
+    p.add_argument("--tokens", type=int, default=524288)
     p.add_argument("--capture-tokens", type=int, default=16384)
     p.add_argument("--layers", default="3,6,9,12")
     p.add_argument("--batch-size", type=int, default=4096)
@@ -132,60 +139,60 @@ def main() -> None:
     p.add_argument("--s3-tokens", type=int, default=32768)
     p.add_argument("--json", help="also write the headline figures to this JSON file")
     args = p.parse_args()
-    console = Console()
+    console = Console(width=max(Console().width, 120))
     layers = [int(x) for x in args.layers.split(",")]
     console.print(f"capturing {args.capture_tokens} tokens of SmolLM2-135M at layers {layers}...")
     lm = load_model(smollm2.NAME)
     cap = tiled(capture(lm, layers, args.capture_tokens, context_size=CONTEXT), args.tokens)
     hooks = list(cap.acts)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    with scratch(None, "bench-stream-") as tmp:
 
-    table = Table(title=f"shuffled stream vs plain sequential read ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-                        f"batch {args.batch_size}, memory {args.memory}, median of {args.repeats})")
-    for col in ("store", "hooks", "plain read MB/s", "stream MB/s", "ratio", "after 1st batch MB/s", "ratio "):
-        table.add_column(col, justify="right" if col != "store" else "left")
-    headline: list[tuple[str, str, str]] = []
-    for codec in ("none", "zstd"):
-        cfg = store_config(lm, cap, CONTEXT, dtype="bfloat16", codec=codec)
-        store = write_capture(str(tmp / codec), cap, cfg)
-        for chosen in (hooks[:1], hooks):
-            files = shard_files(store, chosen)
-            plain, streamed = [], []
-            for _ in range(args.repeats):
-                plain.append(plain_read(store, files))
-                streamed.append(stream_read(store, chosen, args.batch_size, args.epochs, args.memory))
+        table = Table(title=f"shuffled stream vs plain sequential read ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+                            f"batch {args.batch_size}, memory {args.memory}, median of {args.repeats})")
+        for col in ("store (bf16)", "hooks", "plain MB/s", "stream MB/s", "ratio", "epoch 1 MB/s", "ratio ", "epochs 2+ MB/s", "ratio  "):
+            table.add_column(col, justify="right" if col != "store (bf16)" else "left")
+        headline: list[tuple[str, str, str]] = []
+        for codec in ("none", "zstd"):
+            cfg = store_config(lm, cap, CONTEXT, dtype="bfloat16", codec=codec)
+            store = write_capture(str(tmp / codec), cap, cfg)
+            os.sync()  # the kernel's write-back of the new files would otherwise run during the timings
+            for chosen in (hooks[:1], hooks):
+                files = shard_files(store, chosen)
+                plain, streamed = [], []
+                for _ in range(args.repeats):
+                    plain.append(plain_read(store, files))
+                    streamed.append(stream_read(store, chosen, args.batch_size, args.epochs, args.memory))
+                cells = ratio_cells(plain, streamed)
+                table.add_row(f"local, {codec}", str(len(chosen)), *cells)
+                goal = ">= 0.70" if codec == "none" else ""
+                headline += [(f"stream / plain read, local {codec}, {len(chosen)} hook(s), whole run ({args.epochs} epochs)", cells[2], goal),
+                             (f"stream / plain read, local {codec}, {len(chosen)} hook(s), 1st epoch / later epochs",
+                              f"{cells[4]} / {cells[6]}", "")]
+
+        s3 = s3_store(cap, lm, args.s3_tokens)
+        if s3 is not None:
+            files = shard_files(s3, hooks[:1])
+            plain = [plain_read(s3, files) for _ in range(args.repeats)]
+            streamed = [stream_read(s3, hooks[:1], args.batch_size, 1, args.memory) for _ in range(args.repeats)]
             cells = ratio_cells(plain, streamed)
-            table.add_row(f"local bf16 {codec}", str(len(chosen)), *cells)
-            goal = ">= 0.70" if codec == "none" else ""
-            headline += [(f"stream / plain read, local {codec}, {len(chosen)} hook(s), whole run", cells[2], goal),
-                         (f"stream / plain read, local {codec}, {len(chosen)} hook(s), after 1st batch", cells[4], goal)]
+            table.add_row("S3 (moto, loopback), none", "1", *cells)
+            headline.append(("stream / plain read, S3 (moto, loopback), 1 hook, whole run", cells[2], ""))
+        console.print(table)
 
-    s3 = s3_store(cap, lm, args.s3_tokens)
-    if s3 is not None:
-        files = shard_files(s3, hooks[:1])
-        plain = [plain_read(s3, files) for _ in range(args.repeats)]
-        streamed = [stream_read(s3, hooks[:1], args.batch_size, 1, args.memory) for _ in range(args.repeats)]
-        cells = ratio_cells(plain, streamed)
-        if actstore.stream(s3, hooks[0], args.batch_size, memory=args.memory).block_tokens >= s3.n_tokens:
-            cells[3:] = ["(one block)", ""]  # the whole store is read before the first batch: no steady state
-        table.add_row("S3 (moto, loopback) bf16 none", "1", *cells)
-        headline.append(("stream / plain read, S3 (moto, loopback), 1 hook, whole run", cells[2], ""))
-    console.print(table)
-
-    store = actstore.open_store(str(tmp / "none"))
-    q = Table(title=f"shuffle quality: same-context pairs per batch / ideal uniform shuffle (store {store.n_tokens} tokens, "
-                    f"contexts of {CONTEXT}, batch {args.batch_size}; ideal = 1, goal <= 2)")
-    for col in ("order", "tokens mixed", "ratio"):
-        q.add_column(col, justify="right" if col != "order" else "left")
-    for memory in ("2GiB", "128MiB", "32MiB", "8MiB"):
-        block, ratio = quality(store, hooks[0], args.batch_size, memory)
-        q.add_row(f"actstore memory={memory}", f"{block:,} per block", f"{ratio:.2f}")
-        headline.append((f"shuffle quality, memory {memory} (ideal 1)", f"{ratio:.2f}", "<= 2" if memory == "2GiB" else ""))
-        if block < store.n_tokens:  # a mixing buffer holding as many tokens as actstore's two blocks
-            q.add_row("  mixing buffer, same memory (SAELens-like)", f"{2 * block:,} in buffer",
-                      f"{mixing_buffer_quality(store, args.batch_size, 2 * block):.2f}")
-    console.print(q)
-    write_json(args.json, headline, cores=os.cpu_count(), torch_threads=torch.get_num_threads())
+        store = actstore.open_store(str(tmp / "none"))
+        q = Table(title=f"shuffle quality: same-context pairs per batch / ideal uniform shuffle (store {store.n_tokens} tokens, "
+                        f"contexts of {CONTEXT}, batch {args.batch_size}; ideal = 1, goal <= 2)")
+        for col in ("order", "tokens mixed", "ratio"):
+            q.add_column(col, justify="right" if col != "order" else "left")
+        for memory in ("2GiB", "128MiB", "32MiB", "8MiB"):
+            block, ratio = quality(store, hooks[0], args.batch_size, memory)
+            q.add_row(f"actstore memory={memory}", f"{block:,} per block", f"{ratio:.2f}")
+            headline.append((f"shuffle quality, memory {memory} (ideal 1)", f"{ratio:.2f}", "<= 2" if memory == "2GiB" else ""))
+            if block < store.n_tokens:  # a mixing buffer holding as many tokens as actstore's two blocks
+                q.add_row("  mixing buffer, same memory (SAELens-like)", f"{2 * block:,} in buffer",
+                          f"{mixing_buffer_quality(store, args.batch_size, 2 * block):.2f}")
+        console.print(q)
+        write_json(args.json, headline, cores=os.cpu_count(), torch_threads=torch.get_num_threads())
 
 
 def s3_store(cap: Capture, lm, n_tokens: int) -> actstore.Store | None:

@@ -46,5 +46,6 @@ def data_parallel(device: str) -> Iterator[Ranks]:
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
         yield Ranks(rank, world, device)
+        dist.barrier()  # every rank done before any tears the group down (gloo can abort a straggler otherwise)
     finally:
         dist.destroy_process_group()

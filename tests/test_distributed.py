@@ -47,6 +47,7 @@ def _rank_main(rank: int, world: int, rendezvous: str, out: str) -> None:
         trainer.fit()
         torch.save({"tokens": trainer.tokens, "step": trainer.step,
                     "sae": {r.exp.name: r.sae.state_dict() for r in trainer.runs}}, f"{out}/rank{rank}.pt")
+        dist.barrier()  # both done before either tears the group down
     finally:
         dist.destroy_process_group()
 

@@ -348,9 +348,9 @@ def test_kept_batches_and_views_are_never_overwritten(url):
         (dict(dtype="float8_e4m3fn"), dict(hooks=list(make_config().hooks)[:2], stack=False)),  # scales mapped too
     ],
 )
-def test_mapped_read_and_compressed_stores_give_the_same_batches(tmp_path, store, options):
-    """The order is a function of sizes and seed only: mapping or copying the chunks, and the
-    codec, change nothing in what is served."""
+def test_mapped_read_and_compressed_stores_give_the_same_batches(tmp_path, monkeypatch, store, options):
+    """The order is a function of sizes and seed only: mapping or copying the chunks (keeping
+    the mapped pages or not), and the codec, change nothing in what is served."""
     cfg, data = build(str(tmp_path / "none"), codec="none", **store)
     build(str(tmp_path / "zstd"), codec="zstd", **store)
     args = dict(batch_size=48, seed=5, epochs=2, memory=small(cfg, 3), **options)
@@ -359,6 +359,9 @@ def test_mapped_read_and_compressed_stores_give_the_same_batches(tmp_path, store
     assert mapped._combined == (isinstance(options["hooks"], list) and "stack" not in options and store["dtype"] == "bfloat16")
     runs = [drain(mapped), drain(actstore.stream(str(tmp_path / "none"), mmap=False, **args)),
             drain(actstore.stream(str(tmp_path / "zstd"), **args))]
+    with monkeypatch.context() as m:  # a store "larger than memory": each block's pages released once served
+        m.setattr(actstore.mapped, "physical_memory_bytes", lambda: 1)
+        runs.append(drain(actstore.stream(str(tmp_path / "none"), **args)))
     for other in runs[1:]:
         assert len(other) == len(runs[0])
         for (a, i), (b, j) in zip(runs[0], other, strict=True):
@@ -375,3 +378,22 @@ def test_rows_of_a_batch_come_in_store_order(url):
     cfg, _ = build(url)
     batches = [i for _, i in drain(actstore.stream(url, HOOK, 40, seed=2, epochs=2))]  # one block per epoch
     assert len(batches) == 50 and all(np.all(np.diff(i) > 0) for i in batches)
+
+
+def test_mapped_chunks_are_checked_and_paged_in_once_for_every_epoch(tmp_path, monkeypatch):
+    """A store that fits in memory stays mapped: later epochs (and later iterations of the same
+    stream) go straight to the gather; a larger one pages each block in again."""
+    cfg, data = build(str(tmp_path / "s"), codec="none")
+    checked = []
+    check = actstore.mapped.MappedArrays._check
+    monkeypatch.setattr(actstore.mapped.MappedArrays, "_check", lambda self, job: (checked.append(job[1]), check(self, job)))
+    s = actstore.stream(str(tmp_path / "s"), HOOK, 40, epochs=3, memory=small(cfg, 4))
+    n_chunks = -(-cfg.n_tokens_target // cfg.chunk_tokens)
+    served = drain(s)
+    assert sorted(checked) == list(range(n_chunks))  # 3 epochs of 4 blocks, each chunk checked once
+    for acts, idx in served:
+        np.testing.assert_array_equal(acts, data[HOOK][idx])
+    checked.clear()
+    monkeypatch.setattr(actstore.mapped, "physical_memory_bytes", lambda: 1)
+    drain(actstore.stream(str(tmp_path / "s"), HOOK, 40, epochs=3, memory=small(cfg, 4)))
+    assert len(checked) == 3 * n_chunks  # released after each block: paged in again every epoch
