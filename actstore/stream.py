@@ -229,7 +229,7 @@ class IndexedBatch(NamedTuple):
 @dataclass
 class _Source:
     """One array's rows of a block as ``unit``-byte integers (a block buffer, or a view of
-    mapped chunks: :meth:`actstore.mapping.MappedRanges.rows_view`), and the source row of
+    mapped chunks: :meth:`actstore.mapping.FileSlots.rows_view`), and the source row of
     each token of the block's output order."""
 
     rows: torch.Tensor
@@ -426,7 +426,7 @@ class Stream:
         stop = threading.Event()
         spare, self._spare_buffers = self._spare_buffers, []  # block buffers of an earlier pass, not re-faulted
         pool: BufferPool[dict[str, np.ndarray]] = BufferPool(self._new_buffer, 2, stop, made=spare)
-        retired: list[_Block] = []  # served blocks, dropped (mappings and all) by the loader, off the gather's path
+        retired: list[_Block] = []  # served blocks, dropped (their pages released, for large stores) by the loader
         blocks = Prefetcher(lambda: self._blocks(start, pool, stop, retired), 1, "actstore-stream-load", stop)
         on_cpu = self._device.type == "cpu"  # finish (convert, scale) in the workers; on CUDA, on the device
         total_threads = torch.get_num_threads()
