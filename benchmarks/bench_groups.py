@@ -78,7 +78,8 @@ def main() -> None:
         result = compare_groups(base, groups.groups)
         for table in comparison_tables(result):
             console.print(table)
-        console.print(f"heatmap: {root / 'groups_heatmap.png'}")
+        if args.out:
+            console.print(f"heatmap: {root / 'groups_heatmap.png'}")
         summary = result.summary()
         write_json(args.json, [
             ("groups chosen (AMAD <= threshold)", f"{G} of {len(layers)} layers", ""),

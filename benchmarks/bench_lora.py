@@ -71,11 +71,13 @@ def main() -> None:
         t = time.perf_counter()
         trained = train_sae(TrainSAEConfig(store=str(root / "store"), hook=hook, out=str(root / "sae"), tokens=args.sae_tokens,
                                            archs=("topk",), expansions=(args.expansion,), lrs=(1e-3,), sparsity={"topk": (args.k,)},
-                                           eval_tokens=8192, progress=False, log_every=10**9))
+                                           eval_tokens=min(8192, args.harvest_tokens // 8), progress=False, log_every=10**9))
         t_sae = time.perf_counter() - t
         sae_dir = root / "sae" / trained.rows[0]["name"]
-        console.print(f"  harvest {t_harvest:.0f} s; SAE {trained.rows[0]['name']} in {t_sae:.0f} s, held-out FVU "
-                      f"{trained.rows[0]['eval_fvu']:.3f}, L0 {trained.rows[0]['eval_l0']:.1f}")
+        row = trained.rows[0]
+        held_out = (f"held-out FVU {row['eval_fvu']:.3f}, L0 {row['eval_l0']:.1f}" if "eval_fvu" in row
+                    else "nothing held out (the store is a single shard)")
+        console.print(f"  harvest {t_harvest:.0f} s; SAE {row['name']} in {t_sae:.0f} s, {held_out}")
 
         t = time.perf_counter()
         result = train_lora(LoRAConfig(model=smollm2.NAME, saes=(str(sae_dir),), out=str(root / "lora"), rank=args.rank,
