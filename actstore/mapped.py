@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import crc32c
 import numpy as np
 import torch
 
@@ -107,9 +106,7 @@ class MappedArrays:
             self.slots.populate(start, n + reader.layout.crc_len)
         else:  # the checksum pass reads every page: that faults them in (a little faster than populating first)
             region = self.slots.bytes_u8
-            if crc32c.crc32c(region[start : start + n]) != int.from_bytes(region[start + n : start + n + 4], "little"):
-                shard, c = divmod(chunk, reader.layout.chunks_per_shard)
-                raise CorruptChunkError(f"{reader.layout.path} shard {shard} chunk {c}: checksum mismatch (data is damaged)")
+            reader.check_crc(*divmod(chunk, reader.layout.chunks_per_shard), region[start : start + n], region[start + n : start + n + 4])
             reader.verified[chunk] = True
         self._ready[a, chunk] = True
 

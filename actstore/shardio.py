@@ -180,7 +180,8 @@ class ShardedArrayReader:
         """Chunks whose checksums a mapped read has checked (committed chunks do not change)."""
 
     # ---- shard indexes --------------------------------------------------------------------
-    def _shard_path(self, shard: int) -> str:
+    def shard_path(self, shard: int) -> str:
+        """Local path or URL of a shard object."""
         return self.loc.path(shard_key(self.layout.path, shard, len(self.layout.shape)))
 
     def _parse_index(self, shard: int, raw: bytes) -> np.ndarray:
@@ -197,7 +198,7 @@ class ShardedArrayReader:
         missing = sorted(set(shards) - set(out))
         if missing:
             size = self.layout.chunks_per_shard * 16 + 4
-            paths = [self._shard_path(s) for s in missing]
+            paths = [self.shard_path(s) for s in missing]
             blobs = self._cat_ranges(paths, [-size] * len(paths), [None] * len(paths), missing)
             with self._lock:
                 for s, raw in zip(missing, blobs, strict=True):
@@ -242,7 +243,7 @@ class ShardedArrayReader:
                 groups.append([i])
         shards = [spans[g[0]][0] for g in groups]
         blobs = self._cat_ranges(
-            [self._shard_path(s) for s in shards], [spans[g[0]][1] for g in groups], [spans[g[-1]][2] for g in groups], shards
+            [self.shard_path(s) for s in shards], [spans[g[0]][1] for g in groups], [spans[g[-1]][2] for g in groups], shards
         )
         out: list[memoryview] = [memoryview(b"")] * len(chunks)
         for g, blob in zip(groups, blobs, strict=True):
@@ -251,13 +252,18 @@ class ShardedArrayReader:
                 out[i] = view[spans[i][1] - base : spans[i][2] - base]
         return out
 
+    def check_crc(self, shard: int, c: int, body: memoryview | np.ndarray, stored: bytes | bytearray | memoryview | np.ndarray) -> None:
+        """Raise :class:`CorruptChunkError` unless the 4 little-endian bytes ``stored`` are the
+        CRC32C of chunk ``c`` of ``shard``'s bytes ``body``."""
+        if crc32c.crc32c(body) != int.from_bytes(stored, "little"):
+            raise CorruptChunkError(f"{self.layout.path} shard {shard} chunk {c}: checksum mismatch (data is damaged)")
+
     def _decode_into(self, raw: memoryview, shard: int, c: int, out: np.ndarray) -> None:
         """Decode one chunk into ``out`` (a contiguous array of the chunk's shape)."""
         where = f"{self.layout.path} shard {shard} chunk {c}"
         if self.layout.crc:
             body, stored = raw[:-4], raw[-4:]
-            if crc32c.crc32c(body) != int.from_bytes(stored, "little"):
-                raise CorruptChunkError(f"{where}: checksum mismatch (data is damaged)")
+            self.check_crc(shard, c, body, stored)
             raw = body
         target = out.view(np.uint8).reshape(-1)
         if self.layout.blosc is not None:
@@ -300,7 +306,7 @@ class ShardedArrayReader:
             if offset == int(_EMPTY) and nbytes == int(_EMPTY):
                 raise MissingChunkError(f"{where} is absent")
             try:
-                fd = os.open(self._shard_path(shard), os.O_RDONLY)
+                fd = os.open(self.shard_path(shard), os.O_RDONLY)
             except FileNotFoundError as e:
                 raise MissingChunkError(f"{self.layout.path} shard {shard}: shard object is missing") from e
             try:
@@ -310,8 +316,8 @@ class ShardedArrayReader:
                     got = os.preadv(fd, [target, stored] if crc_len else [target], offset)
                     if got != nbytes:
                         raise CorruptChunkError(f"{where}: shard object is truncated")
-                    if crc_len and crc32c.crc32c(target) != int.from_bytes(stored, "little"):
-                        raise CorruptChunkError(f"{where}: checksum mismatch (data is damaged)")
+                    if crc_len:
+                        self.check_crc(shard, c, target, stored)
                     return
                 raw = os.pread(fd, nbytes, offset)
             finally:
@@ -352,10 +358,6 @@ class ShardedArrayReader:
                 raise CorruptChunkError(f"{where}: holds {nbytes - crc_len} bytes, expected {chunk_bytes}")
             spans.append((offset, nbytes))
         return spans
-
-    def shard_path(self, shard: int) -> str:
-        """Local path or URL of a shard object."""
-        return self._shard_path(shard)
 
     def read_chunks(self, chunks: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Decoded inner chunks ``(shard, chunk_in_shard)``, each of full chunk shape."""
