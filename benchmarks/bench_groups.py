@@ -57,7 +57,6 @@ def main() -> None:
     args = p.parse_args()
     console = Console()
     with scratch(args.out, "bench-groups-") as root:
-
         console.print(f"harvesting {args.tokens:,} tokens of SmolLM2-135M at all 30 layers into {root / 'store'}...")
         t = time.perf_counter()
         harvest(HarvestConfig(model=smollm2.NAME, out=str(root / "store"), layers=tuple(range(30)), tokens=args.tokens,

@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
 import torch
-from report import write_json
+from report import scratch, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -76,16 +74,15 @@ def main() -> None:
     n_windows = args.tokens // args.context_size
     windows = np.stack(list(itertools.islice(token_windows(text, lm.tokenizer), n_windows)))
 
-    scratch = tempfile.mkdtemp(prefix="actstore-bench-harvest-")
-    cfg = HarvestConfig(model=smollm2.NAME, out=os.path.join(scratch, "store"), layers=layers, text=text,
-                        tokens=args.tokens, batch_size=args.batch_size, progress=False, overwrite=True,
-                        shard_tokens=args.shard_tokens, writer_threads=args.writer_threads)
-    # interleaved repeats: this machine's speed drifts by several percent from minute to minute
-    bare_runs, results = [], []
-    for _ in range(args.repeats):
-        bare_runs.append(bare_forward(lm.model, windows, args.batch_size, layers))
-        results.append(harvest(cfg, model=lm))
-    shutil.rmtree(scratch, ignore_errors=True)
+    with scratch(None, "actstore-bench-harvest-") as root:
+        cfg = HarvestConfig(model=smollm2.NAME, out=str(root / "store"), layers=layers, text=text,
+                            tokens=args.tokens, batch_size=args.batch_size, progress=False, overwrite=True,
+                            shard_tokens=args.shard_tokens, writer_threads=args.writer_threads)
+        # interleaved repeats: this machine's speed drifts by several percent from minute to minute
+        bare_runs, results = [], []
+        for _ in range(args.repeats):
+            bare_runs.append(bare_forward(lm.model, windows, args.batch_size, layers))
+            results.append(harvest(cfg, model=lm))
     bare = float(np.median(bare_runs))
     end_to_end = float(np.median([r.tokens_per_s for r in results]))
     steady = float(np.median([r.steady_tokens_per_s for r in results]))

@@ -73,8 +73,8 @@ def main() -> None:
                                            archs=("topk",), expansions=(args.expansion,), lrs=(1e-3,), sparsity={"topk": (args.k,)},
                                            eval_tokens=min(8192, args.harvest_tokens // 8), progress=False, log_every=10**9))
         t_sae = time.perf_counter() - t
-        sae_dir = root / "sae" / trained.rows[0]["name"]
         row = trained.rows[0]
+        sae_dir = root / "sae" / row["name"]
         held_out = (f"held-out FVU {row['eval_fvu']:.3f}, L0 {row['eval_l0']:.1f}" if "eval_fvu" in row
                     else "nothing held out (the store is a single shard)")
         console.print(f"  harvest {t_harvest:.0f} s; SAE {row['name']} in {t_sae:.0f} s, {held_out}")
@@ -97,6 +97,7 @@ def main() -> None:
                    hook=hook, ce_gap_closed=result.ce_gap_closed, before=before.to_json(), after=after.to_json(),
                    seconds={"harvest": t_harvest, "sae": t_sae, "lora": t_lora, "lora_training": result.seconds, "total": total},
                    torch_threads=torch.get_num_threads(), args=vars(args))
+
 
 if __name__ == "__main__":
     main()

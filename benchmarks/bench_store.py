@@ -17,7 +17,6 @@ import argparse
 import itertools
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numcodecs
 import numpy as np
 import torch
-from report import write_json
+from report import scratch, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -132,69 +131,66 @@ def main() -> None:
     parser.add_argument("--json", help="also write the headline figures to this JSON file")
     args = parser.parse_args()
     console = Console()
-    scratch = Path(args.dir or tempfile.mkdtemp(prefix="actstore-bench-"))
-    scratch.mkdir(parents=True, exist_ok=True)
+    with scratch(args.dir, "actstore-bench-") as work:
 
-    lm = load_model(smollm2.NAME)
-    layers = [int(v) for v in args.layers.split(",")]
-    t0 = time.perf_counter()
-    cap = capture(lm, layers, args.tokens, context_size=256)
-    console.print(f"captured {args.tokens} tokens x {len(layers)} layers of {smollm2.NAME} in {time.perf_counter() - t0:.1f}s")
-    cap_bf16 = {h: encode_acts(x, "bfloat16")[0] for h, x in cap.acts.items()}
-    cfg = store_config(lm, cap, 256)
-    raw_bytes = sum(x.nbytes for x in cap_bf16.values())
+        lm = load_model(smollm2.NAME)
+        layers = [int(v) for v in args.layers.split(",")]
+        t0 = time.perf_counter()
+        cap = capture(lm, layers, args.tokens, context_size=256)
+        console.print(f"captured {args.tokens} tokens x {len(layers)} layers of {smollm2.NAME} in {time.perf_counter() - t0:.1f}s")
+        cap_bf16 = {h: encode_acts(x, "bfloat16")[0] for h, x in cap.acts.items()}
+        cfg = store_config(lm, cap, 256)
+        raw_bytes = sum(x.nbytes for x in cap_bf16.values())
 
-    # ---- throughput, side by side -------------------------------------------------------
-    rows = []
-    plain_dir = scratch / "plain"
-    t_plain_w = best_of(args.repeats, lambda: plain_write(plain_dir, cap_bf16, cfg.shard_tokens))
-    t_plain_r = best_of(args.repeats, lambda: plain_read(plain_dir, cap_bf16))
-    bf16_cap = Capture(cap.tokens_N, cap.positions_N, cap_bf16)
-    for codec in ("zstd", "none"):
-        url = str(scratch / f"store-{codec}")
-        c = cfg.with_(codec=codec)
-        t_w = best_of(args.repeats, lambda c=c, url=url: write_capture(url, bf16_cap, c, overwrite=True))
-        t_r = best_of(args.repeats, lambda url=url: store_read(url))
-        rows.append((f"bf16 {codec}", t_w, t_r))
-    mb = raw_bytes / 1e6
-    table = Table(title=f"store throughput vs plain files ({mb:.0f} MB of bf16 activations, {os.cpu_count()} cores, page cache)")
-    for col in ("", "write MB/s", "write ratio", "read MB/s", "read ratio"):
-        table.add_column(col, justify="right")
-    table.add_row("plain files", f"{mb / t_plain_w:.0f}", "1.00", f"{mb / t_plain_r:.0f}", "1.00")
-    for name, t_w, t_r in rows:
-        table.add_row(f"store {name}", f"{mb / t_w:.0f}", f"{t_plain_w / t_w:.2f}", f"{mb / t_r:.0f}", f"{t_plain_r / t_r:.2f}")
-    console.print(table)
-    headline = [(f"store {name} {kind} / plain files", f"{t_plain / t:.2f}", "")
-                for name, t_w, t_r in rows for kind, t_plain, t in (("write", t_plain_w, t_w), ("read", t_plain_r, t_r))]
+        # ---- throughput, side by side -------------------------------------------------------
+        rows = []
+        plain_dir = work / "plain"
+        t_plain_w = best_of(args.repeats, lambda: plain_write(plain_dir, cap_bf16, cfg.shard_tokens))
+        t_plain_r = best_of(args.repeats, lambda: plain_read(plain_dir, cap_bf16))
+        bf16_cap = Capture(cap.tokens_N, cap.positions_N, cap_bf16)
+        for codec in ("zstd", "none"):
+            url = str(work / f"store-{codec}")
+            c = cfg.with_(codec=codec)
+            t_w = best_of(args.repeats, lambda c=c, url=url: write_capture(url, bf16_cap, c, overwrite=True))
+            t_r = best_of(args.repeats, lambda url=url: store_read(url))
+            rows.append((f"bf16 {codec}", t_w, t_r))
+        mb = raw_bytes / 1e6
+        table = Table(title=f"store throughput vs plain files ({mb:.0f} MB of bf16 activations, {os.cpu_count()} cores, page cache)")
+        for col in ("", "write MB/s", "write ratio", "read MB/s", "read ratio"):
+            table.add_column(col, justify="right")
+        table.add_row("plain files", f"{mb / t_plain_w:.0f}", "1.00", f"{mb / t_plain_r:.0f}", "1.00")
+        for name, t_w, t_r in rows:
+            table.add_row(f"store {name}", f"{mb / t_w:.0f}", f"{t_plain_w / t_w:.2f}", f"{mb / t_r:.0f}", f"{t_plain_r / t_r:.2f}")
+        console.print(table)
+        headline = [(f"store {name} {kind} / plain files", f"{t_plain / t:.2f}", "")
+                    for name, t_w, t_r in rows for kind, t_plain, t in (("write", t_plain_w, t_w), ("read", t_plain_r, t_r))]
 
-    # ---- compression ----------------------------------------------------------------------
-    comp = Table(title="compression on real activations (raw bytes of the stored dtype / bytes stored)")
-    for col in ("dtype", "codec", "ratio", "bytes/value on disk"):
-        comp.add_column(col, justify="right")
-    zstd1 = numcodecs.Zstd(level=1)
-    chunks = [np.ascontiguousarray(x[a : a + cfg.chunk_tokens]) for x in cap_bf16.values() for a in range(0, len(x), cfg.chunk_tokens)]
-    plain_ratio = sum(c.nbytes for c in chunks) / sum(len(zstd1.encode(c.tobytes())) for c in chunks)
-    comp.add_row("bfloat16", "zstd-1, no shuffle (reference)", f"{plain_ratio:.3f}", f"{2 / plain_ratio:.3f}")
-    for dtype in ("bfloat16", "float16", "float32", "float8_e4m3fn"):
-        url = str(scratch / f"comp-{dtype}")
-        s = write_capture(url, cap, cfg.with_(dtype=dtype), overwrite=True).summary()
-        values = s["n_tokens"] * sum(cfg.width(h) for h in cfg.hooks)
-        comp.add_row(dtype, "zstd-1 byte-shuffled", f"{s['compression_ratio']:.3f}", f"{s['acts_bytes_stored'] / values:.3f}")
-        if dtype == "bfloat16":
-            headline.append(("compression, bf16 zstd-1 byte-shuffled", f"{s['compression_ratio']:.2f}x", ""))
-    console.print(comp)
+        # ---- compression ----------------------------------------------------------------------
+        comp = Table(title="compression on real activations (raw bytes of the stored dtype / bytes stored)")
+        for col in ("dtype", "codec", "ratio", "bytes/value on disk"):
+            comp.add_column(col, justify="right")
+        zstd1 = numcodecs.Zstd(level=1)
+        chunks = [np.ascontiguousarray(x[a : a + cfg.chunk_tokens]) for x in cap_bf16.values() for a in range(0, len(x), cfg.chunk_tokens)]
+        plain_ratio = sum(c.nbytes for c in chunks) / sum(len(zstd1.encode(c.tobytes())) for c in chunks)
+        comp.add_row("bfloat16", "zstd-1, no shuffle (reference)", f"{plain_ratio:.3f}", f"{2 / plain_ratio:.3f}")
+        for dtype in ("bfloat16", "float16", "float32", "float8_e4m3fn"):
+            url = str(work / f"comp-{dtype}")
+            s = write_capture(url, cap, cfg.with_(dtype=dtype), overwrite=True).summary()
+            values = s["n_tokens"] * sum(cfg.width(h) for h in cfg.hooks)
+            comp.add_row(dtype, "zstd-1 byte-shuffled", f"{s['compression_ratio']:.3f}", f"{s['acts_bytes_stored'] / values:.3f}")
+            if dtype == "bfloat16":
+                headline.append(("compression, bf16 zstd-1 byte-shuffled", f"{s['compression_ratio']:.2f}x", ""))
+        console.print(comp)
 
-    # ---- fp8 error ------------------------------------------------------------------------
-    err = Table(title="fp8 (e4m3fn, per-token scale) error against float32 activations, per hook")
-    for col in ("hook", "fp8 mean rel. L2", "fp8 max rel. L2", "fp8 mean cosine", "bf16 mean rel. L2"):
-        err.add_column(col, justify="right")
-    for hook, x in cap.acts.items():
-        mean_rel, max_rel, cos = fp8_errors(x)
-        err.add_row(hook, f"{mean_rel:.4f}", f"{max_rel:.4f}", f"{cos:.5f}", f"{bf16_error(x):.4f}")
-    console.print(err)
-    write_json(args.json, headline, megabytes=mb, cores=os.cpu_count())
-    if args.dir is None:
-        shutil.rmtree(scratch, ignore_errors=True)
+        # ---- fp8 error ------------------------------------------------------------------------
+        err = Table(title="fp8 (e4m3fn, per-token scale) error against float32 activations, per hook")
+        for col in ("hook", "fp8 mean rel. L2", "fp8 max rel. L2", "fp8 mean cosine", "bf16 mean rel. L2"):
+            err.add_column(col, justify="right")
+        for hook, x in cap.acts.items():
+            mean_rel, max_rel, cos = fp8_errors(x)
+            err.add_row(hook, f"{mean_rel:.4f}", f"{max_rel:.4f}", f"{cos:.5f}", f"{bf16_error(x):.4f}")
+        console.print(err)
+        write_json(args.json, headline, megabytes=mb, cores=os.cpu_count())
 
 
 if __name__ == "__main__":
