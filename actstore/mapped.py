@@ -32,16 +32,12 @@ process has); larger stores are read by copying instead (:func:`fits`)."""
 
 def reserved_bytes(readers: Sequence[ShardedArrayReader]) -> int:
     """Address space that mapping every shard of ``readers`` takes."""
-    return sum(_n_shards(r) * mapping.round_up(r.max_shard_bytes) for r in readers)
+    return sum(r.layout.n_shards * mapping.round_up(r.max_shard_bytes) for r in readers)
 
 
 def fits(readers: Sequence[ShardedArrayReader]) -> bool:
     """Whether ``readers`` can be mapped together: mappable, and within :data:`MAX_RESERVED_BYTES`."""
     return all(r.mappable for r in readers) and reserved_bytes(readers) <= MAX_RESERVED_BYTES
-
-
-def _n_shards(reader: ShardedArrayReader) -> int:
-    return -(-reader.layout.shape[0] // reader.layout.shard_tokens)
 
 
 class MappedArrays:
@@ -52,16 +48,16 @@ class MappedArrays:
         first = self.readers[0].layout
         if any(r.layout.shard_tokens != first.shard_tokens or r.layout.chunk_tokens != first.chunk_tokens for r in readers):
             raise ValueError("arrays mapped together must share their shard and chunk sizes")
-        self.n_shards = _n_shards(self.readers[0])
+        self.n_shards = first.n_shards
         self.slots = mapping.FileSlots(len(self.readers) * self.n_shards, max(r.max_shard_bytes for r in readers))
-        n_chunks = len(self.readers[0].verified)
+        n_chunks = first.n_chunks
         self._ready = np.zeros((len(self.readers), n_chunks), dtype=bool)  # checked and paged in here
         self._start = np.zeros((len(self.readers), n_chunks), dtype=np.int64)  # where each ready chunk is
 
     @property
     def nbytes(self) -> int:
         """Bytes of all the arrays' chunks (what mapping the whole store brings in)."""
-        return sum(r.layout.chunk_bytes * len(r.verified) for r in self.readers)
+        return sum(r.layout.chunk_bytes * r.layout.n_chunks for r in self.readers)
 
     def starts(self, chunks: Sequence[tuple[int, int]]) -> np.ndarray:
         """Byte offsets in :meth:`rows_view`'s range of the data of inner chunks ``(shard,

@@ -85,6 +85,16 @@ class ArrayLayout:
         return self.shard_tokens // self.chunk_tokens
 
     @property
+    def n_chunks(self) -> int:
+        """Inner chunks of the whole array (the last may be partly beyond its end)."""
+        return -(-self.shape[0] // self.chunk_tokens)
+
+    @property
+    def n_shards(self) -> int:
+        """Shard objects of the whole array."""
+        return -(-self.shape[0] // self.shard_tokens)
+
+    @property
     def chunk_shape(self) -> tuple[int, ...]:
         return (self.chunk_tokens, *self.shape[1:])
 
@@ -176,7 +186,7 @@ class ShardedArrayReader:
         # object stores run a batch of ranged reads concurrently: bound how many are in flight
         self._concurrency = {"batch_size": max_concurrency} if isinstance(loc.fs, AsyncFileSystem) else {}
         self._local = isinstance(loc.fs, LocalFileSystem) and hasattr(os, "preadv")
-        self.verified = np.zeros(-(-layout.shape[0] // layout.chunk_tokens), dtype=bool)
+        self.verified = np.zeros(layout.n_chunks, dtype=bool)
         """Chunks whose checksums a mapped read has checked (committed chunks do not change)."""
 
     # ---- shard indexes --------------------------------------------------------------------
