@@ -16,7 +16,7 @@ read once first, as for a store harvested earlier):
 - shuffle quality: same-context pairs per batch over an ideal uniform shuffle's rate, for
   several memory budgets, beside a SAELens-like mixing buffer holding as many tokens.
 
-    python benchmarks/bench_stream.py [--tokens 524288] [--batch-size 4096] [--repeats 3]
+    python benchmarks/bench_stream.py [--tokens 524288] [--batch-size 4096] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--memory", default="256MiB")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved runs per figure (median); ratios move by several hundredths between runs here")
     p.add_argument("--s3-tokens", type=int, default=32768)
     p.add_argument("--json", help="also write the headline figures to this JSON file")
     args = p.parse_args()
