@@ -180,10 +180,10 @@ class StoreConfig:
         """The fields that must agree for a writer to continue a store."""
         return self.to_json()
 
-    def differences(self, other: StoreConfig) -> list[str]:
-        """Human-readable ``key: ours != theirs`` for every identity field that differs."""
-        a, b = _flatten(self.identity()), _flatten(other.identity())
-        return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    def differences(self, other: StoreConfig, ignore: Iterable[str] = ()) -> list[str]:
+        """Human-readable ``key: ours != theirs`` for every identity field that differs (fields
+        named in ``ignore`` aside, e.g. ``n_tokens_target``, the one a writer may change)."""
+        return differences(self.identity(), other.identity(), ignore)
 
     def with_(self, **changes: Any) -> StoreConfig:
         """A copy with ``changes``; chunk and shard sizes stay as resolved unless changed too."""
@@ -196,12 +196,35 @@ def default_chunk_tokens(width: int, dtype: str) -> int:
     return 1 << max(0, math.ceil(math.log2(MIN_CHUNK_BYTES / per_token)))
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = list(v) if isinstance(v, tuple) else v
+def differences(ours: Mapping[str, Any], theirs: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """``key: ours != theirs`` for every place two nested JSON-like objects differ (nested keys
+    joined with dots, tuples equal to lists), in key order; a key on one side only is one entry
+    (``(absent)`` on the other), not one per leaf under it; keys in ``ignore`` (dotted) are skipped."""
+    out: list[str] = []
+    _diff(ours, theirs, "", set(ignore), out)
     return out
+
+
+def _diff(a: Any, b: Any, key: str, skip: set[str], out: list[str]) -> None:
+    if key in skip:
+        return
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for k in sorted(set(a) | set(b), key=str):
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in a or k not in b:
+                if sub not in skip:
+                    out.append(f"{sub}: {_brief(a, k)} != {_brief(b, k)}")
+            else:
+                _diff(a[k], b[k], sub, skip, out)
+    elif _plain(a) != _plain(b):
+        out.append(f"{key}: {a!r} != {b!r}")
+
+
+def _brief(d: Mapping[str, Any], k: Any) -> str:
+    if k not in d:
+        return "(absent)"
+    return "{...}" if isinstance(d[k], Mapping) else repr(d[k])
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, list | tuple) else v

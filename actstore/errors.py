@@ -50,3 +50,7 @@ class ShardError(ActstoreError):
 
 class StoreAccessError(ActstoreError):
     """The storage backend could not be reached (bad endpoint, bucket or credentials)."""
+
+
+class EmptyStreamError(ActstoreError):
+    """A stream's filters or range leave no tokens to serve."""

@@ -9,6 +9,7 @@ Shape letters: N tokens, D width.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping
 from functools import cached_property
@@ -37,6 +38,9 @@ from .stats import RunningStats
 log = logging.getLogger(__name__)
 
 ROOT_ATTR = "actstore"
+STORE_ID = "store_id"
+"""Root-attribute key of the random id a store gets at creation (kept by resumes and extensions,
+new with ``--overwrite``): tells two stores at one URL apart."""
 
 
 def read_root_attrs(loc: Location) -> dict[str, Any]:
@@ -88,6 +92,12 @@ class Store:
     @property
     def hooks(self) -> tuple[str, ...]:
         return self.config.hooks
+
+    @property
+    def id(self) -> str | None:
+        """The random id written when the store was created (None for stores made before ids)."""
+        value = self.attrs.get(STORE_ID)
+        return value if isinstance(value, str) else None
 
     @property
     def committed_shards(self) -> list[int]:
@@ -191,6 +201,7 @@ class Store:
             hooks[hook] = {"width": cfg.width(hook), **s.summary()}
         return {
             "url": self.url,
+            "store_id": self.id,
             "format_version": self.attrs["format_version"],
             "model": dict(self.attrs["model"]),
             "dataset": dict(self.attrs["dataset"]),
@@ -214,7 +225,7 @@ class Store:
 
 
 def open_store(
-    url: str,
+    url: str | os.PathLike,
     mode: str = "r",
     *,
     config: StoreConfig | None = None,

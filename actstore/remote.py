@@ -74,8 +74,12 @@ class Location:
         if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
             tmp = Path(f"{target}.{uuid.uuid4().hex}.partial")
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, target)
+            except BaseException:  # a full disk: no partial file left behind
+                tmp.unlink(missing_ok=True)
+                raise
             return
         # object stores and memory: a single put is atomic
         try:
@@ -91,8 +95,11 @@ class Location:
             self.fs.rm(self.root, recursive=True)
 
 
-def open_location(url: str, storage_options: Mapping[str, Any] | None = None, read_only: bool = True) -> Location:
+def open_location(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, read_only: bool = True) -> Location:
     """Resolve ``url`` (local path or fsspec URL) into a :class:`Location`."""
+    url = os.fspath(url) if isinstance(url, os.PathLike) else url
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"a store needs a path or URL (a folder, s3://bucket/prefix...), got {url!r}")
     opts = dict(storage_options or {})
     if is_local(url):
         path = url[len("file://"):] if url.startswith("file://") else url

@@ -61,6 +61,8 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
+import os
 import sys
 import threading
 import time
@@ -73,8 +75,9 @@ import numpy as np
 import torch
 
 from .commits import ranges_to_shards, shards_to_ranges
+from .devices import check_device
 from .dtypes import numpy_dtype
-from .errors import ActstoreError
+from .errors import ActstoreError, EmptyStreamError
 from .layout import POSITIONS, TOKENS, acts_path, scale_path
 from .mapped import MappedArrays, fits, keeps_pages
 from .mapping import unit_for
@@ -161,6 +164,9 @@ class StreamConfig:
     """Where batches are delivered (``cuda``, ``cuda:1``...); None keeps them on the CPU."""
     shards: tuple[int, ...] | None = None
     """Stream only these committed shards (e.g. all but a held-out few); None: all."""
+    scales: Mapping[str, float] | None = None
+    """With ``normalize``: these scales ``s_h`` instead of measuring them (a resumed run keeps
+    the scales it started with, though the store has grown since)."""
     mmap: bool = True
     """Gather uncompressed local chunks straight from the page cache (files mapped into memory)
     instead of copying them into the block first; False always copies. Same batches either way."""
@@ -172,6 +178,10 @@ class StreamConfig:
             object.__setattr__(self, "shards", tuple(sorted({int(s) for s in self.shards})))
             if self.follow:
                 raise ValueError("shards= picks committed shards; it cannot be combined with follow=True")
+        for name in ("batch_size", "rank", "world_size", "min_position", "prefetch"):
+            object.__setattr__(self, name, _whole(getattr(self, name), name))
+        if self.epochs is not None:
+            object.__setattr__(self, "epochs", _whole(self.epochs, "epochs"))
         if not self.hooks:
             raise ValueError("stream needs at least one hook")
         if len(set(self.hooks)) != len(self.hooks):
@@ -196,6 +206,26 @@ class StreamConfig:
     @property
     def filters(self) -> bool:
         return self.min_position > 0 or bool(self.drop_token_ids) or self.drop_special
+
+    def describe_filters(self) -> str:
+        """The filters that are on, as the arguments that set them (for error messages)."""
+        parts = [f"min_position={self.min_position}"] if self.min_position > 0 else []
+        if self.drop_token_ids:
+            more = ", ..." if len(self.drop_token_ids) > 8 else ""
+            parts.append(f"drop_token_ids=[{', '.join(map(str, self.drop_token_ids[:8]))}{more}]")
+        if self.drop_special:
+            parts.append("drop_special=True")
+        return ", ".join(parts)
+
+
+def _whole(value: Any, name: str) -> int:
+    """``value`` as an int when it is a whole number of the integer kind, else a ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -311,6 +341,12 @@ class Stream:
                 "stacked into one [B, H, D] tensor; pass stack=False for a dict of [B, D] tensors"
             )
         self.widths = widths
+        self._device = check_device(cfg.device) if cfg.device else torch.device("cpu")
+        if cfg.min_position >= scfg.context_size:
+            raise EmptyStreamError(
+                f"min_position={cfg.min_position} leaves no tokens: {store.url} holds windows of {scfg.context_size} "
+                f"tokens (positions 0-{scfg.context_size - 1}); use a min_position below {scfg.context_size}"
+            )
         self._ct = scfg.chunk_tokens
         self._cps = scfg.shard_tokens // scfg.chunk_tokens
         self._fp8 = scfg.dtype == "float8_e4m3fn"
@@ -353,7 +389,6 @@ class Stream:
         """Whether a stacked batch's hooks are gathered together, from one mapping of all their chunks."""
         self._maps: dict[str, MappedArrays] = {}
         """Mapped arrays by path (``_STACK``: the hooks mapped together), kept from epoch to epoch."""
-        self._device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
 
     # ---- description ----------------------------------------------------------------------
     @property
@@ -662,10 +697,16 @@ class Stream:
         whole: torch.Tensor | None = None
         index_B: torch.Tensor | None = None
         filled = 0
+        epoch, epoch_tokens, whole_epoch = -1, 0, False  # tokens kept in the current epoch, and whether it began here
         for blk in blocks:
             e, s, b = blk.key
             off = start.offset if blk.key == start.block_key else 0
             n = len(blk.order_T)
+            if e != epoch:
+                if whole_epoch and not epoch_tokens:
+                    raise self._filtered_out(epoch)
+                epoch, epoch_tokens, whole_epoch = e, 0, (s, b, off) == (0, 0, 0)
+            epoch_tokens += n
             while off < n:
                 if filled == 0:
                     if stacked:
@@ -700,6 +741,8 @@ class Stream:
             pool.release(blk.buffer)
             retired.append(blk)
             del blk
+        if whole_epoch and not epoch_tokens:
+            raise self._filtered_out(epoch)
         if filled and not self.cfg.drop_last:
             end = Cursor(self.cfg.epochs or 0, 0, 0, 0, batches + 1, tokens + filled)
             yield _RawBatch(
@@ -805,6 +848,11 @@ class Stream:
     def _scales(self, shards: Sequence[int]) -> dict[str, float]:
         if self.cfg.normalize == "none":
             return {}
+        if self.cfg.scales is not None:
+            missing = [h for h in self.cfg.hooks if h not in self.cfg.scales]
+            if missing:
+                raise ValueError(f"scales= gives no scale for {', '.join(missing)}")
+            return {h: float(self.cfg.scales[h]) for h in self.cfg.hooks}
         if self.cfg.filters:  # the store's statistics count every token; measure the served ones
             mean_sq = self._served_mean_sq_norms(shards)
         else:
@@ -841,7 +889,22 @@ class Stream:
             for hook in self.cfg.hooks:
                 x = self.store.read(hook, a, b)[keep].astype(np.float64)
                 sums[hook] += float(np.einsum("td,td->", x, x))
-        return {h: v / kept for h, v in sums.items()} if kept else {}
+        if not kept:
+            raise EmptyStreamError(
+                f"the filters ({self.cfg.describe_filters()}) keep none of the {len(chunks) * ct:,} tokens sampled from "
+                f"{self.store.url} to normalise by; loosen them"
+            )
+        return {h: v / kept for h, v in sums.items()}
+
+    def _filtered_out(self, epoch: int) -> EmptyStreamError:
+        """The error for an epoch in which the filters kept none of this rank's tokens (a stream
+        without end would otherwise wait for a batch forever)."""
+        c = self.cfg
+        ranks = f" of rank {c.rank} of {c.world_size}" if c.world_size > 1 else ""
+        return EmptyStreamError(
+            f"the filters ({c.describe_filters()}) keep none of the {self.tokens_per_epoch:,} tokens{ranks} in epoch {epoch} "
+            f"of {self.store.url}; loosen them"
+        )
 
     def _keep(self, n: int, positions_T: np.ndarray | None, tokens_T: np.ndarray | None) -> np.ndarray:
         """Which of ``n`` tokens pass the filters (positions needed with ``min_position``, token
@@ -897,8 +960,10 @@ def stream(
     ``stack=False``). ``rank``/``world_size`` default to torch.distributed's when it is
     initialised. Other options: the fields of :class:`StreamConfig`.
     """
-    if isinstance(store, str):
+    if isinstance(store, str | os.PathLike):
         store = open_store(store, storage_options=storage_options)
+    elif not isinstance(store, Store):
+        raise ValueError(f"stream reads a store: give an open Store or its path or URL, got {store!r}")
     if rank is None or world_size is None:
         auto_rank, auto_world = _default_rank_world()
         rank = auto_rank if rank is None else rank

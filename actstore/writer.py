@@ -1,23 +1,32 @@
 """Writing a store: whole shards, data first, the commit record last.
 
-A :class:`StoreWriter` is a context manager. On entry it creates the store, or re-opens one
-made with the same :class:`~actstore.config.StoreConfig` (any difference is refused unless
-``overwrite=True``) and learns which shards are committed. ``write_shard`` encodes the shard's
+A :class:`StoreWriter` is a context manager. On entry it creates the store (with a random
+``store_id``), or re-opens one made with the same :class:`~actstore.config.StoreConfig` (any
+difference is refused unless ``overwrite=True``) and learns which shards are committed. The
+token target is the one setting a re-opened store may change: a lower one (never below the
+committed shards) finishes the store with what is there, a higher one extends it; a committed
+short last shard that the new target lengthens is taken back out of its writer's record (its
+statistics subtracted) to be written again at its new length. ``write_shard`` encodes the shard's
 inner chunks in a thread pool and stores one object per array (:mod:`actstore.shardio`; zarr
 creates the arrays' metadata), then atomically rewrites this writer's commit record
 (:mod:`actstore.commits`). Several writers, one per rank, own disjoint shards of one store
 (``pending_shards(rank, world_size)``); a crashed writer is resumed by running it again.
-On a clean exit the root attributes get a summary of all commits (``n_tokens``, statistics).
+On every exit (an error included, as far as the storage still takes writes) the root
+attributes get a summary of all commits (``n_tokens``, statistics), so plain zarr readers see
+what is committed.
 Shape letters: N tokens, D width.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -34,6 +43,7 @@ from .errors import (
     FormatVersionError,
     NotAnActstoreError,
     ShardError,
+    StoreAccessError,
     StoreNotFoundError,
 )
 from .layout import (
@@ -47,7 +57,7 @@ from .layout import (
     scale_path,
     shard_key,
 )
-from .reader import ROOT_ATTR, read_root_attrs
+from .reader import ROOT_ATTR, STORE_ID, Store, read_root_attrs
 from .remote import Location, call_with_retries, open_location
 from .shardio import ArrayLayout
 from .stats import RunningStats
@@ -55,6 +65,28 @@ from .stats import RunningStats
 log = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
+
+#: errno values that are the machine's answer, not a fault of actstore's, with what to do about them
+_STORAGE_HINTS = {
+    errno.ENOSPC: "free some space, then run the writer again to resume (committed shards are kept)",
+    errno.EDQUOT: "free some of your quota, then run the writer again to resume (committed shards are kept)",
+    errno.EROFS: "choose a writable location",
+    errno.EACCES: "choose a location you may write to",
+    errno.EPERM: "choose a location you may write to",
+}
+
+
+@contextmanager
+def _storage_errors(url: str) -> Iterator[None]:
+    """A full disk, a read-only file system or a missing permission as one
+    :class:`~actstore.errors.StoreAccessError` line saying what to do, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _STORAGE_HINTS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        raise StoreAccessError(f"cannot write the store at {url}: {e.strerror}{where}; {_STORAGE_HINTS[e.errno]}") from e
 
 
 class StoreWriter:
@@ -81,6 +113,8 @@ class StoreWriter:
         self._record = CommitRecord(self.writer_id)
         self._committed: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None
+        self.store_id: str | None = None
+        """The store's random id (None for a store made before ids: it stays without one)."""
 
     # ---- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> StoreWriter:
@@ -88,32 +122,48 @@ class StoreWriter:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.close(consolidate=exc_type is None)
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     def open(self) -> StoreWriter:
+        with _storage_errors(self.url):
+            return self._open()
+
+    def _open(self) -> StoreWriter:
         loc = open_location(self.url, self.storage_options, read_only=False)
         self.loc = loc
         if self.overwrite:
             self._remove_existing_store()
         try:
-            existing = StoreConfig.from_json(read_root_attrs(loc))
+            attrs = read_root_attrs(loc)
         except StoreNotFoundError:
-            existing = None
+            attrs = None
         except NotAnActstoreError as e:
             raise NotAnActstoreError(
                 f"{loc.url} already holds data that is not an actstore store; "
                 "choose another path (or overwrite it explicitly)"
             ) from e
-        if existing is None:
+        if attrs is None:
+            if loc.fs.exists(loc.root) and loc.fs.ls(loc.root):
+                raise NotAnActstoreError(
+                    f"{loc.url} holds files but no actstore store; choose an empty or new location for the store"
+                )
+            self.store_id = uuid.uuid4().hex
             self._write_root(n_tokens=0, state_stats={}, n_shards_committed=0)
         else:
-            diffs = existing.differences(self.config)
+            existing = Store(loc, attrs)
+            self.store_id = existing.id
+            diffs = existing.config.differences(self.config, ignore=("n_tokens_target",))
             if diffs:
                 raise ConfigMismatchError(
                     f"the store at {loc.url} was made with another configuration ({'; '.join(diffs[:4])}"
                     f"{'; ...' if len(diffs) > 4 else ''}); rerun with the same settings to resume, "
                     "or overwrite it (overwrite=True / --overwrite), or pick another path"
                 )
+            if existing.n_tokens_target != self.config.n_tokens_target:
+                self._retarget(existing)
         self._create_arrays()
         records = load_records(loc)
         self._committed = set(merge_records(records).shards)
@@ -148,10 +198,48 @@ class StoreWriter:
         if consolidate and self.loc is not None:
             self.consolidate()
 
+    def abort(self) -> None:
+        """Close after a failure elsewhere: the root summary still gets what is committed, as far
+        as the storage takes the write (a full disk may refuse it; the commit records stay the
+        truth, and the next clean close writes the summary)."""
+        try:
+            self.close()
+        except Exception as e:  # never hide the failure that brought us here
+            log.warning("could not refresh the summary of %s: %s", self.url, e)
+
     def consolidate(self) -> None:
         """Write the summary of all writers' commits into the root attributes."""
-        state = merge_records(load_records(self._loc))
-        self._write_root(n_tokens=self.config.tokens_in(state.shards), state_stats=state.stats, n_shards_committed=len(state.shards))
+        with _storage_errors(self.url):
+            state = merge_records(load_records(self._loc))
+            self._write_root(n_tokens=self.config.tokens_in(state.shards), state_stats=state.stats, n_shards_committed=len(state.shards))
+
+    def _retarget(self, existing: Store) -> None:
+        """Move the token target to ``self.config``'s (see the module docstring)."""
+        old, new = existing.config, self.config.n_tokens_target
+        committed = existing.committed_shards
+        end = max((old.shard_range(s)[1] for s in committed), default=0)
+        if new < end:
+            raise ConfigMismatchError(
+                f"the store at {existing.url} already holds committed tokens up to {end:,}; a target of {new:,} tokens "
+                f"would cut them off: ask for at least {end:,} tokens, or overwrite it (overwrite=True / --overwrite)"
+            )
+        last = old.n_shards - 1
+        lo, hi = old.shard_range(last)
+        if new > hi and hi - lo < old.shard_tokens and last in committed:
+            self._uncommit(existing, last)
+        log.info("store %s: token target %d -> %d", existing.url, old.n_tokens_target, new)
+        self.consolidate()
+
+    def _uncommit(self, existing: Store, shard: int) -> None:
+        """Take ``shard`` out of the record that commits it, with its statistics (recomputed from
+        its stored values, as the commit computed them)."""
+        a, b = existing.config.shard_range(shard)
+        stats = {hook: RunningStats.of(existing.read(hook, a, b)) for hook in existing.hooks}
+        for record in load_records(self._loc):
+            if shard in record.shards:
+                kept = {hook: s.minus(stats[hook]) for hook, s in record.stats.items()}
+                write_record(self._loc, CommitRecord(record.writer_id, record.shards - {shard}, kept))
+                log.info("store %s: shard %d uncommitted, to be written again at its new length", existing.url, shard)
 
     # ---- shards ---------------------------------------------------------------------------
     @property
@@ -179,8 +267,29 @@ class StoreWriter:
         """Store every array's data for ``shard``, then commit it.
 
         ``tokens`` and ``positions`` are ``[N]`` integers and ``acts[hook]`` is ``[N, D]`` for
-        every hook of the store, where ``N`` is the shard's length (``shard_range``).
+        every hook of the store, where ``N`` is the shard's length (``shard_range``). A write
+        that fails leaves the shard uncommitted and its objects removed (on a full disk, that
+        makes room for the summary the writer's close still writes).
         """
+        with _storage_errors(self.url):
+            try:
+                self._write_shard(shard, tokens, positions, acts)
+            except OSError:
+                if shard not in self._committed:
+                    self._remove_shard_objects(shard)
+                raise
+
+    def _remove_shard_objects(self, shard: int) -> None:
+        """Delete ``shard``'s objects, best effort (uncommitted: no reader sees them)."""
+        for path, layout in self._layouts.items():
+            key = self._loc.path(shard_key(path, shard, len(layout.shape)))
+            try:
+                if self._loc.fs.exists(key):
+                    self._loc.fs.rm_file(key)
+            except OSError as e:
+                log.warning("could not remove the uncommitted %s: %s", key, e)
+
+    def _write_shard(self, shard: int, tokens: ArrayLike, positions: ArrayLike, acts: Mapping[str, ArrayLike]) -> None:
         if self._pool is None:
             raise RuntimeError("StoreWriter is not open; use it as a context manager")
         if not 0 <= shard < self.config.n_shards:
@@ -248,6 +357,8 @@ class StoreWriter:
         attrs["n_tokens"] = n_tokens
         attrs["n_shards_committed"] = n_shards_committed
         attrs["stats"] = {hook: s.summary() for hook, s in state_stats.items()}
+        if self.store_id is not None:
+            attrs[STORE_ID] = self.store_id
         self._loc.write_bytes_atomic("zarr.json", json.dumps(group_doc({ROOT_ATTR: attrs}), indent=2).encode())
 
     def _create_arrays(self) -> None:
@@ -272,8 +383,10 @@ class StoreWriter:
                 )
             except (ContainsArrayError, ContainsGroupError):
                 arr = root[spec.path]  # made by an earlier run or by another rank
-                if not isinstance(arr, zarr.Array) or arr.shape != (cfg.n_tokens_target, *spec.shape_tail):
+                if not isinstance(arr, zarr.Array) or arr.shape[1:] != spec.shape_tail:
                     raise ConfigMismatchError(f"{self._loc.url}/{spec.path} exists with another shape; overwrite the store") from None
+                if arr.shape[0] != cfg.n_tokens_target:  # a new token target (_retarget): shards past it go
+                    arr.resize((cfg.n_tokens_target, *spec.shape_tail))
             self._layouts[spec.path] = ArrayLayout.from_zarr_json(spec.path, arr.metadata.to_dict())
 
 

@@ -225,12 +225,74 @@ class StoreSuite:
         store = actstore.open_store(url)
         assert store.config.dtype == "float32" and store.committed_shards == [0]
 
-    def test_overwrite_refuses_to_delete_what_is_not_a_store(self, url):
+    def test_store_id_is_kept_by_resumes_and_new_with_overwrite(self, url):
+        cfg = make_config()
+        with actstore.open_store(url, "a", config=cfg) as w:
+            write_shards(w, cfg, make_data(cfg), [0])
+        first = actstore.open_store(url).id
+        assert isinstance(first, str) and len(first) == 32
+        with actstore.open_store(url, "a", config=cfg.with_(n_tokens_target=1200)) as w:
+            assert w.store_id == first
+        assert actstore.open_store(url).id == first and actstore.open_store(url).summary()["store_id"] == first
+        with actstore.open_store(url, "w", config=cfg):
+            pass
+        assert actstore.open_store(url).id not in (None, first)
+
+    def test_a_lower_target_finishes_the_store_with_what_is_committed(self, url):
+        cfg = make_config()  # 1000 tokens, shards of 256: 0-2 full, 3 short
+        data = make_data(cfg)
+        with actstore.open_store(url, "a", config=cfg) as w:
+            write_shards(w, cfg, data, [0, 1])
+        with pytest.raises(ConfigMismatchError, match="up to 512; a target of 500 tokens would cut them off"):
+            actstore.open_store(url, "a", config=cfg.with_(n_tokens_target=500)).open()
+        lower = cfg.with_(n_tokens_target=512)
+        with actstore.open_store(url, "a", config=lower) as w:
+            assert w.pending_shards() == []
+        store = actstore.open_store(url)
+        assert store.is_complete and store.n_tokens == 512 and store.config == lower
+        assert store.attrs["n_tokens"] == 512
+        assert store.zarr_array(acts_path(cfg.hooks[0])).shape == (512, 48)
+        np.testing.assert_array_equal(store.zarr_array("tokens")[:], data["tokens"][:512])
+
+    def test_a_higher_target_extends_the_store_as_one_run_would(self, url, unique):
+        cfg = make_config(n_tokens_target=640)  # shards 0, 1 full; 2 short (128 tokens)
+        big = cfg.with_(n_tokens_target=1000)
+        data = make_data(big)
+        with actstore.open_store(url, "a", config=cfg) as w:
+            write_shards(w, cfg, data, [0, 1, 2])
+        with actstore.open_store(url, "a", config=big) as w:
+            assert w.pending_shards() == [2, 3]  # the short shard is written again at its new length
+            assert actstore.open_store(url).n_tokens == 512 and actstore.open_store(url).attrs["n_tokens"] == 512
+            write_shards(w, big, data, [2, 3])
+        ref_url = url.rstrip("/") + "-reference"
+        write_all(ref_url, big, data)
+        a, b = actstore.open_store(url), actstore.open_store(ref_url)
+        assert a.config == b.config and a.is_complete
+        for spec in array_specs(big):
+            assert a.zarr_array(spec.path)[:].tobytes() == b.zarr_array(spec.path)[:].tobytes(), spec.path
+        for hook in big.hooks:
+            sa, sb = a.stats(hook), b.stats(hook)
+            assert sa.count == sb.count == 1000
+            np.testing.assert_allclose(sa.sum_D, sb.sum_D, rtol=1e-12, atol=1e-9)
+            assert sa.sum_sq_norm == pytest.approx(sb.sum_sq_norm, rel=1e-12)
+
+    def test_an_error_inside_the_writer_still_writes_the_summary(self, url):
+        cfg = make_config()
+        with pytest.raises(RuntimeError, match="boom"):
+            with actstore.open_store(url, "a", config=cfg) as w:
+                write_shards(w, cfg, make_data(cfg), [0, 1])
+                raise RuntimeError("boom")
+        store = actstore.open_store(url)
+        assert store.attrs["n_tokens"] == 512 and store.attrs["n_shards_committed"] == 2
+
+    @pytest.mark.parametrize("mode, message", [("a", "holds files but no actstore store"), ("w", "refusing to overwrite")])
+    def test_a_folder_of_other_files_is_neither_written_into_nor_overwritten(self, url, mode, message):
         loc = open_location(url)
         loc.fs.makedirs(loc.root, exist_ok=True)
         loc.fs.pipe_file(loc.path("thesis.tex"), b"precious")
-        with pytest.raises(NotAnActstoreError, match="refusing to overwrite"):
-            actstore.open_store(url, "w", config=make_config()).open()
+        with pytest.raises(NotAnActstoreError, match=message):
+            actstore.open_store(url, mode, config=make_config()).open()
+        assert loc.fs.ls(loc.root, detail=False) == [loc.path("thesis.tex")]
         assert loc.fs.cat_file(loc.path("thesis.tex")) == b"precious"
 
     def test_bad_shard_writes_are_refused(self, url):
