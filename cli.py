@@ -7,6 +7,7 @@ and are never echoed.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -37,8 +38,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 USER_ERROR = 2
 
 
+#: what the machine said (errno), not a fault of actstore's: the fix to print with it
+MACHINE_ERRORS = {
+    errno.ENOSPC: "free some space, then rerun the same command (it resumes)",
+    errno.EDQUOT: "free some of your quota, then rerun the same command (it resumes)",
+    errno.EROFS: "choose a writable location",
+    errno.EACCES: "choose a location you may use",
+    errno.EPERM: "choose a location you may use",
+    errno.ENOTDIR: "a path that should be a folder is a file",
+    errno.EISDIR: "a path that should be a file is a folder",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
 def user_errors(fn: F) -> F:
-    """Turn actstore's named errors and bad values into one line on stderr and exit code 2."""
+    """Turn actstore's named errors, bad values and the machine's refusals (a full disk, a
+    read-only folder) into one line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -47,6 +62,12 @@ def user_errors(fn: F) -> F:
         except (actstore.ActstoreError, ValueError, KeyError, IndexError, FileNotFoundError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(USER_ERROR) from None
+        except OSError as e:
+            if e.errno not in MACHINE_ERRORS:
+                raise
+            where = f": {e.filename}" if e.filename else ""
+            typer.echo(f"error: {e.strerror}{where}; {MACHINE_ERRORS[e.errno]}", err=True)
             raise typer.Exit(USER_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
@@ -160,6 +181,7 @@ def train_sae(
     l0_coeff: Annotated[str | None, typer.Option(help="Comma list of L0 coefficients (jumprelu).")] = None,
     sweep: Annotated[str | None, typer.Option(help="JSON file: a list of experiments (replaces the comma lists).")] = None,
     batch_size: Annotated[int, typer.Option(help="Tokens per batch.")] = 4096,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: only at the end); rerun to resume.")] = 500,
     eval_tokens: Annotated[str, typer.Option(help="Tokens held out (the store's last shards) for evaluation; 0 for none.")] = "64k",
     memory: Annotated[str, typer.Option(help="Shuffle memory of the stream, e.g. 2GiB.")] = "2GiB",
     min_position: Annotated[int, typer.Option(help="Drop tokens at positions below this (1 drops BOS).")] = 1,
@@ -170,6 +192,7 @@ def train_sae(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     wandb: Annotated[str | None, typer.Option(help="Also log metrics to this Weights & Biases project (WANDB_MODE=offline works).")] = None,
     wandb_name: Annotated[str | None, typer.Option(help="W&B run name.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start again in an --out that holds a run (it is removed).")] = False,
 ) -> None:
     """Train SAEs on a store's activations, several configurations on each batch read once; rerun to resume.
 
@@ -195,9 +218,9 @@ def train_sae(
         store=store, hook=layers[0] if layers else "", group=tuple(layers) if len(layers) > 1 else (), out=out,
         tokens=parse_count(tokens), archs=archs, expansions=parse_list(expansion, int),
         lrs=parse_list(lr), sparsity=sparsity, sweep=read_sweep(sweep) if sweep else (), batch_size=batch_size,
-        seed=seed, memory=memory, normalize=normalize, min_position=min_position,
+        seed=seed, memory=memory, normalize=normalize, min_position=min_position, checkpoint_every=checkpoint_every,
         eval_tokens=0 if eval_tokens.strip() == "0" else parse_count(eval_tokens), device=device, progress=progress and not as_json,
-        wandb_project=wandb, wandb_name=wandb_name,
+        wandb_project=wandb, wandb_name=wandb_name, overwrite=overwrite,
     )
     if per_layer:
         if not groups:
@@ -214,19 +237,27 @@ def train_sae(
             Console().print(table)
         typer.echo(f"group SAEs in {out}/group<i>, per-layer SAEs in {out}/per_layer/<hook>")
         return
-    results = train_groups(cfg, read_groups(groups)) if groups else [run_train(cfg)]
+    try:
+        results = train_groups(cfg, read_groups(groups)) if groups else [run_train(cfg)]
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
+        raise typer.Exit(130) from None
     if results[0].rank != 0:  # under torchrun, rank 0 reports
         return
     named = [(f"group{i}/" if groups else "", r) for i, r in enumerate(results)]
+    finished = all(r.finished_before for r in results)
     if as_json:
-        typer.echo(json.dumps({"out": out, "tokens_per_s": [r.tokens_per_s for r in results],
+        typer.echo(json.dumps({"out": out, "tokens_per_s": [r.tokens_per_s for r in results], "finished_before": finished,
                                "experiments": [{**row, "name": prefix + row["name"]} for prefix, r in named for row in r.rows]}, indent=2))
         return
+    if finished:
+        typer.echo(f"the run in {out} is finished; nothing to do (its figures below; --overwrite starts it again)")
     from rich.table import Table
 
     what = f"groups of {groups}" if groups else ", ".join(layers)
     rate = sum(r.tokens_per_s for r in results) / len(results)
-    table = Table(title=f"train-sae: {what} ({rate:,.0f} tokens/s, all experiments together)")
+    speed = "finished earlier" if finished else f"{rate:,.0f} tokens/s, all experiments together"
+    table = Table(title=f"train-sae: {what} ({speed})")
     cols = ["name", "layer", "train_fvu", "train_l0", "eval_fvu", "eval_l0", "eval_dead"]
     for col in cols:
         table.add_column(col, justify="left" if col in ("name", "layer") else "right")
@@ -238,7 +269,8 @@ def train_sae(
             for layer, m in per_layer.items():
                 table.add_row("", layer, "", "", *[_cell({f"eval_{k}": v for k, v in m.items()}, c) for c in cols[4:]])
     Console().print(table)
-    typer.echo(f"SAEs (SAELens format), summary.json and plots in {out}")
+    if not finished:
+        typer.echo(f"SAEs (SAELens format), summary.json and plots in {out}")
 
 
 def _cell(row: dict[str, Any], col: str) -> str:
@@ -343,6 +375,7 @@ def lora(
     device: Annotated[str, typer.Option(help="auto (CUDA when present, bf16 autocast), cpu, cuda, cuda:N.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the before/after figures as JSON.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Start again in an --out that holds a run (it is removed).")] = False,
 ) -> None:
     """Finetune the model with LoRA around frozen SAEs (KL to the original model); report the CE gap closed (arXiv 2501.19406)."""
     from pipelines.harvest import parse_count, parse_layers
@@ -357,6 +390,7 @@ def lora(
         grad_clip=grad_clip, dropout=dropout, checkpoint_every=checkpoint_every, gradient_checkpointing=gradient_checkpointing,
         text=TextConfig(dataset=dataset, split=split, text_column=text_column, context_size=context_size, seed=seed),
         seed=seed, model_dtype=_model_dtype(model_dtype), device=device, progress=progress and not as_json,
+        overwrite=overwrite,
     )
     try:
         result = train_lora(cfg)
@@ -366,8 +400,10 @@ def lora(
     if as_json:
         typer.echo(json.dumps({"out": out, "layers": list(result.layers), "steps": result.steps, "tokens": result.tokens,
                                "before": result.before.to_json(), "after": result.after.to_json(),
-                               "ce_gap_closed": result.ce_gap_closed}, indent=2))
+                               "ce_gap_closed": result.ce_gap_closed, "finished_before": result.finished_before}, indent=2))
         return
+    if result.finished_before:
+        typer.echo(f"the run in {out} is finished; nothing to do (its figures below; --overwrite starts it again)")
     Console().print(before_after_table(result, f"lora: {model}, rank {rank}, blocks {_span(result.layers)}, {result.tokens:,} tokens"))
     typer.echo(f"CE gap closed: {result.ce_gap_closed:.1%}; adapter, lora.json and lora_curve.png in {out}")
 
@@ -417,6 +453,8 @@ def import_sae(
     from trainers.gemma_scope import hook_from_path, load_gemma_scope
     from trainers.saelens_format import HookInfo, save_saelens
 
+    if not Path(params).is_file():
+        raise FileNotFoundError(f"{params} does not exist; give the path of a Gemma Scope params.npz file")
     hook = hook or hook_from_path(params)
     if hook is None:
         raise ValueError(f"cannot tell the hook from {params} (no layer_N folder); pass --hook blocks.N.hook_resid_post")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from actstore.devices import check_device
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -28,10 +30,17 @@ class Ranks:
         """Whether this process writes the outputs (rank 0)."""
         return self.rank == 0
 
+    def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in a single process)."""
+        if self.world_size > 1:
+            dist.barrier()
+
 
 @contextmanager
 def data_parallel(device: str) -> Iterator[Ranks]:
-    """Join the torchrun job described by the environment (a single process when there is none)."""
+    """Join the torchrun job described by the environment (a single process when there is none);
+    ``device`` is checked first (an unknown name or a GPU the machine lacks: a ``ValueError``)."""
+    check_device(device)
     if dist.is_available() and dist.is_initialized():  # the caller set it up
         yield Ranks(dist.get_rank(), dist.get_world_size(), device)
         return

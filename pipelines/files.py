@@ -1,8 +1,11 @@
-"""User-supplied JSON files (sweeps, groups): read with one-line errors naming the file."""
+"""JSON files: user-supplied ones (sweeps, groups) read with one-line errors naming the file;
+results written whole or not at all."""
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,3 +19,16 @@ def read_json(path: str, what: str, hint: str = "") -> Any:
         raise ValueError(f"{what} {path} does not exist{hint}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {path} is not valid JSON ({e})") from None
+
+
+def write_json_atomic(path: str | Path, doc: Any) -> None:
+    """Write ``doc`` to ``path`` through a temporary file and a rename: a reader (or a rerun
+    after a crash) finds the old file or the whole new one, never a half-written one."""
+    target = Path(path)
+    partial = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        partial.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

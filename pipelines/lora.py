@@ -19,17 +19,19 @@ the SAEs, KL, L0 and FVU, and the CE gap closed::
 
     (ce_sae_before - ce_sae_after) / (ce_sae_before - ce_clean)
 
-printed and written to ``lora.json`` beside the peft adapter in ``--out``. Training
-checkpoints (adapter, optimiser, step) go to ``out/checkpoint`` every ``checkpoint_every``
-steps; rerunning the same command resumes from the last one and trains on exactly the windows
-an uninterrupted run would have.
+printed and written to ``lora.json`` beside the peft adapter in ``--out``, last. Training
+checkpoints (adapter, optimiser, step: :mod:`trainers.checkpoint`, safetensors + JSON) go to
+``out/checkpoint`` every ``checkpoint_every`` steps. Both record the run's identity (every
+setting that changes the result, the model, and a digest of each SAE's files:
+:mod:`pipelines.runs`): rerunning the same command resumes from the last checkpoint and trains
+on exactly the windows an uninterrupted run would have, or, once the run is finished, changes
+nothing and reports its figures; another run's command is refused in one line.
 Shape letters: B windows, T tokens per window, V vocabulary, N positions.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import shutil
@@ -44,20 +46,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers import checkpoint
+from trainers.trainer import CHECKPOINT_DIR
+
 from .adapters import ADAPTER_INFO, adapters_off, lora_model
 from .capture import HookPoint
 from .evaluate import EvalResult, SpliceMetrics, autocast_for, load_saes, measure
+from .files import write_json_atomic
 from .models import ModelDType, load_model, model_identity, model_shape
 from .prefix import SharedPrefix
 from .progress import progress_bar
-from .saes import LoadedSAE
+from .runs import RUN_KEY, open_run, run_record
+from .saes import LoadedSAE, fingerprint
 from .splice import Splicer
 from .text import TextConfig, local_files, take_windows, token_windows
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.pt"
+STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,8 @@ class LoRAConfig:
     model_dtype: ModelDType = "auto"
     device: str = "auto"
     progress: bool = True
+    overwrite: bool = False
+    """Start again in an ``out`` that holds another (or the same) run, removing it."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -119,8 +127,14 @@ class LoRAConfig:
         return math.ceil(self.tokens / (self.batch_size * self.text.context_size))
 
     def settings(self) -> dict[str, Any]:
-        """What a resumed run must share with the checkpoint."""
-        return {k: v for k, v in asdict(self).items() if k not in ("out", "progress", "device", "checkpoint_every")}
+        """The settings that change the result (what a resumed run must share with the checkpoint)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "progress", "device", "checkpoint_every", "overwrite")}
+
+    def identity(self) -> dict[str, Any]:
+        """The run's identity (:mod:`pipelines.runs`): its settings, the model they name, and the
+        SAEs' files (retraining an SAE in its folder makes another run)."""
+        return {"settings": self.settings(), "model": model_identity(self.model),
+                "sae_files": [fingerprint(spec) for spec in self.saes]}
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,8 @@ class LoRAResult:
     """Training tokens."""
     seconds: float
     """Training time of this run (a resumed run: since the resume)."""
+    finished_before: bool = False
+    """The run was already finished: nothing was trained or written, the figures are its ``lora.json``'s."""
 
     @property
     def ce_gap_closed(self) -> float:
@@ -167,8 +183,10 @@ class LoRATrainer:
     (:mod:`pipelines.prefix`)."""
 
     def __init__(self, cfg: LoRAConfig, model: nn.Module, splicer: Splicer, windows: Iterator[np.ndarray],
-                 shared_blocks: int = 0):
+                 shared_blocks: int = 0, record: dict[str, Any] | None = None):
         self.cfg, self.model, self.splicer, self.windows = cfg, model, splicer, windows
+        self.record = record or {}
+        """Saved with every checkpoint: the run's identity (:func:`pipelines.runs.run_record`)."""
         self.prefix = SharedPrefix(model, shared_blocks)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -206,21 +224,24 @@ class LoRATrainer:
         return float(loss.detach())
 
     # ---- checkpoints --------------------------------------------------------------------
-    def save_checkpoint(self, root: Path, before: EvalResult) -> None:
-        tmp = root.with_name(root.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(str(tmp), save_embedding_layers=False)
-        torch.save({"step": self.step, "optimizer": self.opt.state_dict(), "curve": self.curve,
-                    "before": before.to_json(), "settings": self.cfg.settings()}, tmp / STATE_FILE)
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
+    def save_checkpoint(self, folder: Path, before: EvalResult) -> None:
+        """The adapter weights, optimiser, step and curve (:mod:`trainers.checkpoint`)."""
+        from peft import get_peft_model_state_dict
 
-    def load_checkpoint(self, root: Path, state: dict[str, Any]) -> None:
-        """Adapter weights from ``root`` and the optimiser and step from its ``state``."""
+        checkpoint.save(folder, {
+            "version": STATE_VERSION, "step": self.step, "curve": self.curve, "before": before.to_json(),
+            RUN_KEY: self.record,
+            "adapter": get_peft_model_state_dict(self.model, save_embedding_layers=False), "optimizer": self.opt.state_dict(),
+        })
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Adapter weights, optimiser, step and curve from the checkpoint in ``folder``."""
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(self.model, load_file(str(root / "adapter_model.safetensors"), device=str(self.device)))
+        state = checkpoint.load(folder, device=self.device)
+        if state.get("version") != STATE_VERSION:
+            raise checkpoint.CheckpointError(f"{folder}: LoRA checkpoint version {state.get('version')!r} is not {STATE_VERSION}")
+        set_peft_model_state_dict(self.model, state["adapter"])
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.curve = state["step"], [tuple(x) for x in state["curve"]]
 
@@ -230,27 +251,21 @@ def _eval_result(d: dict[str, Any]) -> EvalResult:
     return EvalResult(**fields, splices=tuple(SpliceMetrics(**s) for s in d["splices"]))
 
 
-def _check_out(out: Path, cfg: LoRAConfig) -> dict[str, Any] | None:
-    """The checkpoint state to resume from, or None for a fresh run in an empty folder."""
-    if (out / ADAPTER_INFO).exists():
-        raise ValueError(f"{out} holds a finished LoRA run ({ADAPTER_INFO}); choose a new --out folder")
-    state_path = out / CHECKPOINT_DIR / STATE_FILE
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state["settings"] != cfg.settings():
-            changed = sorted(k for k, v in cfg.settings().items() if state["settings"].get(k) != v)
-            raise ValueError(f"{out} holds a checkpoint made with other settings ({', '.join(changed)}); "
-                             "rerun with the same options to resume, or choose a new --out folder")
-        return state
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"output folder {out} is not empty; choose a new --out folder")
-    return None
+def _finished(out: Path, info: dict[str, Any]) -> LoRAResult:
+    """The result a finished run recorded in ``lora.json``."""
+    return LoRAResult(out, _eval_result(info["before"]), _eval_result(info["after"]), tuple(info["layers"]), info["steps"],
+                      info["tokens"], 0.0, finished_before=True)
 
 
 def train_lora(cfg: LoRAConfig) -> LoRAResult:
     """Run ``cfg``; see the module docstring."""
     out = Path(cfg.out)
-    resume = _check_out(out, cfg)
+    identity = cfg.identity()
+    folder = open_run(out, identity, finished_file=ADAPTER_INFO, overwrite=cfg.overwrite, command="lora")
+    if folder.state == "finished":
+        log.info("%s holds the finished run; nothing to do", out)
+        return _finished(out, folder.saved)
+    resume = folder.saved if folder.state == "resume" else None
     lm = load_model(cfg.model, model_dtype=cfg.model_dtype, device=cfg.device)
     saes = load_saes(cfg.saes, lm.model, cfg.model)
     layers = adapted_layers(saes, lm.n_layers, cfg.layers)
@@ -272,9 +287,9 @@ def train_lora(cfg: LoRAConfig) -> LoRAResult:
                 lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # LoRA dropout and checkpointing act in training mode (the models' own dropout is 0)
         shared = min(min(s.point.layer for s in saes), layers[0])
-        trainer = LoRATrainer(cfg, model, splicer, iter(()), shared_blocks=shared)
+        trainer = LoRATrainer(cfg, model, splicer, iter(()), shared_blocks=shared, record=run_record(identity))
         if resume is not None:
-            trainer.load_checkpoint(out / CHECKPOINT_DIR, resume)
+            trainer.load_checkpoint(out / CHECKPOINT_DIR)
             log.info("resuming %s from step %d", out, trainer.step)
         # the windows an uninterrupted run would train on from here
         trainer.windows = itertools.islice(token_windows(cfg.text, lm.tokenizer), skip + trainer.step * cfg.batch_size, None)
@@ -302,17 +317,10 @@ def train_lora(cfg: LoRAConfig) -> LoRAResult:
 
 
 def _save(result: LoRAResult, cfg: LoRAConfig, model: nn.Module, saes: list[LoadedSAE], trainer: LoRATrainer) -> None:
+    """The adapter, its README and plot, then ``lora.json`` (last: it marks the run finished),
+    then the checkpoint goes."""
     out = result.out
     model.save_pretrained(str(out), save_embedding_layers=False)
-    info = {
-        "model": {"name": cfg.model, "identity": model_identity(cfg.model), **model_shape(model.get_base_model())},
-        "saes": [{"source": s.source, "hook": s.hook} for s in saes],
-        "layers": list(result.layers), "steps": result.steps, "tokens": result.tokens,
-        "text_ran_out": trainer.exhausted, "settings": {k: v for k, v in cfg.settings().items() if k != "model"},
-        "before": result.before.to_json(), "after": result.after.to_json(), "ce_gap_closed": result.ce_gap_closed,
-        "curve": trainer.curve,
-    }
-    (out / ADAPTER_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
     (out / "README.md").write_text(  # in place of peft's empty model-card template
         f"# LoRA adapter trained around frozen SAEs by actstore\n\n"
         f"Model `{cfg.model}`, SAEs {', '.join(f'`{s.source}` at `{s.hook}`' for s in saes)}; rank {cfg.rank}, "
@@ -321,8 +329,17 @@ def _save(result: LoRAResult, cfg: LoRAConfig, model: nn.Module, saes: list[Load
         f"{result.after.ce_spliced:.4f} after: {result.ce_gap_closed:.1%} of the gap closed. Figures in `{ADAPTER_INFO}`.\n\n"
         f"Evaluate: `actstore eval --model {cfg.model} {' '.join(f'--sae {s.source}' for s in saes)} --adapter {out}`; "
         f"load in Python: `peft.PeftModel.from_pretrained(model, \"{out}\")`.\n")
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     _plot_curve(out / "lora_curve.png", trainer.curve, result)
+    info = {
+        "model": {"name": cfg.model, "identity": model_identity(cfg.model), **model_shape(model.get_base_model())},
+        "saes": [{"source": s.source, "hook": s.hook} for s in saes],
+        "layers": list(result.layers), "steps": result.steps, "tokens": result.tokens,
+        "text_ran_out": trainer.exhausted, "settings": {k: v for k, v in cfg.settings().items() if k != "model"},
+        "before": result.before.to_json(), "after": result.after.to_json(), "ce_gap_closed": result.ce_gap_closed,
+        "curve": trainer.curve, RUN_KEY: trainer.record,
+    }
+    write_json_atomic(out / ADAPTER_INFO, info)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def _plot_curve(path: Path, curve: list[tuple[int, float]], result: LoRAResult) -> None:

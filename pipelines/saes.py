@@ -16,13 +16,14 @@ An SAE spec (``--sae``) is one of
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainers import SAE
 from trainers.gemma_scope import hook_from_path, load_gemma_scope
-from trainers.saelens_format import CONFIG_FILE, load_saelens
+from trainers.saelens_format import CONFIG_FILE, WEIGHTS_FILE, load_saelens
 
 from .capture import HookPoint
 
@@ -85,6 +86,28 @@ def load_sae(spec: str) -> LoadedSAE:
             raise ValueError(f"{path}/{CONFIG_FILE} is not an SAELens config (missing or bad field {e})") from None
         return LoadedSAE(sae, info.hook_name, spec)
     raise FileNotFoundError(f"SAE {spec} does not exist; give {SPEC_HELP}")
+
+
+def fingerprint(spec: str) -> str:
+    """A SHA-256 over the files ``spec`` loads (``cfg.json`` and the weights, or ``params.npz``),
+    so a run can tell an SAE retrained in place from the one it started with; a released SAE
+    fetched by name is its name."""
+    if spec.startswith(SAELENS_PREFIX):
+        return spec
+    path = Path(spec).expanduser()
+    names = (CONFIG_FILE, WEIGHTS_FILE, "params.npz")
+    if not path.exists():
+        raise FileNotFoundError(f"SAE {spec} does not exist; give {SPEC_HELP}")
+    files = sorted(p for p in path.iterdir() if p.name in names and p.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"{path} is not an SAE folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}, or a params.npz")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0")
+        with open(f, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def check_saes(saes: list[LoadedSAE], n_layers: int, d_model: int, model_name: str) -> None:

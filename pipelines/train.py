@@ -15,8 +15,14 @@ streams its own part of the store and gradients are averaged (:mod:`pipelines.di
 
 With ``wandb_project`` the recorded metrics also go to Weights & Biases (:mod:`pipelines.tracking`).
 
-Output folder: one SAELens folder per experiment, ``summary.json``, ``checkpoint.pt`` (rerun
-the same command to resume), ``training_curves.png`` and, for sweeps, ``l0_vs_fvu.png``.
+Output folder: one SAELens folder per experiment, ``training_curves.png`` and, for sweeps,
+``l0_vs_fvu.png``, the ``checkpoint/`` folder and ``summary.json``, written last. The run's
+identity (the store's id and configuration, the hooks, the experiments and every setting that
+changes the result, the number of ranks) is saved with them (:mod:`pipelines.runs`): rerunning
+the same command resumes the run, or, once it is finished, changes nothing; another run's
+command is refused in one line (``overwrite`` starts again). The split into training and
+held-out shards and the normalisation scales are fixed when the run starts, so a run on a
+store extended since then resumes as it would have gone on.
 
 Group-SAEs (:mod:`pipelines.groups`, arXiv 2410.21508 §3.3): with ``group`` (several hooks of
 one width) each SAE trains on one layer per token drawn uniformly from the group, every layer
@@ -29,7 +35,6 @@ per group of a ``groups.json`` (``<out>/group<i>/``).
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import time
@@ -42,13 +47,14 @@ import torch
 
 import actstore
 from pipelines.distributed import data_parallel
-from pipelines.files import read_json
+from pipelines.files import read_json, write_json_atomic
 from pipelines.groups import LayerSampled
 from pipelines.progress import progress_bar
-from pipelines.tracking import WANDB_DIR, WandbLog
+from pipelines.runs import RUN_KEY, open_run, run_record
+from pipelines.tracking import WandbLog
 from trainers import ARCHITECTURES, sae_config
 from trainers.saelens_format import HookInfo, save_saelens
-from trainers.trainer import CHECKPOINT_FILE, Experiment, TrainConfig, Trainer, evaluate
+from trainers.trainer import Experiment, TrainConfig, Trainer, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,8 @@ WARMUP_STEPS = 100
 """Learning-rate warm-up; runs shorter than 1,000 steps warm up over their first tenth."""
 SPARSITY_KEY = {"topk": "k", "batchtopk": "k", "relu": "l1_coeff", "gated": "l1_coeff", "jumprelu": "l0_coeff"}
 SWEEP_KEYS = {"name", "arch", "expansion", "d_sae", "lr"}
+SUMMARY_FILE = "summary.json"
+"""Written last: a run folder with it holds a finished run."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,8 @@ class TrainSAEConfig:
     wandb_project: str | None = None
     """Log to Weights & Biases under this project (rank 0), see :mod:`pipelines.tracking`."""
     wandb_name: str | None = None
+    overwrite: bool = False
+    """Start again in an ``out`` that holds another (or the same) run, removing it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group", tuple(self.group))
@@ -142,6 +152,8 @@ class TrainResult:
     tokens_per_s: float
     """Training tokens per second, all ranks together."""
     rank: int = 0
+    finished_before: bool = False
+    """The run was already finished: nothing was trained or written, ``rows`` are its summary's."""
 
 
 def train_sae(cfg: TrainSAEConfig) -> TrainResult:
@@ -157,14 +169,26 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         raise ValueError("a group's layers must share one width: " + ", ".join(f"{h} ({w})" for h, w in widths.items()))
     d_in = widths[hooks[0]]
     exps = experiments(cfg, d_in)
-    train_shards, eval_shards = split_shards(store, cfg.eval_tokens)
     out = Path(cfg.out)
-    _check_out_dir(out, exps)
     with data_parallel(cfg.device) as ranks:
+        identity = run_identity(cfg, store, hooks, exps, ranks.world_size)
+        if ranks.main:
+            folder = open_run(out, identity, finished_file=SUMMARY_FILE, overwrite=cfg.overwrite, command="train-sae")
+        ranks.barrier()  # rank 0 has emptied the folder (overwrite) before the others look
+        if not ranks.main:
+            folder = open_run(out, identity, finished_file=SUMMARY_FILE, command="train-sae")
+        if folder.state == "finished":
+            log.info("%s holds the finished run; nothing to do", out)
+            return TrainResult(out, list(folder.saved["experiments"]), 0.0, ranks.rank, finished_before=True)
+        saved = folder.saved[RUN_KEY] if folder.state == "resume" else {}
+        if saved:  # the held-out split and the scales of the run's start, whatever the store holds now
+            train_shards, eval_shards = saved["train_shards"], saved["eval_shards"]
+        else:
+            train_shards, eval_shards = split_shards(store, cfg.eval_tokens)
         stream = actstore.stream(
             store, hooks if cfg.group else cfg.hook, cfg.batch_size, seed=cfg.seed, epochs=None, memory=cfg.memory,
             shards=train_shards, min_position=cfg.min_position, normalize="expected_norm" if cfg.normalize else "none",
-            rank=ranks.rank, world_size=ranks.world_size,
+            scales=saved.get("scales"), rank=ranks.rank, world_size=ranks.world_size,
         )
         data = LayerSampled(stream, cfg.seed) if cfg.group else stream
         scales = {h: stream.scales.get(h, 1.0) for h in hooks}
@@ -172,8 +196,10 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         train = TrainConfig(tokens=cfg.tokens, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                             device=ranks.device, dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 4)),
                             lr_warmup_steps=min(WARMUP_STEPS, max(1, steps // 10)))
-        trainer = Trainer(train, exps, data, out_dir=out)
-        if (out / CHECKPOINT_FILE).exists():
+        record = {**run_record(identity), "store_url": store.url, "train_shards": train_shards, "eval_shards": eval_shards,
+                  "scales": scales}
+        trainer = Trainer(train, exps, data, out_dir=out, run_info=record)
+        if folder.state == "resume":
             trainer.load_checkpoint()
             log.info("resuming %s from step %d", out, trainer.step)
         tracker = None
@@ -213,14 +239,30 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         for hook in hooks:
             info = HookInfo(hook, meta.model.name, meta.context_size, meta.prepend_bos)
             save_saelens(run.sae, out / run.exp.name / hook if cfg.group else out / run.exp.name, info, scale=scales[hook], extra=extra)
-    (out / "summary.json").write_text(json.dumps({"store": store.url, "hook": cfg.hook if not cfg.group else None,
-                                                  "group": hooks if cfg.group else None, "tokens": trainer.tokens,
-                                                  "scales": scales, "world_size": ranks.world_size,
-                                                  "experiments": rows}, indent=2) + "\n")
     _plots(out, trainer)
+    summary = {"store": store.url, "hook": cfg.hook if not cfg.group else None, "group": hooks if cfg.group else None,
+               "tokens": trainer.tokens, "scales": scales, "world_size": ranks.world_size, "experiments": rows,
+               RUN_KEY: run_record(identity)}
+    write_json_atomic(out / SUMMARY_FILE, summary)  # last: its presence marks the run finished
     if tracker is not None:
         tracker.finish(rows)
     return TrainResult(out, rows, rate, ranks.rank)
+
+
+def run_identity(cfg: TrainSAEConfig, store: actstore.Store, hooks: list[str], exps: list[Experiment],
+                 world_size: int) -> dict[str, Any]:
+    """What makes a run this run (:mod:`pipelines.runs`): the store (its id; its URL for stores
+    made before ids) and its configuration but for the token target (a store may grow), the
+    hooks, the experiments and every setting that changes the result, and the number of ranks."""
+    return {
+        "store": {"id": store.id} if store.id else {"url": store.url},
+        "store_config": {k: v for k, v in store.config.to_json().items() if k != "n_tokens_target"},
+        "hooks": hooks, "group": bool(cfg.group),
+        "experiments": {e.name: {"arch": e.sae.arch, "sae": asdict(e.sae), "lr": e.lr} for e in exps},
+        "tokens": cfg.tokens, "batch_size": cfg.batch_size, "seed": cfg.seed, "normalize": cfg.normalize,
+        "min_position": cfg.min_position, "eval_tokens": cfg.eval_tokens, "log_every": cfg.log_every,
+        "world_size": world_size,
+    }
 
 
 def train_groups(cfg: TrainSAEConfig, groups: list[list[str]]) -> list[TrainResult]:
@@ -255,6 +297,10 @@ def split_shards(store: actstore.Store, eval_tokens: int) -> tuple[list[int], li
     held: list[int] = []
     while eval_tokens > 0 and len(held) < len(shards) - 1 and store.config.tokens_in(held) < eval_tokens:
         held.insert(0, shards[-1 - len(held)])
+    if eval_tokens > 0 and store.config.tokens_in(held) < eval_tokens:  # one shard at least stays for training
+        log.warning("%s has %d committed shard(s): %s tokens held out for evaluation instead of the %s asked "
+                    "(eval tokens); harvest more, or ask for fewer to silence this", store.url, len(shards),
+                    f"{store.config.tokens_in(held):,}", f"{eval_tokens:,}")
     return shards[: len(shards) - len(held)], held
 
 
@@ -271,18 +317,6 @@ def held_out_batches(store: actstore.Store, hook: str, shards: list[int], batch_
                 x = x[torch.from_numpy(store.positions(lo, hi) >= min_position)]
             if len(x):
                 yield x * scale
-
-
-def _check_out_dir(out: Path, exps: list[Experiment]) -> None:
-    if not out.exists() or not any(p.name != WANDB_DIR for p in out.iterdir()):
-        return
-    ckpt = out / CHECKPOINT_FILE
-    if not ckpt.exists():
-        raise ValueError(f"output folder {out} already holds files but no training checkpoint; choose an empty folder")
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if sorted(saved.get("runs", {})) != sorted(e.name for e in exps):
-        raise ValueError(f"output folder {out} holds another run ({', '.join(sorted(saved.get('runs', {})))}); "
-                         "choose another folder or repeat that run's settings to resume it")
 
 
 def _plots(out: Path, trainer: Trainer) -> None:

@@ -20,6 +20,7 @@ from pipelines.lora import LoRAConfig, LoRATrainer, train_lora
 from pipelines.models import load_model
 from pipelines.saes import load_sae
 from pipelines.text import TextConfig, take_windows
+from tests.helpers import folder_bytes, run_cli_here
 from trainers import make_sae, sae_config
 from trainers.saelens_format import HookInfo, save_saelens
 
@@ -45,14 +46,7 @@ def perfect_sae(d=D):
     return sae
 
 
-def run_cli(*args):
-    """The CLI in this process (typer's runner: the same option parsing and error handling,
-    without a fresh interpreter importing torch and transformers for each call)."""
-    from typer.testing import CliRunner
-
-    from cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
+run_cli = run_cli_here
 
 
 def one_line_error(run, *fragments):
@@ -254,9 +248,9 @@ def test_lora_resumes_exactly_from_a_checkpoint(tmp_path, tiny_llama, monkeypatc
     monkeypatch.setattr(LoRATrainer, "_step", dies_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "resumed", checkpoint_every=3))
-    assert (tmp_path / "resumed" / "checkpoint" / "state.pt").exists()
+    assert (tmp_path / "resumed" / "checkpoint" / "state.json").exists()
     monkeypatch.setattr(LoRATrainer, "_step", real_step)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"holds another run \(yours vs. saved: settings.lr"):
         train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "resumed", checkpoint_every=3, lr=1e-3))
     resumed = train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "resumed", checkpoint_every=3))
     a = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
@@ -277,7 +271,12 @@ def test_lora_cli_and_bad_input(tmp_path, tiny_llama, tiny_gemma2):
     assert run.exit_code == 0, (run.stderr[-2000:], run.exception)
     summary = json.loads(run.stdout)
     assert summary["layers"] == [0, 1, 2, 3] and summary["steps"] == 2 and "ce_gap_closed" in summary
-    one_line_error(run_cli("lora", "--model", str(tiny_llama), "--out", str(out), *common), "finished LoRA run")
+    files = folder_bytes(out)
+    again = run_cli("lora", "--model", str(tiny_llama), "--out", str(out), "--layers", "all", "--json", *common)
+    assert again.exit_code == 0, (again.stderr[-2000:], again.exception)
+    assert json.loads(again.stdout) == {**summary, "finished_before": True}
+    assert folder_bytes(out) == files, "a finished run rerun changes nothing"
+    one_line_error(run_cli("lora", "--model", str(tiny_llama), "--out", str(out), *common), "holds another run", "settings.layers")
     one_line_error(run_cli("lora", "--model", str(tiny_llama), "--out", str(tmp_path / "r0"), *common[:-2], "--rank", "0"),
                    "--rank must be at least 1")
     gemma_sae = save_sae(tmp_path / "gsae", "blocks.1.hook_resid_post")

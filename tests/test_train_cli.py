@@ -9,9 +9,12 @@ import sys
 import types
 
 import pytest
+import torch
 
 import actstore
 from tests.conftest import make_config, make_data, write_shards
+from tests.helpers import folder_bytes
+from tests.helpers import run_cli_here as run_in_process
 from tests.test_cli import run_cli
 
 HOOK = "blocks.0.hook_resid_post"
@@ -40,10 +43,83 @@ def test_train_sae_sweeps_in_one_read_and_saves_saelens_folders(store, tmp_path)
     assert (out / "training_curves.png").stat().st_size > 0 and (out / "l0_vs_fvu.png").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens"] >= 6000 and len(summary["experiments"]) == 3
-    again = run_cli(*args)  # the same command resumes from the final checkpoint: nothing left to train
+    files = folder_bytes(out)
+    again = run_cli(*args)  # the same command on a finished run: nothing trained, nothing written
     assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["finished_before"] and json.loads(again.stdout)["experiments"] == rows
+    assert folder_bytes(out) == files
+    table = run_cli(*args[:-1])
+    assert table.returncode == 0 and "is finished; nothing to do" in table.stdout and "topk-96-k4" in table.stdout
+    assert folder_bytes(out) == files
     other = run_cli(*[a if a != "4,8" else "16" for a in args])
     assert other.returncode == 2 and "holds another run" in other.stderr
+    assert folder_bytes(out) == files
+
+
+def small_run(store, out, *extra):
+    return ["train-sae", "--store", store, "--hook", HOOK, "--out", str(out), "--tokens", "2k", "--k", "4", "--expansion", "2",
+            "--batch-size", "256", "--eval-tokens", "1k", "--json", *extra]
+
+
+def test_a_store_made_anew_at_the_same_path_is_another_run(store, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*small_run(store, out)).returncode == 0
+    cfg = actstore.open_store(store).config
+    with actstore.open_store(store, "w", config=cfg) as w:  # the same settings, harvested again: another store id
+        write_shards(w, cfg, make_data(cfg, seed=1), range(cfg.n_shards))
+    files = folder_bytes(out)
+    res = run_cli(*small_run(store, out))
+    assert res.returncode == 2 and "holds another run" in res.stderr and "store.id" in res.stderr
+    assert folder_bytes(out) == files
+    fresh = run_cli(*small_run(store, out, "--overwrite"))  # --overwrite starts it again
+    assert fresh.returncode == 0, fresh.stderr and not json.loads(fresh.stdout)["finished_before"]
+    assert folder_bytes(out) != files
+
+
+def test_a_resumed_run_keeps_its_split_when_the_store_grew(store, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from trainers.trainer import Trainer
+
+    reference = tmp_path / "reference"
+    settings = ("--tokens", "4k", "--checkpoint-every", "4", "--min-position", "0")  # scales from the store's statistics
+    assert run_cli(*small_run(store, reference, *settings)).returncode == 0
+    real = Trainer._step
+
+    def dies_at_step_6(self, x_BD):
+        if self.step == 6:
+            raise KeyboardInterrupt
+        return real(self, x_BD)
+
+    monkeypatch.setattr(Trainer, "_step", dies_at_step_6)
+    out = tmp_path / "run"
+    args = small_run(store, out, *settings)
+    killed = run_in_process(*args)
+    assert killed.exit_code == 130 and "rerun the same command to resume" in killed.stderr
+    monkeypatch.setattr(Trainer, "_step", real)
+    cfg = actstore.open_store(store).config
+    bigger = cfg.with_(n_tokens_target=cfg.n_tokens_target + 2048)  # the harvest went on: two more shards
+    with actstore.open_store(store, "a", config=bigger) as w:
+        write_shards(w, bigger, make_data(bigger, seed=3), w.pending_shards())
+    resumed = run_in_process(*args)
+    assert resumed.exit_code == 0, resumed.stderr
+    name = json.loads(resumed.stdout)["experiments"][0]["name"]
+    a, b = (load_file(str(d / name / "sae_weights.safetensors")) for d in (reference, out))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads(resumed.stdout)["experiments"][0]["eval_fvu"] == pytest.approx(
+        json.loads((reference / "summary.json").read_text())["experiments"][0]["eval_fvu"], rel=1e-6)
+
+
+def test_a_store_too_small_to_hold_out_says_so(tmp_path, caplog):
+    from pipelines.train import split_shards
+
+    cfg = make_config(dtype="float32", n_tokens_target=1024, shard_tokens=1024, chunk_tokens=128)
+    with actstore.open_store(str(tmp_path / "one"), "w", config=cfg) as w:
+        write_shards(w, cfg, make_data(cfg), [0])
+    with caplog.at_level("WARNING"):
+        assert split_shards(actstore.open_store(str(tmp_path / "one")), 65536) == ([0], [])
+    assert "0 tokens held out for evaluation instead of the 65,536 asked" in caplog.text
 
 
 @pytest.mark.parametrize(

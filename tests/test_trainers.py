@@ -10,6 +10,7 @@ import torch
 
 import actstore
 from tests.conftest import make_config, make_data, write_shards
+from tests.helpers import folder_bytes
 from trainers import ARCHITECTURES, make_sae, sae_config, sparse
 from trainers.saelens_format import HookInfo, load_saelens, save_saelens
 from trainers.sparse import Selected, Selection, select_topk, sparse_decode
@@ -237,6 +238,20 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
             torch.testing.assert_close(p, q, msg=name)
     with pytest.raises(ValueError, match="other experiments"):
         Trainer(train, exps[:1], stream(), out_dir=tmp_path / "run").load_checkpoint()
+    saved = folder_bytes(tmp_path / "run")
+    again = Trainer(train, exps, stream(), out_dir=tmp_path / "run")
+    again.load_checkpoint()
+    assert again.finished and again.fit().step == 40  # a finished run takes no further batch
+    assert folder_bytes(tmp_path / "run") == saved, "and writes nothing"
+
+
+def test_the_final_step_is_always_recorded():
+    exps = [Experiment("topk", sae_config("topk", d_in=48, d_sae=96, k=4), lr=1e-3)]
+    x = torch.randn(64, 48)
+    for steps in (1, 4):
+        trainer = Trainer(TrainConfig(tokens=64 * steps, log_every=50), exps, [x] * 10).fit()
+        history = trainer.runs[0].history
+        assert trainer.step == steps and [r["step"] for r in history] == sorted({1, steps})
 
 
 def test_bad_settings_are_clear_errors():

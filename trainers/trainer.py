@@ -10,9 +10,11 @@ removed before the step, rows renormalised after). A latent is dead once it has 
 ``dead_tokens`` tokens (Gao et al. 2024 §2.4 use 10M); dead masks feed the AuxK losses.
 ``b_dec`` starts at the mean of the first batch (a cheap stand-in for the geometric median).
 
-Checkpoints hold every SAE's weights, optimiser state and dead-latent counters, the step, and
-the data source's position when it has ``state_dict()`` (``actstore.stream`` does), so a
-resumed run continues with exactly the batches it would have seen.
+Checkpoints (:mod:`trainers.checkpoint`: safetensors + JSON, never pickle) hold every SAE's
+weights, optimiser state and dead-latent counters, the step, the data source's position when it
+has ``state_dict()`` (``actstore.stream`` does), and ``run_info``, the caller's JSON record of
+the run (whose run a folder holds), so a resumed run continues with exactly the batches it
+would have seen. A run that has reached its token budget takes no further step.
 
 Data parallel (under ``torchrun``, with ``torch.distributed`` initialised before the trainer is
 made): every rank holds the same SAEs and reads its own batches (``actstore.stream`` gives each
@@ -28,20 +30,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import make_sae
+from . import checkpoint, make_sae
 from .sae import SAE, SAEConfig, fvu
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class Trainer:
     def __init__(
         self, cfg: TrainConfig, experiments: list[Experiment], data: Iterable[torch.Tensor],
         out_dir: str | Path | None = None, on_step: Callable[[int, int], None] | None = None,
+        run_info: Mapping[str, Any] | None = None,
     ):
         names = [e.name for e in experiments]
         if not experiments or len(set(names)) != len(names):
@@ -116,6 +118,8 @@ class Trainer:
         self.data = data
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.on_step = on_step
+        self.run_info = dict(run_info or {})
+        """Saved with every checkpoint as it is (JSON values): what the caller needs to know whose run it is."""
         dev = torch.device(cfg.device)
         self.runs = []
         for e in experiments:
@@ -131,10 +135,20 @@ class Trainer:
         self.world_size = torch.distributed.get_world_size() if distributed else 1
 
     # ---- loop -----------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        """Whether the token budget is reached."""
+        return self.tokens >= self.cfg.tokens
+
     def fit(self) -> Trainer:
-        """Train until ``cfg.tokens``; returns self (``runs`` hold the SAEs and histories)."""
+        """Train until ``cfg.tokens`` (a finished run takes no step and writes nothing); returns
+        self (``runs`` hold the SAEs and histories)."""
+        first_step = self.step
         batches = self._batches()
-        for x_BD in batches:
+        while not self.finished:
+            x_BD = next(batches, None)
+            if x_BD is None:  # the data ran out first
+                break
             if self.total_steps is None:
                 self.total_steps = max(1, math.ceil(self.cfg.tokens / (len(x_BD) * self.world_size)))
             if self.step == 0:
@@ -144,9 +158,7 @@ class Trainer:
                 self.on_step(self.step, self.tokens)
             if self.out_dir is not None and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
-            if self.tokens >= self.cfg.tokens:
-                break
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.step > first_step:
             self.save_checkpoint()
         return self
 
@@ -160,7 +172,8 @@ class Trainer:
     def _step(self, x_BD: torch.Tensor) -> None:
         lr_scale, sparsity_scale = self._schedules()
         n_tokens = self._tokens_all_ranks(x_BD)
-        record = (self.step + 1) % self.cfg.log_every == 0 or self.step == 0
+        last = self.tokens + n_tokens >= self.cfg.tokens  # the final step is always recorded: the run's closing figures
+        record = (self.step + 1) % self.cfg.log_every == 0 or self.step == 0 or last
         for run in self.runs:
             dead_F = run.since_fired_F >= self.cfg.dead_tokens
             out = run.sae.training_step(x_BD, sparsity_scale, dead_F)
@@ -248,51 +261,54 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write ``out_dir/checkpoint.pt`` (atomically: a temp file, then renamed). Under data
-        parallel every rank calls this; rank 0 writes, with every rank's data position."""
+        """Write the checkpoint folder ``out_dir/checkpoint`` (:mod:`trainers.checkpoint`). Under
+        data parallel every rank calls this; rank 0 writes, with every rank's data position."""
         if self.out_dir is None:
             raise ValueError("this trainer has no out_dir to checkpoint into")
         data = self.data.state_dict() if hasattr(self.data, "state_dict") else None
-        path = self.out_dir / CHECKPOINT_FILE
+        folder = self.out_dir / CHECKPOINT_DIR
         if self.world_size > 1:
             states: list[Any] = [None] * self.world_size
             torch.distributed.all_gather_object(states, data)
             data = {"world_size": self.world_size, "ranks": states}
             if self.rank != 0:
                 torch.distributed.barrier()
-                return path
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        state: dict[str, Any] = {
+                return folder
+        checkpoint.save(folder, {
             "version": CHECKPOINT_VERSION, "step": self.step, "tokens": self.tokens, "total_steps": self.total_steps,
-            "train": asdict(self.cfg),
+            "train": asdict(self.cfg), "run": self.run_info,
             "runs": {r.exp.name: {
-                "experiment": {"arch": r.exp.sae.arch, "sae": asdict(r.exp.sae), "lr": r.exp.lr},
+                "experiment": self._experiment(r.exp),
                 "sae": r.sae.state_dict(), "opt": r.opt.state_dict(), "since_fired": r.since_fired_F, "history": r.history,
             } for r in self.runs},
             "data": data,
-        }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        })
         if self.world_size > 1:
             torch.distributed.barrier()
-        return path
+        return folder
 
-    def load_checkpoint(self, path: str | Path | None = None) -> None:
-        """Continue from a checkpoint of a run with the same experiments (and data source)."""
-        path = Path(path) if path is not None else (self.out_dir or Path(".")) / CHECKPOINT_FILE
-        state = torch.load(path, map_location=self.cfg.device, weights_only=False)
+    @staticmethod
+    def _experiment(e: Experiment) -> dict[str, Any]:
+        return {"arch": e.sae.arch, "sae": asdict(e.sae), "lr": e.lr}
+
+    def load_checkpoint(self, folder: str | Path | None = None) -> None:
+        """Continue from a checkpoint of a run with the same experiments (and data source);
+        a checkpoint of other experiments or another number of ranks is a ``CheckpointError``."""
+        folder = Path(folder) if folder is not None else (self.out_dir or Path(".")) / CHECKPOINT_DIR
+        state = checkpoint.load(folder, device=self.cfg.device)
         if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path}: checkpoint version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
+            raise checkpoint.CheckpointError(f"{folder}: trainer checkpoint version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
         data = state["data"]
         parallel = isinstance(data, dict) and "ranks" in data
         saved_world = data["world_size"] if parallel else 1
         if saved_world != self.world_size:
-            raise ValueError(f"{path} was written by a run on {saved_world} rank(s); resume it on {saved_world}, not {self.world_size}")
-        ours = {r.exp.name: {"arch": r.exp.sae.arch, "sae": asdict(r.exp.sae), "lr": r.exp.lr} for r in self.runs}
+            raise checkpoint.CheckpointError(
+                f"{folder} was written by a run on {saved_world} rank(s); resume it on {saved_world}, not {self.world_size}")
+        ours = {r.exp.name: self._experiment(r.exp) for r in self.runs}
         theirs = {name: saved["experiment"] for name, saved in state["runs"].items()}
         if ours != theirs:
-            raise ValueError(f"{path} was written by a run with other experiments; use another output folder or the same settings")
+            raise checkpoint.CheckpointError(
+                f"{folder} was written by a run with other experiments; use another output folder or the same settings")
         for run in self.runs:
             saved = state["runs"][run.exp.name]
             run.sae.load_state_dict(saved["sae"])
