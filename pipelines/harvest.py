@@ -2,8 +2,11 @@
 
 The loop, per rank (``torchrun`` sets ``RANK``/``WORLD_SIZE``; one process is rank 0 of 1):
 
-1. load the model (:mod:`pipelines.models`) and open or create the store; rank 0 creates it
-   and the others wait at a barrier, then each learns which shards are already committed;
+1. read the model's config and tokenizer (:func:`pipelines.models.model_spec`, seconds), open
+   or create the store, then load the weights: a store made with other settings, or a token
+   target below what it has committed, is refused before the minute a large model takes to
+   load; rank 0 creates the store and the others wait at a barrier, then each learns which
+   shards are already committed;
 2. stream packed windows (:mod:`pipelines.text`); shard ``s`` holds windows
    ``[s * W, (s + 1) * W)`` with ``W = shard_tokens / context_size``, and rank ``r`` of ``R``
    owns shards with ``s % R == r``, so a rank skips windows of shards it does not own or that
@@ -17,7 +20,10 @@ The loop, per rank (``torchrun`` sets ``RANK``/``WORLD_SIZE``; one process is ra
 
 A killed harvest restarts from its last commit: shards are pure functions of (text, seed,
 model, batch size), and a batch never spans two shards, so re-running the same command yields a
-store bit-identical to an uninterrupted run.
+store bit-identical to an uninterrupted run. ``--tokens`` is the one setting a rerun may change
+(:class:`actstore.StoreWriter`): lower (down to the committed shards) to finish a store whose
+text ran out, higher to extend one. Every way out (done, an error, Ctrl-C, the text running
+out) leaves the root summary up to date, so plain zarr readers see what is committed.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -48,7 +54,7 @@ from actstore.config import DEFAULT_CHUNKS_PER_SHARD, default_chunk_tokens
 from actstore.dtypes import STORE_DTYPES, StoreDType
 from pipelines.background import BackgroundWriter
 from pipelines.capture import SITES, ActivationCapture, hook_name
-from pipelines.models import LoadedModel, ModelDType, load_model
+from pipelines.models import LoadedModel, ModelDType, ModelSpec, load_weights, model_spec
 from pipelines.text import DatasetError, TextConfig, local_files, token_windows
 
 log = logging.getLogger(__name__)
@@ -203,7 +209,7 @@ def init_ranks(device: torch.device) -> Ranks:
 
 
 # ---- the store ----------------------------------------------------------------------------
-def store_config(cfg: HarvestConfig, lm: LoadedModel) -> actstore.StoreConfig:
+def store_config(cfg: HarvestConfig, lm: ModelSpec) -> actstore.StoreConfig:
     """The store's configuration; shards hold whole context windows."""
     T = cfg.text.context_size
     chunk = cfg.chunk_tokens or default_chunk_tokens(lm.d_model, cfg.dtype)
@@ -293,19 +299,20 @@ def harvest(
 
     ``model`` reuses an already loaded model (it must be ``cfg.model`` loaded the same way).
     """
-    lm = model or load_model(cfg.model, revision=cfg.revision, model_dtype=cfg.model_dtype, device=cfg.device)
-    if max(cfg.layers) >= lm.n_layers:
+    spec = model.spec if model is not None else model_spec(cfg.model, revision=cfg.revision, model_dtype=cfg.model_dtype,
+                                                           device=cfg.device)
+    if max(cfg.layers) >= spec.n_layers:
         raise ValueError(
-            f"layer {max(cfg.layers)} is past the model's depth: {cfg.model} has {lm.n_layers} layers (0-{lm.n_layers - 1})"
+            f"layer {max(cfg.layers)} is past the model's depth: {cfg.model} has {spec.n_layers} layers (0-{spec.n_layers - 1})"
         )
-    ranks = init_ranks(lm.device)
-    store_cfg = store_config(cfg, lm)
-    windows = token_windows(cfg.text, lm.tokenizer)
+    store_cfg = store_config(cfg, spec)
+    windows = token_windows(cfg.text, spec.tokenizer)
     first = next(windows, None)
     if first is None:
         raise DatasetError(f"dataset {cfg.text.dataset!r} yielded no tokens (is it empty?)")
     windows = itertools.chain([first], windows)
 
+    ranks = init_ranks(spec.device)
     writer = actstore.StoreWriter(cfg.out, store_cfg, writer_id=ranks.rank, overwrite=cfg.overwrite and ranks.rank == 0,
                                   storage_options=storage_options, io_threads=cfg.writer_threads or os.cpu_count() or 2)
     if ranks.rank == 0:
@@ -317,15 +324,20 @@ def harvest(
     pending = writer.pending_shards(ranks.rank, ranks.world)
     todo = store_cfg.tokens_in(pending)
     log.info("rank %d: %d shards (%d tokens) to harvest", ranks.rank, len(pending), todo)
+    if not pending:  # finished (or finished now, by a lower target): no weights to load
+        return _finish(cfg, writer, ranks, storage_options, HarvestResult(cfg.out, 0, 0.0, 0.0, 0))
 
-    bg = BackgroundWriter(writer, cfg.queue_batches)
-    done, t0 = 0, None
+    bg: BackgroundWriter | None = None
+    done, t0, flush_s = 0, None, 0.0
     try:
+        lm = model or load_weights(spec)
+        bg = BackgroundWriter(writer, cfg.queue_batches)
         with (
             ActivationCapture(lm.model, cfg.hooks, dtype=capture_dtype(cfg.dtype)) as cap,
             _progress(cfg.progress and ranks.rank == 0) as bar,
         ):
             task = bar.add_task("harvest", total=todo, rate="")
+
             def window_range(shard: int) -> tuple[int, int]:
                 a, b = store_cfg.shard_range(shard)
                 return a // T, b // T
@@ -333,9 +345,11 @@ def harvest(
             for shard, windows_WT in shard_windows(windows, pending, window_range):
                 a, b = store_cfg.shard_range(shard)
                 if len(windows_WT) * T != b - a:
+                    held = a + len(windows_WT) * T
                     raise DataExhaustedError(
-                        f"dataset {cfg.text.dataset!r} ran out after {a + len(windows_WT) * T:,} tokens, short of "
-                        f"--tokens {store_cfg.n_tokens_target:,}; lower --tokens or add text (committed shards are kept)"
+                        f"dataset {cfg.text.dataset!r} ran out after {held:,} tokens, short of --tokens "
+                        f"{store_cfg.n_tokens_target:,}; rerun with --tokens {held} to finish the store with the text "
+                        "there is, or add text (committed shards are kept)"
                     )
                 t0 = t0 or time.perf_counter()
                 for first_w in range(0, len(windows_WT), cfg.batch_size):
@@ -350,15 +364,22 @@ def harvest(
         t_flush = time.perf_counter()
         bg.close()
         flush_s = time.perf_counter() - t_flush
-    except BaseException:
-        bg.close_quietly()
-        writer.close(consolidate=False)
+    except BaseException:  # an error, Ctrl-C, the text running out: keep what is committed, visible to any reader
+        if bg is not None:
+            bg.close_quietly()
+        writer.abort()
         raise
     loop_s = time.perf_counter() - t0 if t0 else 0.0
+    return _finish(cfg, writer, ranks, storage_options, HarvestResult(cfg.out, bg.committed_tokens, loop_s, flush_s, 0))
+
+
+def _finish(cfg: HarvestConfig, writer: actstore.StoreWriter, ranks: Ranks, storage_options: dict[str, Any] | None,
+            result: HarvestResult) -> HarvestResult:
+    """Every rank done, rank 0 writes the root summary; the result with the store's URL and tokens."""
     ranks.barrier()
     writer.close(consolidate=ranks.rank == 0)
     store = actstore.open_store(cfg.out, storage_options=storage_options)
-    return HarvestResult(store.url, bg.committed_tokens, loop_s, flush_s if t0 else 0.0, store.n_tokens)
+    return replace(result, url=store.url, store_tokens=store.n_tokens)
 
 
 def capture_dtype(dtype: str) -> torch.dtype:

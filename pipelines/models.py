@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from actstore.devices import check_device
 from pipelines import smollm2
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,24 @@ class ModelLoadError(ValueError):
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """A model known from its config and tokenizer, its weights not loaded yet: what a store is
+    sized and checked by, in seconds, before the weights load (about a minute for SmolLM2's GGUF)."""
+
+    name: str
+    """What the user asked for (alias, id or path), recorded in the store."""
+    target: str
+    """What the name resolves to: an HF id, a local folder, or the SmolLM2 GGUF."""
+    revision: str | None
+    n_layers: int
+    d_model: int
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    """The compute dtype the weights will be loaded in."""
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -63,6 +82,11 @@ class LoadedModel:
     def d_model(self) -> int:
         return int(self.model.config.hidden_size)
 
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.name, model_identity(self.name), self.revision, self.n_layers, self.d_model, self.tokenizer,
+                         self.device, self.dtype)
+
 
 @cache
 def cpu_has_fast_bf16() -> bool:
@@ -75,18 +99,16 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` (this rank's CUDA GPU when there is one, else the CPU) or a checked device name."""
     if device == "auto":
         if torch.cuda.is_available():
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
     try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ModelLoadError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {device} asked for CUDA, but no CUDA GPU is visible; use --device cpu")
-    return dev
+        return check_device(device)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def resolve_dtype(model_dtype: ModelDType, device: torch.device, gguf: bool = False) -> torch.dtype:
@@ -113,51 +135,80 @@ def _cannot_load(name: str, e: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load model {name!r}: {first_line}")
 
 
-def model_depth(name: str, revision: str | None = None) -> int:
-    """Number of blocks of ``name`` from its config alone (no weights are loaded)."""
-    from transformers import AutoConfig
-
+def _target(name: str) -> str:
+    """What ``name`` loads: the GGUF marker, a local folder, or an HF id (else an error)."""
     target = ALIASES.get(name, name)
     if target == ALIASES[smollm2.NAME]:
-        return smollm2.N_LAYERS
+        return target
     local = Path(name).expanduser()
-    if not local.is_dir() and "/" not in target:
-        raise _unknown_model(name)
+    if local.is_dir():
+        return str(local)
+    if "/" in target and not local.exists():
+        return target
+    raise _unknown_model(name)
+
+
+def _shape(target: str, revision: str | None, name: str) -> tuple[int, int]:
+    """``(n_layers, d_model)`` from the model's config alone (no weights)."""
+    from transformers import AutoConfig
+
+    if target == ALIASES[smollm2.NAME]:
+        return smollm2.N_LAYERS, smollm2.D_MODEL
+    local = Path(target).is_dir()
     try:
-        config = AutoConfig.from_pretrained(str(local) if local.is_dir() else target, revision=revision,
-                                            local_files_only=local.is_dir())
+        config = AutoConfig.from_pretrained(target, revision=None if local else revision, local_files_only=local)
     except (OSError, ValueError) as e:
         raise _cannot_load(name, e) from e
-    return int(config.num_hidden_layers)
+    return int(config.num_hidden_layers), int(config.hidden_size)
+
+
+def model_depth(name: str, revision: str | None = None) -> int:
+    """Number of blocks of ``name`` from its config alone (no weights are loaded)."""
+    return _shape(_target(name), revision, name)[0]
+
+
+def model_spec(name: str, *, revision: str | None = None, model_dtype: ModelDType = "auto", device: str = "auto") -> ModelSpec:
+    """``name`` (alias, local folder or HF id) known from its config and tokenizer: seconds."""
+    dev = resolve_device(device)
+    target = _target(name)
+    gguf = target == ALIASES[smollm2.NAME]
+    n_layers, d_model = _shape(target, revision, name)
+    try:
+        if gguf:
+            tokenizer = smollm2.load_tokenizer()
+        elif Path(target).is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(target, revision=revision)
+    except FileNotFoundError as e:
+        raise ModelLoadError(str(e)) from e
+    except (OSError, ValueError) as e:
+        raise _cannot_load(name, e) from e
+    return ModelSpec(name, target, revision, n_layers, d_model, tokenizer, dev, resolve_dtype(model_dtype, dev, gguf=gguf))
+
+
+def load_weights(spec: ModelSpec) -> LoadedModel:
+    """The model ``spec`` describes, for inference: eval mode on its device, no gradients."""
+    try:
+        if spec.target == ALIASES[smollm2.NAME]:
+            model = smollm2.load_model(spec.dtype)
+        elif Path(spec.target).is_dir():
+            model = AutoModelForCausalLM.from_pretrained(spec.target, dtype=spec.dtype, local_files_only=True)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec.target, revision=spec.revision, dtype=spec.dtype)
+    except FileNotFoundError as e:
+        raise ModelLoadError(str(e)) from e
+    except (OSError, ValueError) as e:  # hub unreachable, repo missing, bad revision, not a model folder
+        raise _cannot_load(spec.name, e) from e
+    model = model.to(spec.device).eval()
+    model.requires_grad_(False)
+    log.info("loaded %s (%s) on %s in %s", spec.name, spec.target, spec.device, spec.dtype)
+    return LoadedModel(model, spec.tokenizer, spec.name, spec.revision, spec.device, spec.dtype)
 
 
 def load_model(name: str, *, revision: str | None = None, model_dtype: ModelDType = "auto", device: str = "auto") -> LoadedModel:
     """Load ``name`` (alias, local folder or HF id) for inference, in eval mode on ``device``."""
-    dev = resolve_device(device)
-    target = ALIASES.get(name, name)
-    dtype = resolve_dtype(model_dtype, dev, gguf=target == ALIASES[smollm2.NAME])
-    local = Path(name).expanduser()
-    try:
-        if target == ALIASES[smollm2.NAME]:
-            model, tokenizer = smollm2.load(dtype)
-        elif local.is_dir():
-            tokenizer = AutoTokenizer.from_pretrained(str(local), local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(str(local), dtype=dtype, local_files_only=True)
-        elif "/" in target and not local.exists():
-            tokenizer = AutoTokenizer.from_pretrained(target, revision=revision)
-            model = AutoModelForCausalLM.from_pretrained(target, revision=revision, dtype=dtype)
-        else:
-            raise _unknown_model(name)
-    except ModelLoadError:
-        raise
-    except FileNotFoundError as e:
-        raise ModelLoadError(str(e)) from e
-    except (OSError, ValueError) as e:  # hub unreachable, repo missing, bad revision, not a model folder
-        raise _cannot_load(name, e) from e
-    model = model.to(dev).eval()
-    model.requires_grad_(False)
-    log.info("loaded %s (%s) on %s in %s", name, target, dev, dtype)
-    return LoadedModel(model, tokenizer, name, revision, dev, dtype)
+    return load_weights(model_spec(name, revision=revision, model_dtype=model_dtype, device=device))
 
 
 def model_identity(name: str) -> str:

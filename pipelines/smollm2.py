@@ -21,6 +21,7 @@ from transformers import (
 
 NAME = "smollm2-135m"
 N_LAYERS = 30
+D_MODEL = 576
 
 
 def gguf_path() -> Path:
@@ -34,11 +35,21 @@ def gguf_path() -> Path:
     return files[0]
 
 
-def load(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model (eval mode) and its tokenizer, from local files only."""
+def load_tokenizer() -> PreTrainedTokenizerBase:
+    """The tokenizer, from the GGUF file (seconds; the weights take about a minute)."""
     path = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+
+
+def load_model(dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model in eval mode, de-quantised from the GGUF file, from local files only."""
+    path = gguf_path()
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=dtype, local_files_only=True
     )
-    return model.eval(), tokenizer
+    return model.eval()
+
+
+def load(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (eval mode) and its tokenizer, from local files only."""
+    return load_model(dtype), load_tokenizer()

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from transformers import AutoModelForCausalLM
 import actstore
 from actstore.layout import array_specs
 from pipelines.capture import SITES, hook_name
-from pipelines.harvest import HarvestConfig, harvest
+from pipelines.harvest import DataExhaustedError, HarvestConfig, harvest
 from pipelines.text import TextConfig
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -105,6 +107,79 @@ def test_dataset_too_short_keeps_committed_shards(tmp_path, tiny_llama):
     with pytest.raises(actstore.ActstoreError, match=r"ran out after \d+ tokens, short of --tokens 1,024"):
         harvest(cfg)
     assert actstore.open_store(str(tmp_path / "s")).committed_shards == [0]
+
+
+def root_summary(url) -> dict:
+    """The root attribute as a plain zarr reader sees it."""
+    import zarr
+
+    return dict(zarr.open_group(str(url), mode="r").attrs["actstore"])
+
+
+def test_text_running_out_leaves_a_readable_store_that_a_lower_target_finishes(tmp_path, tiny_llama):
+    (tmp_path / "t.txt").write_text("A short text. " * 120)  # ~ 480 tokens: one shard of 256, then 3 windows
+    text = TextConfig(dataset=str(tmp_path / "t.txt"), context_size=64)
+    cfg = small_harvest(tiny_llama, tmp_path / "s", text=text, sites=("resid_post",))
+    with pytest.raises(DataExhaustedError, match=r"rerun with --tokens (\d+) to finish") as e:
+        harvest(cfg)
+    held = int(re.search(r"--tokens (\d+) to finish", str(e.value)).group(1))
+    assert 256 < held < 512 and held % 64 == 0
+    assert root_summary(tmp_path / "s")["n_tokens"] == 256 == actstore.open_store(str(tmp_path / "s")).n_tokens
+    done = harvest(replace(cfg, tokens=held))  # the suggested target: the store is finished from what is there
+    assert done.store_tokens == held and root_summary(tmp_path / "s")["n_tokens"] == held
+    assert actstore.open_store(str(tmp_path / "s")).is_complete
+    harvest(replace(cfg, out=str(tmp_path / "fresh"), tokens=held))
+    assert_same_arrays(tmp_path / "s", tmp_path / "fresh")
+
+
+def test_a_higher_target_extends_a_finished_store_as_one_harvest_would(tmp_path, tiny_llama):
+    cfg = small_harvest(tiny_llama, tmp_path / "s", sites=("resid_post",), tokens=640)  # shards 256, 256, 128
+    harvest(cfg)
+    extended = harvest(replace(cfg, tokens=1024))
+    assert extended.tokens_written == 1024 - 512  # the short last shard again at full length, and one more
+    harvest(replace(cfg, out=str(tmp_path / "fresh"), tokens=1024))
+    assert_same_arrays(tmp_path / "s", tmp_path / "fresh")
+    assert root_summary(tmp_path / "s")["n_tokens"] == 1024
+
+
+def test_another_configuration_is_refused_before_the_weights_load(tmp_path, tiny_llama, monkeypatch):
+    import pipelines.harvest
+
+    cfg = small_harvest(tiny_llama, tmp_path / "s", sites=("resid_post",), tokens=512)
+    harvest(cfg)
+
+    def no_weights(spec):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(pipelines.harvest, "load_weights", no_weights)
+    with pytest.raises(actstore.ConfigMismatchError, match="context_size"):
+        harvest(replace(cfg, text=replace(cfg.text, context_size=32)))
+    with pytest.raises(actstore.ConfigMismatchError, match="batch_size"):
+        harvest(replace(cfg, batch_size=4))
+    with pytest.raises(actstore.ConfigMismatchError, match="would cut them off"):
+        harvest(replace(cfg, tokens=256))
+    assert harvest(cfg).tokens_written == 0  # finished: nothing to load either
+
+
+def test_an_interrupted_harvest_leaves_the_summary_of_its_commits(tmp_path, tiny_llama, monkeypatch):
+    from pipelines.background import BackgroundWriter
+
+    real, ended = BackgroundWriter.end_shard, []
+
+    def interrupted_at_the_third_shard(self, shard, tokens_N, positions_N):
+        if len(ended) == 2:
+            raise KeyboardInterrupt
+        ended.append(shard)
+        return real(self, shard, tokens_N, positions_N)
+
+    monkeypatch.setattr(BackgroundWriter, "end_shard", interrupted_at_the_third_shard)
+    cfg = small_harvest(tiny_llama, tmp_path / "s", sites=("resid_post",))
+    with pytest.raises(KeyboardInterrupt):
+        harvest(cfg)
+    summary = root_summary(tmp_path / "s")
+    assert summary["n_tokens"] == 512 and summary["n_shards_committed"] == 2
+    monkeypatch.setattr(BackgroundWriter, "end_shard", real)
+    assert harvest(cfg).tokens_written == 512 and root_summary(tmp_path / "s")["n_tokens"] == 1024
 
 
 def test_kill_9_then_resume_is_bit_identical(tmp_path, tiny_llama):
