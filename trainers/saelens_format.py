@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import ARCHITECTURES, SAE, make_sae, sae_config
@@ -60,8 +61,16 @@ def load_saelens(path: str | Path) -> tuple[SAE, HookInfo]:
     root = Path(path)
     if not (root / CONFIG_FILE).is_file() or not (root / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{root} is not an SAE folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    cfg = json.loads((root / CONFIG_FILE).read_text())
-    state = load_file(str(root / WEIGHTS_FILE))
+    try:
+        cfg = json.loads((root / CONFIG_FILE).read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{root / CONFIG_FILE} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{root / CONFIG_FILE} is not an SAE config (a JSON object)")
+    try:
+        state = load_file(str(root / WEIGHTS_FILE))
+    except SafetensorError as e:
+        raise ValueError(f"{root / WEIGHTS_FILE} is not a readable safetensors file ({e})") from None
     meta = cfg.get("metadata", cfg)  # SAELens 5 kept these at the top level
     hook = HookInfo(meta["hook_name"], meta.get("model_name", ""), int(meta.get("context_size") or 0), bool(meta.get("prepend_bos", True)))
     if cfg.get("normalize_activations", "none") not in ("none", None):
@@ -83,12 +92,17 @@ def load_saelens(path: str | Path) -> tuple[SAE, HookInfo]:
         raise ValueError(f"{root}: SAELens architecture {arch!r} is not supported (standard, topk, jumprelu, gated are)")
     with torch.no_grad():
         for name, tensor in state.items():
+            target = getattr(sae, name, None)
+            if not isinstance(target, torch.Tensor):
+                raise ValueError(f"{root}: unexpected weight {name!r} for a {arch} SAE")
+            want = target.shape
+            if tensor.shape != want:
+                raise ValueError(f"{root}: weight {name} has shape {list(tensor.shape)}, but {CONFIG_FILE} "
+                                 f"(d_in {d_in}, d_sae {d_sae}) needs {list(want)}; the config and the weights disagree")
             if name == "threshold":
                 sae.set_threshold(tensor.float())
-            elif hasattr(sae, name):
-                getattr(sae, name).copy_(tensor.float())
             else:
-                raise ValueError(f"{root}: unexpected weight {name!r} for a {arch} SAE")
+                getattr(sae, name).copy_(tensor.float())
         if not cfg.get("apply_b_dec_to_input", True):
             _fold_b_dec(sae)
     return sae, hook
