@@ -7,7 +7,6 @@ and are never echoed.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import logging
@@ -25,6 +24,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 import actstore  # noqa: E402
+from actstore.errors import machine_error  # noqa: E402
 from pipelines.groups import DEFAULT_AMAD_THRESHOLD  # noqa: E402
 
 app = typer.Typer(
@@ -36,19 +36,6 @@ app = typer.Typer(
 )
 F = TypeVar("F", bound=Callable[..., Any])
 USER_ERROR = 2
-
-
-#: what the machine said (errno), not a fault of actstore's: the fix to print with it
-MACHINE_ERRORS = {
-    errno.ENOSPC: "free some space, then rerun the same command (it resumes)",
-    errno.EDQUOT: "free some of your quota, then rerun the same command (it resumes)",
-    errno.EROFS: "choose a writable location",
-    errno.EACCES: "choose a location you may use",
-    errno.EPERM: "choose a location you may use",
-    errno.ENOTDIR: "a path that should be a folder is a file",
-    errno.EISDIR: "a path that should be a file is a folder",
-    errno.ENAMETOOLONG: "use a shorter path",
-}
 
 
 def user_errors(fn: F) -> F:
@@ -64,10 +51,10 @@ def user_errors(fn: F) -> F:
             typer.echo(f"error: {msg}", err=True)
             raise typer.Exit(USER_ERROR) from None
         except OSError as e:
-            if e.errno not in MACHINE_ERRORS:
+            what = machine_error(e)
+            if what is None:
                 raise
-            where = f": {e.filename}" if e.filename else ""
-            typer.echo(f"error: {e.strerror}{where}; {MACHINE_ERRORS[e.errno]}", err=True)
+            typer.echo(f"error: {what}", err=True)
             raise typer.Exit(USER_ERROR) from None
 
     return wrapper  # type: ignore[return-value]

@@ -7,6 +7,29 @@ line and exit code 2. Messages name the problem and, where there is one, the fix
 
 from __future__ import annotations
 
+import errno
+
+MACHINE_ERRNOS = {
+    errno.ENOSPC: "free some space, then run it again: it resumes (committed work is kept)",
+    errno.EDQUOT: "free some of your quota, then run it again: it resumes (committed work is kept)",
+    errno.EROFS: "choose a writable location",
+    errno.EACCES: "choose a location you may use",
+    errno.EPERM: "choose a location you may use",
+    errno.ENOTDIR: "a path that should be a folder is a file",
+    errno.EISDIR: "a path that should be a file is a folder",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+"""errno values that are the machine's answer (a full disk, a read-only folder), not a fault of
+actstore's, with what to do about them."""
+
+
+def machine_error(e: OSError) -> str | None:
+    """``what the machine said (the file); what to do`` for such an error, else None."""
+    if e.errno not in MACHINE_ERRNOS:
+        return None
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror}{where}; {MACHINE_ERRNOS[e.errno]}"
+
 
 class ActstoreError(Exception):
     """Base class of every error actstore raises on purpose."""

@@ -19,7 +19,6 @@ Shape letters: N tokens, D width.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from .errors import (
     ShardError,
     StoreAccessError,
     StoreNotFoundError,
+    machine_error,
 )
 from .layout import (
     COMMITS,
@@ -66,16 +66,6 @@ log = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
 
-#: errno values that are the machine's answer, not a fault of actstore's, with what to do about them
-_STORAGE_HINTS = {
-    errno.ENOSPC: "free some space, then run the writer again to resume (committed shards are kept)",
-    errno.EDQUOT: "free some of your quota, then run the writer again to resume (committed shards are kept)",
-    errno.EROFS: "choose a writable location",
-    errno.EACCES: "choose a location you may write to",
-    errno.EPERM: "choose a location you may write to",
-}
-
-
 @contextmanager
 def _storage_errors(url: str) -> Iterator[None]:
     """A full disk, a read-only file system or a missing permission as one
@@ -83,10 +73,10 @@ def _storage_errors(url: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno not in _STORAGE_HINTS:
+        what = machine_error(e)
+        if what is None:
             raise
-        where = f" ({e.filename})" if e.filename else ""
-        raise StoreAccessError(f"cannot write the store at {url}: {e.strerror}{where}; {_STORAGE_HINTS[e.errno]}") from e
+        raise StoreAccessError(f"cannot write the store at {url}: {what}") from e
 
 
 class StoreWriter:
