@@ -75,7 +75,7 @@ def open_run(out: str | Path, identity: Mapping[str, Any], *, finished_file: str
     finished = root / finished_file
     if finished.is_file():
         doc = _read_finished(finished, command)
-        _same_run(root, doc.get(RUN_KEY, {}).get("identity"), ours, how)
+        _same_run(root, _identity_of(doc), ours, how)
         return RunFolder(root, "finished", doc)
     pickled = [p for p in PICKLED if (root / p).exists()]
     if pickled:
@@ -89,8 +89,7 @@ def open_run(out: str | Path, identity: Mapping[str, Any], *, finished_file: str
             saved = checkpoint.read_state(folder)
         except checkpoint.CheckpointError as e:
             raise RunFolderError(f"{e}; pass --overwrite to start the run again, or choose another --out") from None
-        theirs = saved.get(RUN_KEY, {}).get("identity") if isinstance(saved.get(RUN_KEY), dict) else None
-        _same_run(root, theirs, ours, how)
+        _same_run(root, _identity_of(saved), ours, how)
         return RunFolder(root, "resume", saved)
     raise RunFolderError(f"output folder {root} already holds files but no {command} run; choose an empty or new --out")
 
@@ -98,6 +97,12 @@ def open_run(out: str | Path, identity: Mapping[str, Any], *, finished_file: str
 def run_record(identity: Mapping[str, Any]) -> dict[str, Any]:
     """What a run saves under :data:`RUN_KEY` (checkpoint and finished-run file)."""
     return {"identity": plain(dict(identity))}
+
+
+def _identity_of(doc: Mapping[str, Any]) -> Any:
+    """The identity a checkpoint state or finished-run file recorded (None when it has none)."""
+    record = doc.get(RUN_KEY)
+    return record.get("identity") if isinstance(record, dict) else None
 
 
 def _same_run(root: Path, theirs: Any, ours: Any, how: str) -> None:

@@ -92,6 +92,9 @@ def w(tmp_path_factory, tiny_llama) -> dict[str, Path | str]:
     data = bytearray(tensors.read_bytes())
     data[-5] ^= 0xFF
     tensors.write_bytes(bytes(data))
+    p["odd_summary"] = root / "odd-summary"  # a finished-run file whose record is not an object
+    (root / "odd-summary").mkdir()
+    (root / "odd-summary" / "summary.json").write_text('{"run": 5, "experiments": []}')
     p["foreign"] = root / "foreign"
     (root / "foreign").mkdir()
     (root / "foreign" / "notes.txt").write_text("my notes\n")
@@ -181,7 +184,7 @@ CASES = [
     ("train-missing-store", lambda p: train_args(str(p["tmp"] / "nothing"), p["tmp"] / "t0"), ["no store at"], "tmp"),
     ("train-unknown-hook", lambda p: [*train_args(p["store"], p["tmp"] / "t1"), "--hook", "blocks.9.hook_resid_post"], ["not in"], "store"),
     ("train-unknown-arch", lambda p: [*train_args(p["store"], p["tmp"] / "t2"), "--arch", "sparse-magic"], ["unknown --arch"], "store"),
-    ("train-k-too-large", lambda p: [*train_args(p["store"], p["tmp"] / "t3"), "--k", "500"], ["k"], "store"),
+    ("train-k-too-large", lambda p: [*train_args(p["store"], p["tmp"] / "t3"), "--k", "500"], ["k (500) must be between 1 and the SAE width"], "store"),
     ("train-sweep-unknown-key", lambda p: [*train_args(p["store"], p["tmp"] / "t4"), "--sweep", p["tmp"] / "sweep.json"],
      ["unknown setting"], "store"),
     ("train-sweep-missing", lambda p: [*train_args(p["store"], p["tmp"] / "t5"), "--sweep", p["tmp"] / "nope.json"],
@@ -207,6 +210,7 @@ CASES = [
     ("train-pickled-checkpoint", lambda p: train_args(p["store"], p["pickled"]), ["pickle format", "never loaded", "--overwrite"], "pickled"),
     ("train-garbage-checkpoint", lambda p: train_args(p["store"], p["garbage_ckpt"]), ["is damaged", "--overwrite"], "garbage_ckpt"),
     ("train-tampered-checkpoint", lambda p: train_args(p["store"], p["tampered"]), ["SHA-256"], "tampered"),
+    ("train-odd-summary", lambda p: train_args(p["store"], p["odd_summary"]), ["without a recorded identity"], "odd_summary"),
     ("train-foreign-folder", lambda p: train_args(p["store"], p["foreign"]), ["holds files but no train-sae run"], "foreign"),
     ("train-overwrite-foreign-folder", lambda p: [*train_args(p["store"], p["foreign"]), "--overwrite"], ["refusing to delete"], "foreign"),
     # eval and import-sae
