@@ -17,7 +17,9 @@ from .errors import (
     ActstoreError,
     ConfigMismatchError,
     CorruptChunkError,
+    EmptyStoreError,
     EmptyStreamError,
+    FollowTimeoutError,
     FormatVersionError,
     MissingChunkError,
     NotAnActstoreError,
@@ -27,17 +29,10 @@ from .errors import (
     StoreNotFoundError,
     UncommittedRangeError,
 )
-from .reader import Store, open_store
+from .opener import open_store
+from .reader import Store
 from .stats import RunningStats
-from .stream import (
-    Cursor,
-    EmptyStoreError,
-    FollowTimeoutError,
-    IndexedBatch,
-    Stream,
-    StreamConfig,
-    stream,
-)
+from .stream import Cursor, IndexedBatch, Stream, StreamConfig, stream
 from .writer import StoreWriter
 
 __all__ = [

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import StoreFormatError
 from .layout import COMMITS, commit_path, group_doc
-from .remote import Location, call_with_retries
+from .remote import Location, storage_call
 from .stats import RunningStats
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def load_records(loc: Location) -> list[CommitRecord]:
     base = loc.path(COMMITS)
     loc.fs.invalidate_cache(base)
     try:
-        entries = call_with_retries(lambda: loc.fs.ls(base, detail=False), loc.url)
+        entries = storage_call(lambda: loc.fs.ls(base, detail=False), loc.url)
     except FileNotFoundError:
         return []
     records = []

@@ -77,3 +77,11 @@ class StoreAccessError(ActstoreError):
 
 class EmptyStreamError(ActstoreError):
     """A stream's filters or range leave no tokens to serve."""
+
+
+class EmptyStoreError(ActstoreError):
+    """The store has no committed tokens to stream."""
+
+
+class FollowTimeoutError(ActstoreError):
+    """``follow=True`` waited longer than ``follow_timeout`` for the next shard."""

@@ -9,6 +9,9 @@ Layout of a format-1 store (a zarr v3 group)::
     scales/<hook>/            float32 [N]   per-token fp8 scale (dtype float8_e4m3fn only)
     commits/writer-<id>/      group whose attributes are that writer's commit record
 
+The root attribute (:data:`ROOT_ATTR`) is read by :func:`read_root_attrs`, for readers and
+writers alike.
+
 Every array is sharded along tokens with the same shard and inner-chunk sizes, so a shard is
 one object per array. Inner chunks are encoded ``bytes -> blosc(zstd, byte-shuffle, 1 MiB
 blocks) -> crc32c``,
@@ -18,11 +21,20 @@ all standard zarr v3 codecs that tensorstore also reads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .config import StoreConfig
+from .config import FORMAT_VERSION, StoreConfig
 from .dtypes import itemsize
+from .errors import (
+    FormatVersionError,
+    NotAnActstoreError,
+    StoreAccessError,
+    StoreFormatError,
+    StoreNotFoundError,
+)
+from .remote import Location
 
 #: Blosc block size. Blosc's default at low levels is tens of KiB, which costs zstd most of the
 #: gain of byte-shuffling: on SmolLM2 bf16 activations 1.26x with the default, 1.43x with 1 MiB
@@ -95,3 +107,38 @@ def group_doc(attributes: dict) -> dict:
 def shard_key(path: str, shard: int, ndim: int) -> str:
     """Storage key of shard ``shard`` of a token-major array (zarr v3 default chunk keys)."""
     return f"{path}/c/{shard}" + "/0" * (ndim - 1)
+
+
+# ---- root attributes --------------------------------------------------------------------
+ROOT_ATTR = "actstore"
+STORE_ID = "store_id"
+"""Root-attribute key of the random id a store gets at creation (kept by resumes and extensions,
+new with ``--overwrite``): tells two stores at one URL apart."""
+
+
+def read_root_attrs(loc: Location) -> dict[str, Any]:
+    """The root ``"actstore"`` attribute, checked for presence and format version."""
+    try:
+        doc = loc.read_json("zarr.json")
+    except FileNotFoundError as e:
+        raise StoreNotFoundError(f"no store at {loc.url}: the path holds no zarr.json") from e
+    except StoreAccessError:
+        raise
+    except (ValueError, UnicodeDecodeError) as e:
+        raise NotAnActstoreError(f"{loc.url}/zarr.json is not valid JSON, so this is not an actstore store") from e
+    except Exception as e:  # credentials, DNS, endpoint: the backend's own exception types
+        raise StoreAccessError(f"cannot read {loc.url}: {type(e).__name__}: {e}") from e
+    attrs = doc.get("attributes", {}).get(ROOT_ATTR) if isinstance(doc, dict) else None
+    if doc.get("zarr_format") != 3 or doc.get("node_type") != "group" or not isinstance(attrs, dict):
+        raise NotAnActstoreError(
+            f"{loc.url} is a zarr node but not an actstore store (no '{ROOT_ATTR}' attribute on a v3 group)"
+        )
+    version = attrs.get("format_version")
+    if not isinstance(version, int):
+        raise StoreFormatError(f"{loc.url}: format_version is missing or not an integer")
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{loc.url} has store format_version {version}, newer than this actstore reads "
+            f"({FORMAT_VERSION}); upgrade actstore (pip install -U actstore)"
+        )
+    return attrs

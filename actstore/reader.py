@@ -1,7 +1,7 @@
 """Reading a store: configuration, committed shards, statistics, and any hook's token range.
 
-``open_store(url)`` reads the root attributes and every writer's commit record; only
-committed shards are readable. Array data goes through :mod:`actstore.shardio` (cached shard
+``open_store(url)`` (:mod:`actstore.opener`) reads the root attributes and every writer's
+commit record; only committed shards are readable. Array data goes through :mod:`actstore.shardio` (cached shard
 indexes, ranged reads); ``Store.zarr_array`` gives the plain zarr-python view of any array.
 Shape letters: N tokens, D width.
 """
@@ -9,9 +9,7 @@ Shape letters: N tokens, D width.
 from __future__ import annotations
 
 import logging
-import os
 import re
-from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
 
@@ -20,56 +18,15 @@ import zarr
 
 from . import dtypes  # noqa: F401  (registers the zarr data types)
 from .commits import CommitState, load_records, merge_records
-from .config import FORMAT_VERSION, StoreConfig
+from .config import StoreConfig
 from .dtypes import fp8_dequantize, itemsize
-from .errors import (
-    FormatVersionError,
-    NotAnActstoreError,
-    StoreAccessError,
-    StoreFormatError,
-    StoreNotFoundError,
-    UncommittedRangeError,
-)
-from .layout import ACTS, POSITIONS, TOKENS, acts_path, scale_path
-from .remote import Location, open_location
+from .errors import StoreFormatError, UncommittedRangeError
+from .layout import ACTS, POSITIONS, ROOT_ATTR, STORE_ID, TOKENS, acts_path, scale_path
+from .remote import Location
 from .shardio import ArrayLayout, ShardedArrayReader
 from .stats import RunningStats
 
 log = logging.getLogger(__name__)
-
-ROOT_ATTR = "actstore"
-STORE_ID = "store_id"
-"""Root-attribute key of the random id a store gets at creation (kept by resumes and extensions,
-new with ``--overwrite``): tells two stores at one URL apart."""
-
-
-def read_root_attrs(loc: Location) -> dict[str, Any]:
-    """The root ``"actstore"`` attribute, checked for presence and format version."""
-    try:
-        doc = loc.read_json("zarr.json")
-    except FileNotFoundError as e:
-        raise StoreNotFoundError(f"no store at {loc.url}: the path holds no zarr.json") from e
-    except StoreAccessError:
-        raise
-    except (ValueError, UnicodeDecodeError) as e:
-        raise NotAnActstoreError(f"{loc.url}/zarr.json is not valid JSON, so this is not an actstore store") from e
-    except Exception as e:  # credentials, DNS, endpoint: the backend's own exception types
-        raise StoreAccessError(f"cannot read {loc.url}: {type(e).__name__}: {e}") from e
-    attrs = doc.get("attributes", {}).get(ROOT_ATTR) if isinstance(doc, dict) else None
-    if doc.get("zarr_format") != 3 or doc.get("node_type") != "group" or not isinstance(attrs, dict):
-        raise NotAnActstoreError(
-            f"{loc.url} is a zarr node but not an actstore store (no '{ROOT_ATTR}' attribute on a v3 group)"
-        )
-    version = attrs.get("format_version")
-    if not isinstance(version, int):
-        raise StoreFormatError(f"{loc.url}: format_version is missing or not an integer")
-    if version > FORMAT_VERSION:
-        raise FormatVersionError(
-            f"{loc.url} has store format_version {version}, newer than this actstore reads "
-            f"({FORMAT_VERSION}); upgrade actstore (pip install -U actstore)"
-        )
-    return attrs
-
 
 class Store:
     """A read-only view of a store. Cheap to create; call :meth:`refresh` to see new commits."""
@@ -123,13 +80,13 @@ class Store:
 
     def stats(self, hook: str) -> RunningStats:
         """Running statistics of ``hook`` over all committed tokens."""
-        self._check_hook(hook)
+        self.check_hook(hook)
         return self._state.stats.get(hook, RunningStats.zeros(self.config.width(hook)))
 
     # ---- data -----------------------------------------------------------------------------
     def read(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Activations ``[stop - start, D]`` of ``hook``: stored dtype, or float32 for fp8 stores."""
-        self._check_hook(hook)
+        self.check_hook(hook)
         start, stop = self._check_range(start, stop)
         values = self.array_reader(acts_path(hook)).read(start, stop)
         if self.config.dtype == "float8_e4m3fn":
@@ -158,7 +115,8 @@ class Store:
             self._readers[path] = ShardedArrayReader(self.loc, ArrayLayout.from_zarr_json(path, doc))
         return self._readers[path]
 
-    def _check_hook(self, hook: str) -> None:
+    def check_hook(self, hook: str) -> None:
+        """A KeyError naming the store's hooks unless ``hook`` is one of them."""
         if hook not in self.config.hooks:
             raise KeyError(f"hook {hook!r} is not in this store; it has: {', '.join(self.config.hooks)}")
 
@@ -222,29 +180,3 @@ class Store:
             "compression_ratio": (acts_raw / acts_stored) if acts_stored else None,
             "hooks": hooks,
         }
-
-
-def open_store(
-    url: str | os.PathLike,
-    mode: str = "r",
-    *,
-    config: StoreConfig | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-    writer_id: int | str = 0,
-) -> Any:
-    """Open a store by URL.
-
-    ``mode="r"`` returns a read-only :class:`Store`. ``mode="a"`` (create or resume) and
-    ``mode="w"`` (overwrite) need ``config`` and return a :class:`~actstore.writer.StoreWriter`
-    to use as a context manager.
-    """
-    if mode == "r":
-        loc = open_location(url, storage_options, read_only=True)
-        return Store(loc, read_root_attrs(loc))
-    if mode in ("a", "w"):
-        if config is None:
-            raise ValueError(f"open_store(mode={mode!r}) needs the store's config")
-        from .writer import StoreWriter
-
-        return StoreWriter(url, config, writer_id=writer_id, overwrite=(mode == "w"), storage_options=storage_options)
-    raise ValueError(f"mode must be 'r', 'a' or 'w', got {mode!r}")

@@ -6,7 +6,15 @@ ranged reads) and the matching zarr store (for array metadata and shard writes).
 S3 endpoint and credentials come from the environment (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``…)
 or from ``storage_options``; they live only in memory and are never written to a store or a log.
-Remote calls that can fail transiently are retried with exponential backoff.
+
+Transient failures are retried by the backend, not here. For S3, botocore retries each request
+(server errors, throttling, dropped connections: 5 attempts in its default mode; ``AWS_RETRY_MODE``
+and ``AWS_MAX_ATTEMPTS``, or ``storage_options={"config_kwargs": {"retries": {...}}}``, change
+that) and s3fs retries each call, body reads included (a connection cut mid-object; its
+``retries``, 5), with backoff. The options reach both filesystems a :class:`Location` uses (its
+own and zarr's). A loop of our own on top multiplied them: against a server answering 500, one
+read made 20 requests over 42 s before it failed, 5 over 7 s without it. What still fails
+reaches the caller as one :class:`StoreAccessError` (:func:`storage_call`).
 """
 
 from __future__ import annotations
@@ -14,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,9 +36,6 @@ from .errors import StoreAccessError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-RETRY_ATTEMPTS = 4
-RETRY_BASE_DELAY_S = 0.2
 
 
 def is_local(url: str) -> bool:
@@ -65,7 +69,7 @@ class Location:
         return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=self.read_only)
 
     def read_json(self, key: str) -> Any:
-        raw = call_with_retries(lambda: self.fs.cat_file(self.path(key)), self.url)
+        raw = storage_call(lambda: self.fs.cat_file(self.path(key)), self.url)
         return json.loads(raw)
 
     def write_bytes_atomic(self, key: str, data: bytes) -> None:
@@ -83,7 +87,7 @@ class Location:
             return
         # object stores and memory: a single put is atomic
         try:
-            call_with_retries(lambda: self.fs.pipe_file(target, data), self.url)
+            storage_call(lambda: self.fs.pipe_file(target, data), self.url)
         except (FileNotFoundError, PermissionError) as e:
             raise StoreAccessError(
                 f"cannot write to {self.url} ({type(e).__name__}: {e}); check that the bucket exists "
@@ -114,23 +118,14 @@ def open_location(url: str | os.PathLike, storage_options: Mapping[str, Any] | N
     return Location(url=url.rstrip("/"), fs=fs, root=root.rstrip("/"), storage_options=opts, read_only=read_only)
 
 
-def call_with_retries(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS) -> T:
-    """Run ``fn``; retry transient storage failures with exponential backoff.
+def storage_call(fn: Callable[[], T], what: str) -> T:
+    """Run the storage call ``fn`` once (the backend has retried what is transient, see the
+    module docstring); a failure other than a missing object or a permission error (raised as
+    they are) becomes one :class:`StoreAccessError` naming ``what``."""
+    try:
+        return fn()
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+        raise
+    except (OSError, TimeoutError, ConnectionError) as e:
+        raise StoreAccessError(f"storage at {what} failed: {e}") from e
 
-    A missing object is not transient and is raised at once; so are permission errors.
-    Anything that still fails after the last attempt is raised as :class:`StoreAccessError`
-    (connection refused, bad endpoint, throttling...).
-    """
-    delay = RETRY_BASE_DELAY_S
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
-            raise
-        except (OSError, TimeoutError, ConnectionError) as e:
-            if attempt == attempts:
-                raise StoreAccessError(f"storage at {what} failed after {attempts} attempts: {e}") from e
-            log.warning("storage call to %s failed (%s); retrying in %.1fs", what, type(e).__name__, delay)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")

@@ -38,7 +38,7 @@ from . import mapping
 from .dtypes import numpy_dtype
 from .errors import CorruptChunkError, MissingChunkError, StoreFormatError
 from .layout import shard_key
-from .remote import Location, call_with_retries
+from .remote import Location, storage_call
 
 _EMPTY = np.uint64(2**64 - 1)  # index entry of an absent chunk
 _BLOSC = numcodecs.Blosc()
@@ -221,7 +221,7 @@ class ShardedArrayReader:
 
     def _cat_ranges(self, paths: list[str], starts: list, ends: list, shards: Sequence[int]) -> list[bytes]:
         try:
-            blobs = call_with_retries(
+            blobs = storage_call(
                 lambda: self.loc.fs.cat_ranges(paths, starts, ends, on_error="return", **self._concurrency), self.loc.url
             )
         except FileNotFoundError as e:

@@ -49,16 +49,19 @@ from .errors import (
 from .layout import (
     COMMITS,
     POSITIONS,
+    ROOT_ATTR,
+    STORE_ID,
     TOKENS,
     acts_path,
     array_specs,
     group_doc,
     inner_codecs,
+    read_root_attrs,
     scale_path,
     shard_key,
 )
-from .reader import ROOT_ATTR, STORE_ID, Store, read_root_attrs
-from .remote import Location, call_with_retries, open_location
+from .reader import Store
+from .remote import Location, open_location, storage_call
 from .shardio import ArrayLayout
 from .stats import RunningStats
 
@@ -327,7 +330,7 @@ class StoreWriter:
                 f.writelines(pieces)
         else:
             blob = b"".join(pieces)
-            call_with_retries(lambda: self._loc.fs.pipe_file(key, blob), self._loc.url)
+            storage_call(lambda: self._loc.fs.pipe_file(key, blob), self._loc.url)
 
     def _commit(self, shard: int, shard_stats: dict[str, RunningStats]) -> None:
         record = self._record.with_shard(shard, shard_stats)

@@ -40,7 +40,8 @@ from bench_store import Capture, capture, store_config, write_capture  # noqa: E
 from report import scratch, write_json  # noqa: E402
 
 import actstore  # noqa: E402
-from actstore.shuffle import ideal_same_context_rate, same_context_rate  # noqa: E402
+from actstore.stream.plan import ideal_same_context_rate, same_context_rate  # noqa: E402
+from actstore.units import parse_layers  # noqa: E402
 from pipelines import smollm2  # noqa: E402
 from pipelines.models import load_model  # noqa: E402
 
@@ -157,7 +158,7 @@ def main() -> None:
     p.add_argument("--json", help="also write the headline figures to this JSON file")
     args = p.parse_args()
     console = Console(width=max(Console().width, 120))
-    layers = [int(x) for x in args.layers.split(",")]
+    layers = list(parse_layers(args.layers))
     console.print(f"capturing {args.capture_tokens} tokens of SmolLM2-135M at layers {layers}...")
     lm = load_model(smollm2.NAME)
     cap = tiled(capture(lm, layers, args.capture_tokens, context_size=CONTEXT), args.tokens)

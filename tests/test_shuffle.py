@@ -1,11 +1,11 @@
-"""Invariants of the pure order functions (actstore.shuffle), on sizes alone: no store involved."""
+"""Invariants of the pure order functions (actstore.stream.plan), on sizes alone: no store involved."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from actstore.shuffle import (
+from actstore.stream.plan import (
     chunks_of_shards,
     ideal_same_context_rate,
     interleave,
@@ -83,8 +83,35 @@ def test_same_context_rate_matches_hand_counts():
 
 @pytest.mark.parametrize("k, n", [(1, 5), (7, 64), (130, 1024)])
 def test_equal_pieces_fast_path_matches_the_general_sort(k, n, monkeypatch):
-    import actstore.shuffle as shuffle
+    from actstore.stream import plan as shuffle
 
     fast = interleave(np.full(k, n), rng_for(9, k))
     monkeypatch.setattr(shuffle.np, "all", lambda _: False)  # force the general path
     assert np.array_equal(fast, interleave(np.full(k, n), rng_for(9, k)))
+
+
+@pytest.mark.parametrize("world, follow", [(1, False), (3, False), (2, True)])
+def test_passes_cover_every_token_once_per_epoch_and_resume_where_they_stopped(world, follow):
+    """The whole plan is a function of its inputs: every pass of every rank, from the start or
+    from a cursor, without touching a store."""
+    from actstore.stream.plan import Cursor, make_plan, passes
+    from tests.helpers import make_config
+
+    cfg = make_config()  # 1000 tokens, shards of 256, chunks of 64
+    plan, starved = make_plan(range(cfg.n_shards), cfg, memory=2 * 3 * 64 * 100, bytes_per_token=100, world=world)
+    assert (plan.block_chunks, starved) == (3, False)
+
+    def run(rank, start=None):
+        start = start or Cursor()
+        return list(passes(plan, cfg, seed=4, epochs=2, rank=rank, world=world, follow=follow, start=start))
+
+    for epoch in range(2):
+        served = [tokens_of(blk, cfg.chunk_tokens) for r in range(world) for p in run(r) if p.epoch == epoch for blk in p.blocks]
+        assert sorted(np.concatenate(served).tolist()) == list(range(cfg.n_tokens_target))
+    full = run(world - 1)
+    assert [(p.epoch, p.segment) for p in full] == [(p.epoch, p.segment) for p in run(world - 1)]  # pure: same again
+    last = full[-1]
+    tail = run(world - 1, Cursor(epoch=last.epoch, segment=last.segment, block=1))
+    assert len(tail) == 1 and all(
+        np.array_equal(a.chunk_K, b.chunk_K) and np.array_equal(a.lo_K, b.lo_K) for a, b in zip(tail[0].blocks, last.blocks, strict=True)
+    )

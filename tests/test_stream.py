@@ -18,9 +18,11 @@ import torch
 import actstore
 from actstore import CorruptChunkError, EmptyStoreError, FollowTimeoutError, MissingChunkError
 from actstore.layout import acts_path, shard_key
+from actstore.mapping import FileSlots
 from actstore.remote import open_location
-from actstore.shuffle import ideal_same_context_rate, same_context_rate
-from tests.conftest import make_config, make_data, write_shards
+from actstore.shardio import ShardedArrayReader
+from actstore.stream.plan import ideal_same_context_rate, same_context_rate
+from tests.helpers import make_config, make_data, write_shards
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -85,6 +87,7 @@ class StreamSuite:
         a = [i for _, i in drain(actstore.stream(url, HOOK, 64, seed=7, memory=small(cfg, 4)))]
         b = [i for _, i in drain(actstore.stream(url, HOOK, 64, seed=7, memory=small(cfg, 4)))]
         c = [i for _, i in drain(actstore.stream(url, HOOK, 64, seed=8, memory=small(cfg, 4)))]
+        assert sum(map(len, a)) == sum(map(len, c)) == 1000  # one epoch: every token served
         assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
         assert not np.array_equal(np.concatenate(a), np.concatenate(c))
 
@@ -93,6 +96,7 @@ class StreamSuite:
         cfg, _ = self.build(url)
         args = dict(hooks=HOOK, batch_size=64, seed=3, epochs=2, memory=small(cfg, 4))
         full = drain(actstore.stream(url, **args))
+        assert sum(len(i) for _, i in full) == 2000  # two epochs of 1000 tokens
         s = actstore.stream(url, **args)
         it = s.indexed()
         for _ in range(cut):
@@ -147,6 +151,7 @@ class StreamSuite:
             s = actstore.stream(url, HOOK, batch_size=128, seed=0, memory=2 * chunks * 64 * (4 * 4 + 32))
             assert s.block_tokens == chunks * 64
             batches = [contexts[i] for _, i in drain(s)]
+            assert sum(map(len, batches)) == 16384  # the whole store served
             return same_context_rate(batches) / ideal_same_context_rate(contexts)
 
         good = ratio(128)  # 1/2 of the store per block
@@ -190,8 +195,8 @@ class TestLocalMappedStream(StreamSuite):
 
     def test_chunks_are_mapped_not_copied(self, url):
         self.build(url)
-        assert actstore.stream(url, HOOK, 64)._mapped == {acts_path(HOOK)}
-        assert actstore.stream(url, HOOK, 64, mmap=False)._mapped == set()
+        assert actstore.stream(url, HOOK, 64).arrays.mapped == {acts_path(HOOK)}
+        assert actstore.stream(url, HOOK, 64, mmap=False).arrays.mapped == set()
 
 
 class TestS3Stream(StreamSuite):
@@ -214,7 +219,7 @@ def test_filters_drop_early_positions_and_chosen_tokens(url):
     expected = [i for i in range(1000) if data["positions"][i] >= 2 and data_tokens[i] not in banned]
     assert sorted(index.tolist()) == expected
     s = actstore.stream(url, HOOK, 16, drop_special=True, drop_token_ids=[5])
-    assert s._drop_ids == (5, 7, 11)
+    assert s.filters.drop_ids == (5, 7, 11)
 
 
 def test_drop_special_needs_recorded_ids(url):
@@ -230,6 +235,7 @@ def test_expected_norm_scaling_uses_the_store_statistics(url):
     s = actstore.stream(url, HOOK, 100, normalize="expected_norm")
     assert s.scales[HOOK] == pytest.approx(scale, rel=1e-6)
     acts = np.concatenate([a for a, _ in drain(s)])
+    assert len(acts) == 1000
     assert np.mean(np.sum(acts.astype(np.float64) ** 2, axis=1)) == pytest.approx(x.shape[1], rel=1e-5)
 
 
@@ -251,7 +257,7 @@ def test_expected_norm_with_filters_measures_the_served_tokens(tmp_path, monkeyp
     assert len(acts) == int((~bos).sum())
     for i in range(len(hooks)):
         assert np.mean(np.sum(acts[:, i] ** 2, axis=1)) == pytest.approx(cfg.model.d_model, rel=1e-6)
-    monkeypatch.setattr(sys.modules["actstore.stream"], "NORM_SAMPLE_TOKENS", 256)  # 4 of the 16 chunks
+    monkeypatch.setattr(sys.modules["actstore.stream.normalize"], "NORM_SAMPLE_TOKENS", 256)  # 4 of the 16 chunks
     sampled = actstore.stream(url, hooks[0], 100, normalize="expected_norm", min_position=1)
     assert sampled.scales[hooks[0]] == pytest.approx(s.scales[hooks[0]], rel=0.05)
     assert sampled.scales[hooks[0]] != s.scales[hooks[0]]
@@ -335,6 +341,7 @@ def test_kept_batches_and_views_are_never_overwritten(url):
     kept = []
     for b in actstore.stream(url, HOOK, 32, epochs=3, prefetch=1, dtype=None).indexed():
         kept.append((b.acts[:, :5], b.index_B))  # views of the batch, the batch itself dropped
+    assert sum(len(idx) for _, idx in kept) == 3000  # three epochs of 1000 tokens
     for acts, idx in kept:
         np.testing.assert_array_equal(acts.numpy(), data[HOOK][idx.numpy(), :5])
 
@@ -355,13 +362,19 @@ def test_mapped_read_and_compressed_stores_give_the_same_batches(tmp_path, monke
     build(str(tmp_path / "zstd"), codec="zstd", **store)
     args = dict(batch_size=48, seed=5, epochs=2, memory=small(cfg, 3), **options)
     mapped = actstore.stream(str(tmp_path / "none"), **args)
-    assert mapped._mapped
-    assert mapped._combined == (isinstance(options["hooks"], list) and "stack" not in options and store["dtype"] == "bfloat16")
+    assert mapped.arrays.mapped
+    assert mapped.arrays.combined == (isinstance(options["hooks"], list) and "stack" not in options and store["dtype"] == "bfloat16")
     runs = [drain(mapped), drain(actstore.stream(str(tmp_path / "none"), mmap=False, **args)),
             drain(actstore.stream(str(tmp_path / "zstd"), **args))]
     with monkeypatch.context() as m:  # a store "larger than memory": each block's pages released once served
         m.setattr(actstore.mapped, "physical_memory_bytes", lambda: 1)
         runs.append(drain(actstore.stream(str(tmp_path / "none"), **args)))
+    kept = np.ones(cfg.n_tokens_target, dtype=bool)  # the tokens the filters let through
+    if "min_position" in options:
+        kept &= data["positions"] >= options["min_position"]
+    if "drop_token_ids" in options:
+        kept &= ~np.isin(data["tokens"], options["drop_token_ids"])
+    assert sum(len(i) for _, i in runs[0]) == 2 * kept.sum()  # two epochs of them
     for other in runs[1:]:
         assert len(other) == len(runs[0])
         for (a, i), (b, j) in zip(runs[0], other, strict=True):
@@ -384,12 +397,16 @@ def test_mapped_chunks_are_checked_and_paged_in_once_for_every_epoch(tmp_path, m
     """A store that fits in memory stays mapped: later epochs (and later iterations of the same
     stream) go straight to the gather; a larger one pages each block in again."""
     cfg, data = build(str(tmp_path / "s"), codec="none")
-    checked = []
-    check = actstore.mapped.MappedArrays._check
-    monkeypatch.setattr(actstore.mapped.MappedArrays, "_check", lambda self, job: (checked.append(job[1]), check(self, job)))
+    checked = []  # a chunk's first use checks its CRC (which pages it in); later uses only page it in again
+    check_crc, populate = ShardedArrayReader.check_crc, FileSlots.populate
+    cps = cfg.shard_tokens // cfg.chunk_tokens
+    monkeypatch.setattr(ShardedArrayReader, "check_crc",
+                        lambda self, shard, c, *a: (checked.append(shard * cps + c), check_crc(self, shard, c, *a)))
+    monkeypatch.setattr(FileSlots, "populate", lambda self, *a: (checked.append(-1), populate(self, *a)))
     s = actstore.stream(str(tmp_path / "s"), HOOK, 40, epochs=3, memory=small(cfg, 4))
     n_chunks = -(-cfg.n_tokens_target // cfg.chunk_tokens)
     served = drain(s)
+    assert sum(len(i) for _, i in served) == 3000  # three epochs of 1000 tokens
     assert sorted(checked) == list(range(n_chunks))  # 3 epochs of 4 blocks, each chunk checked once
     for acts, idx in served:
         np.testing.assert_array_equal(acts, data[HOOK][idx])

@@ -1,21 +1,28 @@
-"""Pure, seeded token orders for the shuffled stream, and a measure of how well they mix.
+"""The stream's order: pure, seeded plans of which rows of which chunks each batch serves.
+
+Every function here is a function of its arguments alone (store sizes, seed, epoch, rank, world,
+cursor): no I/O, no clocks, so a resumed or re-sharded stream reproduces the order exactly.
 
 A stream visits a store in *passes*: one per epoch, or, while following a harvest that is still
 writing, one per *segment* (a fixed run of consecutive shards) of the first epoch. Each pass is
-ordered in two levels, every step a function of ``(sizes, seed, pass, rank, world)`` alone:
+ordered in two levels:
 
 1. **Chunks.** The pass's inner chunks (the unit of reading, about 1 MiB per hook) are put in a
    seeded random order. Read in that order, they form one sequence of tokens; rank ``r`` of
    ``w`` takes the tokens ``[r n / w, (r + 1) n / w)`` of it, so ranks are disjoint, cover the
    pass, and differ in size by at most one token. A chunk cut by a rank boundary becomes a
    *piece* (a token sub-range of a chunk).
-2. **Blocks.** A rank's pieces are cut, in order, into *blocks* of even size that fit the memory budget. A
+2. **Blocks.** A rank's pieces are cut, in order, into *blocks* of even size that fit the memory
+   budget (``memory`` bytes for two blocks: the one being served and the one being read). A
    block is read whole, then its tokens are interleaved (:func:`interleave`): each piece's
    tokens are put in random order and spread evenly over the block's output, piece ``i`` at
    the slots ``(j + u_i) / n_i`` for ``j = 0..n_i - 1`` and a random phase ``u_i``. Any ``B``
    consecutive output tokens then hold about ``B n_i / T`` tokens of piece ``i`` (``T`` the
    block's tokens) with almost no spread, and at most one when a block holds ``B`` or more
    pieces: the batches see as many different contexts as the block holds.
+
+Batches run on across block and epoch boundaries. A batch is a set: its rows from one block
+come in store order (:func:`block_order`; faster to read).
 
 Shuffle quality (:func:`same_context_rate`): the fraction of token pairs within a batch that
 come from the same context window, over the same fraction for an ideal uniform shuffle of the
@@ -28,10 +35,13 @@ Shape letters: K pieces, T tokens in a block.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..config import StoreConfig
 
 _STREAM_SALT = 0x5EED_AC75  # keeps stream orders apart from other uses of the same user seed
 
@@ -59,6 +69,79 @@ class Pieces:
 
     def __getitem__(self, sl: slice | np.ndarray) -> Pieces:
         return Pieces(self.chunk_K[sl], self.lo_K[sl], self.hi_K[sl])
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the stream stands: the next token is at ``offset`` in the output order of
+    block ``block`` of pass (``epoch``, ``segment``)."""
+
+    epoch: int = 0
+    segment: int = 0
+    block: int = 0
+    offset: int = 0
+    batches: int = 0
+    """Batches handed out so far."""
+    tokens: int = 0
+    """Tokens handed out so far."""
+
+    @property
+    def block_key(self) -> tuple[int, int, int]:
+        return self.epoch, self.segment, self.block
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Order parameters a resumed stream must share with the original."""
+
+    shards: tuple[int, ...]
+    """Committed shards each full epoch covers (the snapshot at creation)."""
+    block_chunks: int
+    """Chunks per block (from the memory budget)."""
+    segment_shards: int
+    """Shards per segment of a followed first epoch."""
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass's blocks for one rank: epoch ``epoch``, segment ``segment`` (0 unless following)."""
+
+    epoch: int
+    segment: int
+    shards: tuple[int, ...]
+    blocks: list[Pieces]
+
+
+def make_plan(shards: Sequence[int], store_cfg: StoreConfig, memory: int, bytes_per_token: int, world: int) -> tuple[Plan, bool]:
+    """The plan for streaming ``shards`` with ``memory`` bytes for two blocks, and whether the
+    budget held less than one chunk per block (then blocks are one chunk)."""
+    ct = store_cfg.chunk_tokens
+    n_chunks = math.ceil(store_cfg.tokens_in(shards) / ct)
+    budget_chunks = memory // (2 * ct * bytes_per_token)
+    block_chunks = int(max(1, min(budget_chunks, math.ceil(n_chunks / world) + 1)))
+    segment_shards = max(1, (world * block_chunks) // (store_cfg.shard_tokens // ct))
+    return Plan(tuple(shards), block_chunks, segment_shards), budget_chunks < 1
+
+
+def passes(
+    plan: Plan, store_cfg: StoreConfig, seed: int, epochs: int | None, rank: int, world: int, follow: bool, start: Cursor,
+) -> Iterator[Pass]:
+    """The passes from the cursor's on: every epoch covers ``plan.shards``, except a followed
+    first epoch, which goes segment by segment over all of the store's shards."""
+    epoch = start.epoch
+    while epochs is None or epoch < epochs:
+        if follow and epoch == 0:
+            n, step = store_cfg.n_shards, plan.segment_shards
+            segments = [tuple(range(a, min(a + step, n))) for a in range(0, n, step)]
+        else:
+            segments = [plan.shards]
+        first = start.segment if epoch == start.epoch else 0
+        for segment in range(first, len(segments)):
+            shards = segments[segment]
+            chunks = chunks_of_shards(shards, store_cfg.shard_tokens, store_cfg.chunk_tokens, store_cfg.n_tokens_target)
+            mine = rank_pieces(chunks, seed, (epoch, segment), rank, world)
+            yield Pass(epoch, segment, shards, split_blocks(mine, plan.block_chunks))
+        epoch += 1
 
 
 def chunks_of_shards(
@@ -122,6 +205,23 @@ def _interleave_equal(noise_KN: np.ndarray, phase_K: np.ndarray) -> np.ndarray:
     K, N = noise_KN.shape
     rows_KN = np.argsort(noise_KN, axis=1) + (np.arange(K) * N)[:, None]
     return np.ascontiguousarray(rows_KN[np.argsort(phase_K, kind="stable")].T).reshape(-1)
+
+
+def block_order(
+    rows_T: np.ndarray, counts_K: np.ndarray, n_rows: int, seed: int, key: tuple[int, int, int], rank: int,
+    first: int, boundary: int, batch_size: int,
+) -> np.ndarray:
+    """A block's rows ``rows_T`` (``counts_K`` from each piece, of ``n_rows`` block rows) in
+    output order (:func:`interleave`, seeded by the block's ``key`` and the rank) from ``first``
+    on, each batch's share (batches start at ``boundary + j * batch_size``) sorted into row order."""
+    order_T = rows_T[interleave(counts_K, rng_for(seed, *key, rank))]
+    n_rows = max(1, n_rows)
+    batch_T = (np.arange(first, len(order_T)) - boundary) // batch_size
+    key_T = (batch_T - batch_T[:1]) * n_rows + order_T[first:]
+    if len(key_T) and (batch_T[-1] - batch_T[0] + 1) * n_rows <= 2**31:
+        key_T = key_T.astype(np.int32)  # sorts faster
+    order_T[first:] = np.sort(key_T) % n_rows
+    return order_T
 
 
 # ---- shuffle quality -----------------------------------------------------------------------
