@@ -7,12 +7,12 @@ and are never echoed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
 # actstore shows its own progress; the libraries' loading bars (tqdm, read from the environment
@@ -60,6 +60,52 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def _exit_on_interrupt(message: str) -> Iterator[None]:
+    """Ctrl-C: ``message`` on stderr and exit code 130, no traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(message, err=True)
+        raise typer.Exit(130) from None
+
+
+def _print_json(doc: Any) -> None:
+    typer.echo(json.dumps(doc, indent=2))
+
+
+RESUME_HINT = "interrupted; rerun the same command to resume from the last checkpoint"
+FINISHED = "the run in {out} is finished; nothing to do (its figures below; --overwrite starts it again)"
+
+
+# ---- options several commands share ------------------------------------------------------
+# Defined once here, used as ``name: Alias = default`` (each command keeps its own default);
+# json_flag and progress_flag fix the flag's spelling where a command words its help its own way.
+def json_flag(help: str = "Print machine-readable JSON.") -> Any:
+    return typer.Option("--json", help=help)
+
+
+def progress_flag(help: str = "Show a progress bar.") -> Any:
+    return typer.Option("--progress/--no-progress", help=help)
+
+
+SAE_HELP = "An SAE folder (cfg.json + sae_weights.safetensors, from train-sae or SAELens), a Gemma Scope params.npz, or saelens:<release>/<sae_id>; repeat to splice several."
+
+JsonOpt = Annotated[bool, json_flag()]
+ProgressOpt = Annotated[bool, progress_flag()]
+ProgressBarsOpt = Annotated[bool, progress_flag("Show progress bars.")]
+StoreOpt = Annotated[str, typer.Option(help="Store path or URL.")]
+ModelOpt = Annotated[str, typer.Option(help="Alias (smollm2-135m, gemma-2-2b, ...), local folder or HF id.")]
+SaeOpt = Annotated[list[str], typer.Option(help=SAE_HELP)]
+ModelDTypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
+OverwriteRunOpt = Annotated[bool, typer.Option(help="Start again in an --out that holds a run (it is removed).")]
+# the text a model reads (pipelines.text.TextConfig)
+DatasetOpt = Annotated[str, typer.Option(help="builtin:python-docs, a .txt/.jsonl/.parquet file, folder or glob, or an HF dataset.")]
+TextColumnOpt = Annotated[str, typer.Option(help="Column holding the text.")]
+ContextSizeOpt = Annotated[int, typer.Option(help="Tokens per window.")]
+
+
 @app.callback()
 def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -74,16 +120,17 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
 @user_errors
 def info(
     url: Annotated[str, typer.Argument(help="Store path or URL (s3://bucket/key, memory://...).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Describe a store: model, dataset, hooks, tokens, dtype, codec, sizes and per-hook norms."""
-    from pipelines.info import describe_store, render_summary
+    from pipelines.info import describe_store
+    from pipelines.report import show, store_tables
 
     summary = describe_store(url)
     if as_json:
-        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        _print_json(summary)
     else:
-        render_summary(summary, Console())
+        show(store_tables(summary))
 
 
 @app.command()
@@ -93,7 +140,7 @@ def harvest(
     out: Annotated[str, typer.Option(help="Store path or URL (s3://bucket/prefix).")],
     layers: Annotated[str, typer.Option(help="Blocks to capture: 0-25, 3,7,11, mixes, or all.")] = "all",
     sites: Annotated[str, typer.Option(help="Comma list of resid_post, resid_pre, mlp_out, attn_out.")] = "resid_post",
-    dataset: Annotated[str, typer.Option(help="builtin:python-docs, a .txt/.jsonl/.parquet file, folder or glob, or an HF dataset.")] = "builtin:python-docs",
+    dataset: DatasetOpt = "builtin:python-docs",
     split: Annotated[str, typer.Option(help="Split of an HF dataset, or of the built-in corpus (train, test: every tenth docstring, all).")] = "train",
     text_column: Annotated[str, typer.Option(help="Column holding the text (rows with input_ids are used as token ids).")] = "text",
     tokens: Annotated[str, typer.Option(help="Tokens to store: 20000, 20k, 5M (rounded up to whole contexts).")] = "1M",
@@ -107,12 +154,13 @@ def harvest(
     shard_tokens: Annotated[int, typer.Option(help="Tokens per shard, the unit of commit (0: 16 chunks).")] = 0,
     revision: Annotated[str | None, typer.Option(help="HF revision of the model.")] = None,
     model_dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA and AVX512-BF16/AMX CPUs, else float32), float32, bfloat16, float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace a store made with another configuration.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Run a model over text and store residual-stream activations; re-run the same command to resume."""
-    from pipelines.harvest import HarvestConfig, parse_count, parse_layers
+    from actstore.units import parse_count, parse_layers
+    from pipelines.harvest import HarvestConfig
     from pipelines.harvest import harvest as run_harvest
     from pipelines.models import model_depth
     from pipelines.text import TextConfig
@@ -140,11 +188,8 @@ def harvest(
         overwrite=overwrite,
         progress=progress,
     )
-    try:
+    with _exit_on_interrupt("interrupted; committed shards are kept: rerun the same command to resume"):
         result = run_harvest(cfg)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; committed shards are kept: rerun the same command to resume", err=True)
-        raise typer.Exit(130) from None
     typer.echo(
         f"{result.url}: {result.store_tokens:,} tokens committed"
         + (f" ({result.tokens_written:,} this run, {result.tokens_per_s:,.0f} tok/s)" if result.tokens_written else "")
@@ -154,7 +199,7 @@ def harvest(
 @app.command("train-sae")
 @user_errors
 def train_sae(
-    store: Annotated[str, typer.Option(help="Store path or URL.")],
+    store: StoreOpt,
     out: Annotated[str, typer.Option(help="Output folder (one SAELens folder per experiment).")],
     hook: Annotated[str | None, typer.Option(help="Hook to train on, e.g. blocks.12.hook_resid_post; a comma list trains Group-SAEs on those layers.")] = None,
     groups: Annotated[str | None, typer.Option(help="groups.json from actstore groups: one Group-SAE run per group (out/group<i>).")] = None,
@@ -175,18 +220,19 @@ def train_sae(
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Scale to E||x||^2 = d_in (folded back on save).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the data order and initial weights.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    as_json: Annotated[bool, json_flag("Print the summary as JSON.")] = False,
+    progress: ProgressOpt = True,
     wandb: Annotated[str | None, typer.Option(help="Also log metrics to this Weights & Biases project (WANDB_MODE=offline works).")] = None,
     wandb_name: Annotated[str | None, typer.Option(help="W&B run name.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Start again in an --out that holds a run (it is removed).")] = False,
+    overwrite: OverwriteRunOpt = False,
 ) -> None:
     """Train SAEs on a store's activations, several configurations on each batch read once; rerun to resume.
 
     Data parallel: torchrun --nproc_per_node N $(which actstore) train-sae ... (each rank streams its own part)."""
+    from actstore.units import parse_count, parse_list
     from pipelines.groups import read_groups
-    from pipelines.harvest import parse_count
-    from pipelines.train import TrainSAEConfig, parse_list, read_sweep, train_groups
+    from pipelines.report import show, train_table
+    from pipelines.train import TrainSAEConfig, read_sweep, train_groups
     from pipelines.train import train_sae as run_train
 
     if (hook is None) == (groups is None):
@@ -212,78 +258,53 @@ def train_sae(
     if per_layer:
         if not groups:
             raise ValueError("--per-layer compares Group-SAEs with per-layer SAEs; give --groups groups.json")
-        from pipelines.group_eval import compare_groups, comparison_tables
+        from pipelines.group_eval import compare_groups
+        from pipelines.report import comparison_tables
 
         comparison = compare_groups(cfg, read_groups(groups))
         if comparison.group_results[0].rank != 0:
             return
         if as_json:
-            typer.echo(json.dumps(comparison.summary(), indent=2))
+            _print_json(comparison.summary())
             return
-        for table in comparison_tables(comparison):
-            Console().print(table)
+        show(comparison_tables(comparison))
         typer.echo(f"group SAEs in {out}/group<i>, per-layer SAEs in {out}/per_layer/<hook>")
         return
-    try:
+    with _exit_on_interrupt(RESUME_HINT):
         results = train_groups(cfg, read_groups(groups)) if groups else [run_train(cfg)]
-    except KeyboardInterrupt:
-        typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
-        raise typer.Exit(130) from None
     if results[0].rank != 0:  # under torchrun, rank 0 reports
         return
     named = [(f"group{i}/" if groups else "", r) for i, r in enumerate(results)]
     finished = all(r.finished_before for r in results)
     if as_json:
-        typer.echo(json.dumps({"out": out, "tokens_per_s": [r.tokens_per_s for r in results], "finished_before": finished,
-                               "experiments": [{**row, "name": prefix + row["name"]} for prefix, r in named for row in r.rows]}, indent=2))
+        _print_json({"out": out, "tokens_per_s": [r.tokens_per_s for r in results], "finished_before": finished,
+                     "experiments": [{**row, "name": prefix + row["name"]} for prefix, r in named for row in r.rows]})
         return
     if finished:
-        typer.echo(f"the run in {out} is finished; nothing to do (its figures below; --overwrite starts it again)")
-    from rich.table import Table
-
-    what = f"groups of {groups}" if groups else ", ".join(layers)
-    rate = sum(r.tokens_per_s for r in results) / len(results)
-    speed = "finished earlier" if finished else f"{rate:,.0f} tokens/s, all experiments together"
-    table = Table(title=f"train-sae: {what} ({speed})")
-    cols = ["name", "layer", "train_fvu", "train_l0", "eval_fvu", "eval_l0", "eval_dead"]
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("name", "layer") else "right")
-    for prefix, r in named:
-        for row in r.rows:
-            per_layer = row.get("eval_layers") or {}
-            cells = {**row, "name": prefix + row["name"], "layer": "mean of group" if per_layer else ""}
-            table.add_row(*[_cell(cells, c) for c in cols])
-            for layer, m in per_layer.items():
-                table.add_row("", layer, "", "", *[_cell({f"eval_{k}": v for k, v in m.items()}, c) for c in cols[4:]])
-    Console().print(table)
+        typer.echo(FINISHED.format(out=out))
+    show([train_table(named, f"groups of {groups}" if groups else ", ".join(layers))])
     if not finished:
         typer.echo(f"SAEs (SAELens format), summary.json and plots in {out}")
-
-
-def _cell(row: dict[str, Any], col: str) -> str:
-    value = row.get(col)
-    if col in ("name", "layer"):
-        return str(value or "")
-    return "-" if value is None else f"{value:.4g}"
 
 
 @app.command()
 @user_errors
 def groups(
-    store: Annotated[str, typer.Option(help="Store path or URL.")],
+    store: StoreOpt,
     hooks: Annotated[str | None, typer.Option(help="Comma list of hooks to group (default: all of the store's).")] = None,
     tokens: Annotated[str, typer.Option(help="Tokens sampled to measure layer distances: 64k, 1M...")] = "64k",
     amad_threshold: Annotated[float, typer.Option(help="Choose the smallest G whose AMAD is at most this.")] = DEFAULT_AMAD_THRESHOLD,
     n_groups: Annotated[int | None, typer.Option("--groups", help="Use exactly this many groups instead.")] = None,
     out: Annotated[str, typer.Option(help="Folder for groups.json and groups_heatmap.png.")] = "groups",
     seed: Annotated[int, typer.Option(help="Seed of the token sample.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: Annotated[bool, json_flag("Print the result as JSON.")] = False,
 ) -> None:
     """Group similar layers for Group-SAEs: layer distances, AMAD for every G, the chosen groups (arXiv 2410.21508)."""
     from pathlib import Path
 
-    from pipelines.groups import GroupsConfig, find_groups, render, save
-    from pipelines.harvest import parse_count
+    from actstore.units import parse_count
+    from pipelines.groups import GroupsConfig, find_groups, save
+    from pipelines.report import groups_tables, show
 
     chosen_hooks = tuple(h.strip() for h in hooks.split(",") if h.strip()) if hooks else ()
     cfg = GroupsConfig(store=store, hooks=chosen_hooks, tokens=parse_count(tokens), amad_threshold=amad_threshold,
@@ -291,36 +312,34 @@ def groups(
     result = find_groups(cfg)
     json_path, png_path = save(result, Path(out))
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=2))
+        _print_json(result.to_json())
         return
-    render(result, Console())
+    show(groups_tables(result))
     typer.echo(f"groups in {json_path}, heatmap in {png_path}")
-
-
-SAE_HELP = "An SAE folder (cfg.json + sae_weights.safetensors, from train-sae or SAELens), a Gemma Scope params.npz, or saelens:<release>/<sae_id>; repeat to splice several."
 
 
 @app.command("eval")
 @user_errors
 def eval_saes(
-    model: Annotated[str, typer.Option(help="Alias (smollm2-135m, gemma-2-2b, ...), local folder or HF id.")],
-    sae: Annotated[list[str], typer.Option(help=SAE_HELP)],
+    model: ModelOpt,
+    sae: SaeOpt,
     adapter: Annotated[str | None, typer.Option(help="A LoRA adapter folder from actstore lora (on in the spliced pass).")] = None,
-    dataset: Annotated[str, typer.Option(help="builtin:python-docs, a .txt/.jsonl/.parquet file, folder or glob, or an HF dataset.")] = "builtin:python-docs",
+    dataset: DatasetOpt = "builtin:python-docs",
     split: Annotated[str, typer.Option(help="Held-out split (the built-in corpus' test split: docstrings harvests leave out).")] = "test",
-    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    text_column: TextColumnOpt = "text",
     tokens: Annotated[str, typer.Option(help="Tokens evaluated: 32k, 1M...")] = "32k",
-    context_size: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
+    context_size: ContextSizeOpt = 256,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the document order.")] = 0,
-    model_dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    model_dtype: ModelDTypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Splice SAEs into the live model: CE clean and spliced, delta loss, loss recovered, KL, L0 and FVU."""
-    from pipelines.evaluate import EvalConfig, eval_tables, evaluate
-    from pipelines.harvest import parse_count
+    from actstore.units import parse_count
+    from pipelines.evaluate import EvalConfig, evaluate
+    from pipelines.report import eval_tables, show
     from pipelines.text import TextConfig
 
     cfg = EvalConfig(model=model, saes=tuple(sae), adapter=adapter, tokens=parse_count(tokens), batch_size=batch_size,
@@ -328,28 +347,27 @@ def eval_saes(
                      model_dtype=_model_dtype(model_dtype), device=device, progress=progress and not as_json)
     result = evaluate(cfg)
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=2))
+        _print_json(result.to_json())
         return
-    for table in eval_tables(result, f"eval: {model}, {len(sae)} SAE(s)" + (f", adapter {adapter}" if adapter else "")):
-        Console().print(table)
+    show(eval_tables(result, f"eval: {model}, {len(sae)} SAE(s)" + (f", adapter {adapter}" if adapter else "")))
 
 
 @app.command()
 @user_errors
 def lora(
-    model: Annotated[str, typer.Option(help="Alias (smollm2-135m, gemma-2-2b, ...), local folder or HF id.")],
-    sae: Annotated[list[str], typer.Option(help=SAE_HELP)],
+    model: ModelOpt,
+    sae: SaeOpt,
     out: Annotated[str, typer.Option(help="Output folder: the peft adapter, lora.json, lora_curve.png.")],
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 64,
     alpha: Annotated[float, typer.Option(help="LoRA alpha (updates scaled by alpha / rank).")] = 32.0,
     layers: Annotated[str, typer.Option(help="Blocks to adapt: after (the blocks after the first SAE), all, or 10-29, 3,7,11.")] = "after",
     tokens: Annotated[str, typer.Option(help="Training tokens: 100k, 15M...")] = "1M",
     eval_tokens: Annotated[str, typer.Option(help="Held-out tokens measured before and after.")] = "32k",
-    dataset: Annotated[str, typer.Option(help="builtin:python-docs, a .txt/.jsonl/.parquet file, folder or glob, or an HF dataset.")] = "builtin:python-docs",
+    dataset: DatasetOpt = "builtin:python-docs",
     split: Annotated[str, typer.Option(help="Training split.")] = "train",
     eval_split: Annotated[str, typer.Option(help="Held-out split (local files have none: their first windows are held out).")] = "test",
-    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
-    context_size: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
+    text_column: TextColumnOpt = "text",
+    context_size: ContextSizeOpt = 256,
     batch_size: Annotated[int, typer.Option(help="Windows per optimiser step.")] = 4,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-5,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
@@ -358,16 +376,17 @@ def lora(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: none); rerun to resume.")] = 100,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass (less memory).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the document order and the adapters' initial weights.")] = 0,
-    model_dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    model_dtype: ModelDTypeOpt = "auto",
     device: Annotated[str, typer.Option(help="auto (CUDA when present, bf16 autocast), cpu, cuda, cuda:N.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the before/after figures as JSON.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
-    overwrite: Annotated[bool, typer.Option(help="Start again in an --out that holds a run (it is removed).")] = False,
+    as_json: Annotated[bool, json_flag("Print the before/after figures as JSON.")] = False,
+    progress: ProgressBarsOpt = True,
+    overwrite: OverwriteRunOpt = False,
 ) -> None:
     """Finetune the model with LoRA around frozen SAEs (KL to the original model); report the CE gap closed (arXiv 2501.19406)."""
-    from pipelines.harvest import parse_count, parse_layers
-    from pipelines.lora import LoRAConfig, before_after_table, train_lora
+    from actstore.units import parse_count, parse_layers
+    from pipelines.lora import LoRAConfig, train_lora
     from pipelines.models import model_depth
+    from pipelines.report import before_after_table, layer_span, show
     from pipelines.text import TextConfig
 
     chosen = None if layers.strip() == "after" else parse_layers(layers, model_depth(model) if layers.strip() == "all" else None)
@@ -379,19 +398,16 @@ def lora(
         seed=seed, model_dtype=_model_dtype(model_dtype), device=device, progress=progress and not as_json,
         overwrite=overwrite,
     )
-    try:
+    with _exit_on_interrupt(RESUME_HINT):
         result = train_lora(cfg)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
-        raise typer.Exit(130) from None
     if as_json:
-        typer.echo(json.dumps({"out": out, "layers": list(result.layers), "steps": result.steps, "tokens": result.tokens,
-                               "before": result.before.to_json(), "after": result.after.to_json(),
-                               "ce_gap_closed": result.ce_gap_closed, "finished_before": result.finished_before}, indent=2))
+        _print_json({"out": out, "layers": list(result.layers), "steps": result.steps, "tokens": result.tokens,
+                     "before": result.before.to_json(), "after": result.after.to_json(),
+                     "ce_gap_closed": result.ce_gap_closed, "finished_before": result.finished_before})
         return
     if result.finished_before:
-        typer.echo(f"the run in {out} is finished; nothing to do (its figures below; --overwrite starts it again)")
-    Console().print(before_after_table(result, f"lora: {model}, rank {rank}, blocks {_span(result.layers)}, {result.tokens:,} tokens"))
+        typer.echo(FINISHED.format(out=out))
+    show([before_after_table(result, f"lora: {model}, rank {rank}, blocks {layer_span(result.layers)}, {result.tokens:,} tokens")])
     typer.echo(f"CE gap closed: {result.ce_gap_closed:.1%}; adapter, lora.json and lora_curve.png in {out}")
 
 
@@ -401,16 +417,17 @@ def demo(
     out: Annotated[str, typer.Option(help="Folder for the store, groups, SAEs, adapter and plots (the store is reused on a rerun).")] = "runs/demo",
     tokens: Annotated[str, typer.Option(help="Tokens harvested.")] = "48k",
     lora_tokens: Annotated[str, typer.Option(help="LoRA training tokens.")] = "40k",
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressBarsOpt = True,
 ) -> None:
     """The whole pipeline offline on SmolLM2-135M: harvest, info, groups, train-sae, eval, lora (about 10 min on 2 cores)."""
-    from pipelines.demo import DemoConfig, run_demo, summary_table
-    from pipelines.harvest import parse_count
+    from actstore.units import parse_count
+    from pipelines.demo import DemoConfig, run_demo
+    from pipelines.report import demo_table
 
     console = Console()
     result = run_demo(DemoConfig(out=out, tokens=parse_count(tokens), lora_tokens=parse_count(lora_tokens), progress=progress), console)
     console.rule("[bold]summary")
-    console.print(summary_table(result))
+    console.print(demo_table(result))
     typer.echo("plots: " + ", ".join(str(p) for p in result.pngs))
 
 
@@ -418,11 +435,6 @@ def _model_dtype(value: str) -> Any:
     if value not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"unknown --model-dtype {value!r}; choose auto, float32, bfloat16 or float16")
     return value
-
-
-def _span(layers: tuple[int, ...]) -> str:
-    contiguous = list(layers) == list(range(layers[0], layers[-1] + 1))
-    return f"{layers[0]}-{layers[-1]}" if contiguous and len(layers) > 1 else ",".join(map(str, layers))
 
 
 @app.command("import-sae")
@@ -435,22 +447,10 @@ def import_sae(
     context_size: Annotated[int, typer.Option(help="Context size it was trained with.")] = 1024,
 ) -> None:
     """Import a Gemma Scope SAE (params.npz) into an SAELens folder that lora and evaluation read."""
-    from pathlib import Path
+    from pipelines.saes import import_gemma_scope
 
-    from trainers.gemma_scope import hook_from_path, load_gemma_scope
-    from trainers.saelens_format import HookInfo, save_saelens
-
-    if not Path(params).is_file():
-        raise FileNotFoundError(f"{params} does not exist; give the path of a Gemma Scope params.npz file")
-    hook = hook or hook_from_path(params)
-    if hook is None:
-        raise ValueError(f"cannot tell the hook from {params} (no layer_N folder); pass --hook blocks.N.hook_resid_post")
-    target = Path(out)
-    if target.exists() and any(target.iterdir()):
-        raise ValueError(f"output folder {target} is not empty; choose a new folder")
-    sae = load_gemma_scope(params)
-    save_saelens(sae, target, HookInfo(hook, model, context_size, True), extra={"imported_from": str(params)})
-    typer.echo(f"JumpReLU SAE d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae} reading {hook} of {model} saved in {target}")
+    saved = import_gemma_scope(params, out, model, hook, context_size)
+    typer.echo(f"JumpReLU SAE d_in {saved.sae.cfg.d_in}, d_sae {saved.sae.cfg.d_sae} reading {saved.hook} of {model} saved in {saved.source}")
 
 
 def main() -> None:

@@ -34,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from report import scratch, write_json  # noqa: E402
 
 from pipelines import smollm2  # noqa: E402
-from pipelines.group_eval import compare_groups, comparison_tables  # noqa: E402
-from pipelines.groups import GroupsConfig, find_groups, plot_heatmap  # noqa: E402
+from pipelines.group_eval import compare_groups  # noqa: E402
+from pipelines.groups import GroupsConfig, find_groups  # noqa: E402
 from pipelines.harvest import HarvestConfig, harvest  # noqa: E402
+from pipelines.report import comparison_tables, plot_heatmap  # noqa: E402
 from pipelines.text import TextConfig  # noqa: E402
 from pipelines.train import TrainSAEConfig  # noqa: E402
 

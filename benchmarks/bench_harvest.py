@@ -26,6 +26,7 @@ from report import scratch, write_json
 from rich.console import Console
 from rich.table import Table
 
+from actstore.units import parse_layers
 from pipelines import smollm2
 from pipelines.capture import ActivationCapture, hook_name
 from pipelines.harvest import HarvestConfig, capture_dtype, harvest
@@ -67,8 +68,7 @@ def main() -> None:
 
     args = parser.parse_args()
     console = Console()
-    a, b = (int(x) for x in args.layers.split("-"))
-    layers = tuple(range(a, b + 1))
+    layers = parse_layers(args.layers)
     text = TextConfig(context_size=args.context_size)
     lm = load_model(smollm2.NAME)
     n_windows = args.tokens // args.context_size

@@ -37,7 +37,8 @@ from report import scratch, write_json  # noqa: E402
 
 from pipelines import smollm2  # noqa: E402
 from pipelines.harvest import HarvestConfig, harvest  # noqa: E402
-from pipelines.lora import LoRAConfig, before_after_table, train_lora  # noqa: E402
+from pipelines.lora import LoRAConfig, train_lora  # noqa: E402
+from pipelines.report import before_after_table  # noqa: E402
 from pipelines.text import TextConfig  # noqa: E402
 from pipelines.train import TrainSAEConfig, train_sae  # noqa: E402
 

@@ -30,6 +30,7 @@ from rich.table import Table
 
 import actstore
 from actstore.dtypes import encode_acts, fp8_dequantize
+from actstore.units import parse_layers
 from pipelines import corpus, smollm2
 from pipelines.capture import ActivationCapture, hook_name
 from pipelines.models import load_model
@@ -134,7 +135,7 @@ def main() -> None:
     with scratch(args.dir, "actstore-bench-") as work:
 
         lm = load_model(smollm2.NAME)
-        layers = [int(v) for v in args.layers.split(",")]
+        layers = list(parse_layers(args.layers))
         t0 = time.perf_counter()
         cap = capture(lm, layers, args.tokens, context_size=256)
         console.print(f"captured {args.tokens} tokens x {len(layers)} layers of {smollm2.NAME} in {time.perf_counter() - t0:.1f}s")

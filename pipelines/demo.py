@@ -22,17 +22,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from . import smollm2
-from .evaluate import EvalConfig, EvalResult, eval_tables, evaluate
-from .groups import GroupsConfig, find_groups, render, save
+from .evaluate import EvalConfig, EvalResult, evaluate
+from .groups import GroupsConfig, find_groups, save
 from .harvest import HarvestConfig, harvest
-from .info import describe_store, render_summary
-from .lora import LoRAConfig, LoRAResult, before_after_table, train_lora
+from .info import describe_store
+from .lora import LoRAConfig, LoRAResult, train_lora
+from .report import before_after_table, eval_tables, groups_tables, show, store_tables
 from .text import TextConfig
 from .train import TrainSAEConfig, train_sae
 
@@ -103,13 +102,13 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
 
     t = stage("2/6 info")
     summary = describe_store(store)
-    render_summary(summary, console)
+    show(store_tables(summary), console)
     stages.append(("info", time.perf_counter() - t, f"{summary['bytes_on_disk'] / 2**20:.0f} MiB on disk, "
                                                      f"compression {summary['compression_ratio']:.2f}x"))
 
     t = stage("3/6 groups: layer distances and AMAD")
     groups = find_groups(GroupsConfig(store=store, tokens=min(32_768, cfg.tokens)))
-    render(groups, console)
+    show(groups_tables(groups), console)
     _, heatmap = save(groups, out / "groups")
     stages.append(("groups", time.perf_counter() - t, f"G = {groups.chosen}: " + " | ".join(
         ",".join(h.split(".")[1] for h in g) for g in groups.groups)))
@@ -128,8 +127,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     for arch, row in rows.items():
         evals[arch] = evaluate(EvalConfig(model=cfg.model, saes=(str(out / "saes" / row["name"]),), tokens=cfg.eval_tokens,
                                           text=TextConfig(split="test", context_size=cfg.context_size), progress=cfg.progress))
-        for table in eval_tables(evals[arch], f"eval: {arch} SAE at {hook}"):
-            console.print(table)
+        show(eval_tables(evals[arch], f"eval: {arch} SAE at {hook}"), console)
     stages.append(("eval", time.perf_counter() - t, "; ".join(
         f"{a}: delta loss {e.delta_loss:.3f}, loss recovered {e.loss_recovered:.1%}" for a, e in evals.items())))
 
@@ -145,13 +143,3 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     pngs = [heatmap, out / "saes" / "training_curves.png", out / "saes" / "l0_vs_fvu.png", out / "lora" / "lora_curve.png"]
     return DemoResult(stages, [p for p in pngs if p.exists()], evals, lora)
 
-
-def summary_table(result: DemoResult) -> Any:
-    table = Table(title="actstore demo", title_justify="left")
-    table.add_column("stage")
-    table.add_column("seconds", justify="right")
-    table.add_column("result")
-    for name, seconds, what in result.stages:
-        table.add_row(name, f"{seconds:.0f}", what)
-    table.add_row("total", f"{sum(s for _, s, _ in result.stages):.0f}", "")
-    return table

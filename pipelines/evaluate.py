@@ -33,7 +33,7 @@ from torch import nn
 
 from .adapters import adapters_off, attach_adapter
 from .models import ModelDType, load_model
-from .progress import progress_bar
+from .runtime import progress_bar
 from .saes import LoadedSAE, check_saes, load_sae
 from .splice import Splicer
 from .text import TextConfig, take_windows
@@ -174,23 +174,3 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         return measure(model, splicer, windows, batch_size=cfg.batch_size, adapted=cfg.adapter is not None,
                        on_windows=advance)
 
-
-def eval_tables(result: EvalResult, title: str) -> list[Any]:
-    """Rich tables: the loss figures, then L0 and FVU per splice."""
-    from rich.table import Table
-
-    losses = Table(title=f"{title} ({result.tokens:,} predicted positions)", title_justify="left")
-    losses.add_column("figure")
-    losses.add_column("value", justify="right")
-    rows = [("CE clean", result.ce_clean), ("CE with SAEs spliced", result.ce_spliced), ("delta loss", result.delta_loss),
-            ("CE zero-ablated", result.ce_zero), ("loss recovered", result.loss_recovered),
-            ("KL(p_clean || p_spliced)", result.kl), ("CE adapted, nothing spliced", result.ce_adapted)]
-    for name, value in rows:
-        if value is not None:
-            losses.add_row(name, f"{value:.4f}")
-    splices = Table(title="at each splice (non-BOS tokens)", title_justify="left")
-    for col in ("hook", "L0", "FVU", "tokens"):
-        splices.add_column(col, justify="left" if col == "hook" else "right")
-    for s in result.splices:
-        splices.add_row(s.hook, f"{s.l0:.1f}", f"{s.fvu:.4f}", f"{s.tokens:,}")
-    return [losses, splices]

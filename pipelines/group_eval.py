@@ -2,7 +2,7 @@
 settings and token budget for every SAE, G group SAEs and one SAE per member layer, each layer's
 held-out FVU and L0 side by side, the training time of each set (the compute saved, about L/G)
 and the FVU cost. ``actstore train-sae --groups groups.json --per-layer`` and
-``benchmarks/bench_groups.py`` print it.
+``benchmarks/bench_groups.py`` print it (:func:`pipelines.report.comparison_tables`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
-from pipelines.groups import short_hook
 from pipelines.train import TrainResult, TrainSAEConfig, train_groups, train_sae
 
 
@@ -84,31 +81,3 @@ def compare_groups(cfg: TrainSAEConfig, groups: list[list[str]]) -> GroupCompari
     rows.sort(key=lambda r: (r.experiment, layers.index(r.layer)))
     return GroupComparison(rows, seconds_layers, seconds_groups, len(layers), len(groups), group_results)
 
-
-def comparison_tables(result: GroupComparison) -> tuple[Table, Table]:
-    """Per layer (FVU and L0, its own SAE beside its group's) and the totals."""
-    experiments = sorted({r.experiment for r in result.rows})
-    title = "held-out FVU and L0 per layer: its own SAE vs its group's SAE (same settings and tokens)"
-    per_layer = Table(title=title + (f", {experiments[0]}" if len(experiments) == 1 else ""))
-    cols = (["experiment"] if len(experiments) > 1 else []) + ["layer", "group", "FVU own", "FVU group", "change", "L0 own", "L0 group"]
-    for col in cols:
-        per_layer.add_column(col, justify="left" if col in ("experiment", "layer") else "right")
-    for r in result.rows:
-        cells = [r.experiment] if len(experiments) > 1 else []
-        per_layer.add_row(*cells, short_hook(r.layer), str(r.group), f"{r.fvu_own:.4f}", f"{r.fvu_group:.4f}", f"{r.change:+.1%}",
-                          f"{r.l0_own:.1f}", f"{r.l0_group:.1f}")
-    s = result.summary()
-    totals = Table(title="Group-SAEs against per-layer SAEs")
-    totals.add_column("")
-    totals.add_column("value", justify="right")
-    for name, value in [
-        ("layers L, groups G", f"{s['layers']}, {s['groups']}"),
-        ("training time, per-layer SAEs", f"{s['seconds_per_layer_saes']:.0f} s"),
-        ("training time, group SAEs", f"{s['seconds_group_saes']:.0f} s"),
-        ("compute saved", f"{s['time_saved']:.1f}x (L/G = {s['layers'] / s['groups']:.1f})"),
-        ("mean held-out FVU, per-layer SAEs", f"{s['mean_fvu_per_layer']:.4f}"),
-        ("mean held-out FVU, group SAEs", f"{s['mean_fvu_group']:.4f}"),
-        ("FVU change per layer", f"mean {s['mean_fvu_change']:+.1%}, median {s['median_fvu_change']:+.1%}"),
-    ]:
-        totals.add_row(name, value)
-    return per_layer, totals

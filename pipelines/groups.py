@@ -36,11 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
 
 import actstore
 from pipelines.files import read_json
+from pipelines.report import plot_heatmap
 
 DEFAULT_AMAD_THRESHOLD = 0.2
 """Default largest AMAD for the chosen number of groups (angular distance / pi)."""
@@ -217,28 +216,6 @@ class LayerSampled:
         self.stream.load_state_dict(state)
 
 
-def render(result: LayerGroups, console: Console) -> None:
-    """The AMAD curve and the chosen groups as rich tables."""
-    curve = Table(title=f"AMAD by number of groups ({len(result.hooks)} layers, {result.tokens:,} tokens)", title_justify="left")
-    curve.add_column("G", justify="right")
-    curve.add_column("AMAD", justify="right")
-    curve.add_column("groups")
-    for g, value in result.amad.items():
-        mark = "  <- chosen" if g == result.chosen else ""
-        curve.add_row(str(g), f"{value:.4f}", " | ".join(",".join(short_hook(h).split()[0] for h in grp) for grp in result.partitions[g]) + mark)
-    console.print(curve)
-    chosen = Table(title=f"{result.chosen} groups ({result.rule})", title_justify="left")
-    chosen.add_column("group", justify="right")
-    chosen.add_column("layers")
-    chosen.add_column("largest distance inside", justify="right")
-    index = {h: i for i, h in enumerate(result.hooks)}
-    d_HH = np.asarray(result.distances)
-    for n, grp in enumerate(result.groups):
-        idx = [index[h] for h in grp]
-        chosen.add_row(str(n), ", ".join(grp), f"{d_HH[np.ix_(idx, idx)].max():.4f}")
-    console.print(chosen)
-
-
 def save(result: LayerGroups, out: Path) -> tuple[Path, Path]:
     """``groups.json`` and ``groups_heatmap.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -247,48 +224,3 @@ def save(result: LayerGroups, out: Path) -> tuple[Path, Path]:
     plot_heatmap(result, png_path)
     return json_path, png_path
 
-
-def plot_heatmap(result: LayerGroups, path: Path) -> None:
-    """The distance matrix (hook order) with the chosen groups outlined, beside the AMAD curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    d_HH = np.asarray(result.distances)
-    H = len(result.hooks)
-    labels = [short_hook(h) for h in result.hooks]
-    fig, (ax, ax_curve) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.25, 1]})
-    im = ax.imshow(d_HH, cmap="viridis", vmin=0)
-    fig.colorbar(im, ax=ax, label="angular distance / pi")
-    ticks = range(H) if H <= 32 else range(0, H, max(1, H // 16))
-    ax.set_xticks(list(ticks), [labels[i] for i in ticks], rotation=90, fontsize=7)
-    ax.set_yticks(list(ticks), [labels[i] for i in ticks], fontsize=7)
-    index = {h: i for i, h in enumerate(result.hooks)}
-    colors = plt.get_cmap("tab10")
-    for n, grp in enumerate(result.groups):
-        idx = sorted(index[h] for h in grp)
-        runs = np.split(idx, np.where(np.diff(idx) != 1)[0] + 1)  # a group may be several runs of layers
-        for run in runs:
-            a, b = run[0] - 0.5, run[-1] + 0.5
-            ax.add_patch(Rectangle((a, a), b - a, b - a, fill=False, edgecolor=colors(n % 10), linewidth=2))
-    ax.set_title(f"layer distances, {result.chosen} groups ({result.tokens:,} tokens)")
-    gs, vs = zip(*sorted(result.amad.items()), strict=True)
-    ax_curve.plot(gs, vs, marker="o", markersize=3)
-    ax_curve.axvline(result.chosen, color="tab:red", linestyle="--", label=f"chosen G = {result.chosen}")
-    ax_curve.set_xlabel("number of groups G")
-    ax_curve.set_ylabel("AMAD")
-    ax_curve.set_title("AMAD by number of groups")
-    ax_curve.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def short_hook(hook: str) -> str:
-    """``blocks.12.hook_resid_post`` -> ``12 post``."""
-    parts = hook.split(".")
-    if len(parts) == 3 and parts[0] == "blocks":
-        return f"{parts[1]} {parts[2].removeprefix('hook_resid_')}"
-    return hook

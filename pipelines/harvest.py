@@ -39,15 +39,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 import actstore
 from actstore.config import DEFAULT_CHUNKS_PER_SHARD, default_chunk_tokens
@@ -55,6 +46,7 @@ from actstore.dtypes import STORE_DTYPES, StoreDType
 from pipelines.background import BackgroundWriter
 from pipelines.capture import SITES, ActivationCapture, hook_name
 from pipelines.models import LoadedModel, ModelDType, ModelSpec, load_weights, model_spec
+from pipelines.runtime import Ranks, join_ranks, progress_bar
 from pipelines.text import DatasetError, TextConfig, local_files, token_windows
 
 log = logging.getLogger(__name__)
@@ -150,64 +142,6 @@ class HarvestResult:
         return self.tokens_written / busy if busy > 0 else 0.0
 
 
-def parse_count(spec: str) -> int:
-    """Token counts like ``20000``, ``20k``, ``5M``, ``1.5B``, ``2_000_000``."""
-    text = spec.strip().replace("_", "").replace(",", "")
-    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
-    try:
-        value = float(text[:-1] if scale > 1 else text) * scale
-    except ValueError:
-        raise ValueError(f"cannot read a count from {spec!r}: use e.g. 20000, 20k, 5M") from None
-    if value <= 0 or value != int(value):
-        raise ValueError(f"{spec!r} is not a positive whole count")
-    return int(value)
-
-
-def parse_layers(spec: str, n_layers: int | None = None) -> tuple[int, ...]:
-    """``0-25``, ``3,7,11``, mixes like ``0-3,10``, or ``all`` (needs ``n_layers``), sorted unique."""
-    if spec.strip() == "all":
-        if n_layers is None:
-            raise ValueError("'all' layers needs the model's depth")
-        return tuple(range(n_layers))
-    layers: set[int] = set()
-    for part in spec.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                if b < a:
-                    raise ValueError
-                layers.update(range(a, b + 1))
-            else:
-                layers.add(int(part))
-        except ValueError:
-            raise ValueError(f"cannot read layers {spec!r}: use ranges and lists like 0-25 or 3,7,11") from None
-    if not layers:
-        raise ValueError(f"no layers in {spec!r}")
-    return tuple(sorted(layers))
-
-
-# ---- distributed --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    world: int
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch_dist.barrier()
-
-
-def init_ranks(device: torch.device) -> Ranks:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks(0, 1)
-    if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Ranks(torch_dist.get_rank(), torch_dist.get_world_size())
-
-
 # ---- the store ----------------------------------------------------------------------------
 def store_config(cfg: HarvestConfig, lm: ModelSpec) -> actstore.StoreConfig:
     """The store's configuration; shards hold whole context windows."""
@@ -277,20 +211,6 @@ def shard_windows(
         yield shard, np.stack(rows) if rows else np.empty((0, 0), dtype=np.int64)
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]harvest"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tokens"),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 # ---- the harvest ----------------------------------------------------------------------------
 def harvest(
     cfg: HarvestConfig, storage_options: dict[str, Any] | None = None, model: LoadedModel | None = None
@@ -311,8 +231,13 @@ def harvest(
     if first is None:
         raise DatasetError(f"dataset {cfg.text.dataset!r} yielded no tokens (is it empty?)")
     windows = itertools.chain([first], windows)
+    with join_ranks(spec.device) as ranks:
+        return _harvest_rank(cfg, spec, store_cfg, windows, ranks, storage_options, model)
 
-    ranks = init_ranks(spec.device)
+
+def _harvest_rank(cfg: HarvestConfig, spec: ModelSpec, store_cfg: actstore.StoreConfig, windows: Iterator[np.ndarray],
+                  ranks: Ranks, storage_options: dict[str, Any] | None, model: LoadedModel | None) -> HarvestResult:
+    """This rank's part of :func:`harvest`: open the store, then harvest the shards it owns."""
     writer = actstore.StoreWriter(cfg.out, store_cfg, writer_id=ranks.rank, overwrite=cfg.overwrite and ranks.rank == 0,
                                   storage_options=storage_options, io_threads=cfg.writer_threads or os.cpu_count() or 2)
     if ranks.rank == 0:
@@ -321,7 +246,7 @@ def harvest(
     if ranks.rank != 0:
         writer.open()
     T = store_cfg.context_size
-    pending = writer.pending_shards(ranks.rank, ranks.world)
+    pending = writer.pending_shards(ranks.rank, ranks.world_size)
     todo = store_cfg.tokens_in(pending)
     log.info("rank %d: %d shards (%d tokens) to harvest", ranks.rank, len(pending), todo)
     if not pending:  # finished (or finished now, by a lower target): no weights to load
@@ -330,14 +255,12 @@ def harvest(
     bg: BackgroundWriter | None = None
     done, t0, flush_s = 0, None, 0.0
     try:
-        lm = model or load_weights(spec)
+        lm = model or load_weights(replace(spec, device=ranks.device))  # under torchrun: this rank's GPU
         bg = BackgroundWriter(writer, cfg.queue_batches)
         with (
             ActivationCapture(lm.model, cfg.hooks, dtype=capture_dtype(cfg.dtype)) as cap,
-            _progress(cfg.progress and ranks.rank == 0) as bar,
+            progress_bar(cfg.progress and ranks.main, "[bold]harvest", todo, show_rate=True) as advance,
         ):
-            task = bar.add_task("harvest", total=todo, rate="")
-
             def window_range(shard: int) -> tuple[int, int]:
                 a, b = store_cfg.shard_range(shard)
                 return a // T, b // T
@@ -358,7 +281,7 @@ def harvest(
                     bg.put_batch(shard, acts)
                     del acts  # not alive during the next forward pass
                     done += ids_BT.numel()
-                    bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):,.0f} tok/s")
+                    advance(done)
                 positions = np.tile(np.arange(T, dtype=np.int32), len(windows_WT))
                 bg.end_shard(shard, windows_WT.reshape(-1), positions)
         t_flush = time.perf_counter()

@@ -55,8 +55,9 @@ from .evaluate import EvalResult, SpliceMetrics, autocast_for, load_saes, measur
 from .files import write_json_atomic
 from .models import ModelDType, load_model, model_identity, model_shape
 from .prefix import SharedPrefix
-from .progress import progress_bar
+from .report import plot_lora_curve
 from .runs import RUN_KEY, open_run, run_record
+from .runtime import progress_bar
 from .saes import LoadedSAE, fingerprint
 from .splice import Splicer
 from .text import TextConfig, local_files, take_windows, token_windows
@@ -329,7 +330,7 @@ def _save(result: LoRAResult, cfg: LoRAConfig, model: nn.Module, saes: list[Load
         f"{result.after.ce_spliced:.4f} after: {result.ce_gap_closed:.1%} of the gap closed. Figures in `{ADAPTER_INFO}`.\n\n"
         f"Evaluate: `actstore eval --model {cfg.model} {' '.join(f'--sae {s.source}' for s in saes)} --adapter {out}`; "
         f"load in Python: `peft.PeftModel.from_pretrained(model, \"{out}\")`.\n")
-    _plot_curve(out / "lora_curve.png", trainer.curve, result)
+    plot_lora_curve(out / "lora_curve.png", trainer.curve, result)
     info = {
         "model": {"name": cfg.model, "identity": model_identity(cfg.model), **model_shape(model.get_base_model())},
         "saes": [{"source": s.source, "hook": s.hook} for s in saes],
@@ -341,58 +342,3 @@ def _save(result: LoRAResult, cfg: LoRAConfig, model: nn.Module, saes: list[Load
     write_json_atomic(out / ADAPTER_INFO, info)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
 
-
-def _plot_curve(path: Path, curve: list[tuple[int, float]], result: LoRAResult) -> None:
-    """Left: training KL per step (and its running mean) with the held-out KL before and after.
-    Right: held-out CE clean and with the SAEs, before and after (the CE gap closed)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib is not installed; no training curve plot")
-        return
-    if not curve:
-        return
-    steps, kl = np.array([s for s, _ in curve]), np.array([v for _, v in curve])
-    window = max(1, len(kl) // 20)
-    smooth = np.convolve(kl, np.ones(window) / window, mode="valid")
-    fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
-    ax.plot(steps, kl, alpha=0.3, label="training KL (per step)")
-    ax.plot(steps[window - 1:], smooth, label=f"running mean ({window} steps)")
-    ax.axhline(result.before.kl, color="C3", ls="--", label=f"held-out KL before ({result.before.kl:.3f})")
-    ax.axhline(result.after.kl, color="C2", ls="--", label=f"held-out KL after ({result.after.kl:.3f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("KL(p_base || p_adapted+SAE), nats")
-    ax.set_title("LoRA training")
-    ax.legend(fontsize=8)
-    names = ["clean", "with SAEs\nbefore", "with SAEs\nafter"]
-    values = [result.before.ce_clean, result.before.ce_spliced, result.after.ce_spliced]
-    bars.bar(names, values, color=["C7", "C3", "C2"])
-    for i, v in enumerate(values):
-        bars.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
-    bars.set_ylim(min(values) * 0.9, max(values) * 1.05)
-    bars.set_ylabel("held-out CE loss, nats")
-    bars.set_title(f"CE gap closed: {result.ce_gap_closed:.0%}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def before_after_table(result: LoRAResult, title: str) -> Any:
-    """A rich table of the held-out figures before and after the finetune."""
-    from rich.table import Table
-
-    before, after = result.before, result.after
-    table = Table(title=f"{title} ({before.tokens:,} held-out positions)", title_justify="left")
-    for col in ("", "before", "after"):
-        table.add_column(col, justify="left" if not col else "right")
-    rows = [("CE clean", before.ce_clean, after.ce_clean), ("CE with SAEs", before.ce_spliced, after.ce_spliced),
-            ("CE gap", before.delta_loss, after.delta_loss), ("KL(p_clean || p_SAE)", before.kl, after.kl),
-            ("CE adapted, no SAE", before.ce_clean, after.ce_adapted)]
-    for s_before, s_after in zip(before.splices, after.splices, strict=True):
-        rows += [(f"L0 at {s_before.hook}", s_before.l0, s_after.l0), (f"FVU at {s_before.hook}", s_before.fvu, s_after.fvu)]
-    for name, b, a in rows:
-        table.add_row(name, f"{b:.4f}", "-" if a is None else f"{a:.4f}")
-    return table

@@ -11,7 +11,6 @@ bf16 for all 30 layers).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -25,8 +24,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from actstore.devices import check_device
 from pipelines import smollm2
+from pipelines.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +97,6 @@ def cpu_has_fast_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` (this rank's CUDA GPU when there is one, else the CPU) or a checked device name."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    try:
-        return check_device(device)
-    except ValueError as e:
-        raise ModelLoadError(str(e)) from None
-
-
 def resolve_dtype(model_dtype: ModelDType, device: torch.device, gguf: bool = False) -> torch.dtype:
     if model_dtype != "auto":
         return _TORCH_DTYPES[model_dtype]
@@ -169,7 +155,10 @@ def model_depth(name: str, revision: str | None = None) -> int:
 
 def model_spec(name: str, *, revision: str | None = None, model_dtype: ModelDType = "auto", device: str = "auto") -> ModelSpec:
     """``name`` (alias, local folder or HF id) known from its config and tokenizer: seconds."""
-    dev = resolve_device(device)
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
     target = _target(name)
     gguf = target == ALIASES[smollm2.NAME]
     n_layers, d_model = _shape(target, revision, name)

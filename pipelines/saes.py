@@ -23,7 +23,7 @@ from pathlib import Path
 
 from trainers import SAE
 from trainers.gemma_scope import hook_from_path, load_gemma_scope
-from trainers.saelens_format import CONFIG_FILE, WEIGHTS_FILE, load_saelens
+from trainers.saelens_format import CONFIG_FILE, WEIGHTS_FILE, HookInfo, load_saelens, save_saelens
 
 from .capture import HookPoint
 
@@ -86,6 +86,23 @@ def load_sae(spec: str) -> LoadedSAE:
             raise ValueError(f"{path}/{CONFIG_FILE} is not an SAELens config (missing or bad field {e})") from None
         return LoadedSAE(sae, info.hook_name, spec)
     raise FileNotFoundError(f"SAE {spec} does not exist; give {SPEC_HELP}")
+
+
+def import_gemma_scope(params: str, out: str, model: str, hook: str | None = None, context_size: int = 1024) -> LoadedSAE:
+    """``actstore import-sae``: the Gemma Scope ``params`` saved as an SAELens folder ``out`` (new
+    or empty) that reads ``hook`` (default: from the ``layer_N`` folder in the path) of ``model``;
+    the result's ``source`` is that folder."""
+    if not Path(params).is_file():
+        raise FileNotFoundError(f"{params} does not exist; give the path of a Gemma Scope params.npz file")
+    hook = hook or hook_from_path(params)
+    if hook is None:
+        raise ValueError(f"cannot tell the hook from {params} (no layer_N folder); pass --hook blocks.N.hook_resid_post")
+    target = Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise ValueError(f"output folder {target} is not empty; choose a new folder")
+    sae = load_gemma_scope(params)
+    save_saelens(sae, target, HookInfo(hook, model, context_size, True), extra={"imported_from": str(params)})
+    return LoadedSAE(sae, hook, str(target))
 
 
 def fingerprint(spec: str) -> str:

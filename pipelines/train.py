@@ -10,7 +10,7 @@ settings). Activations are streamed shuffled (``actstore.stream``), scaled to
 are held out for evaluation: FVU, L0 and dead fraction of every SAE on tokens it never saw.
 
 Under ``torchrun`` (``torchrun --nproc_per_node N $(which actstore) train-sae ...``) every rank
-streams its own part of the store and gradients are averaged (:mod:`pipelines.distributed`);
+streams its own part of the store and gradients are averaged (:mod:`pipelines.runtime`);
 ``--tokens`` counts all ranks' tokens and rank 0 evaluates and writes the outputs.
 
 With ``wandb_project`` the recorded metrics also go to Weights & Biases (:mod:`pipelines.tracking`).
@@ -46,11 +46,11 @@ from typing import Any
 import torch
 
 import actstore
-from pipelines.distributed import data_parallel
 from pipelines.files import read_json, write_json_atomic
 from pipelines.groups import LayerSampled
-from pipelines.progress import progress_bar
+from pipelines.report import plot_training
 from pipelines.runs import RUN_KEY, open_run, run_record
+from pipelines.runtime import join_ranks, progress_bar
 from pipelines.tracking import WandbLog
 from trainers import ARCHITECTURES, sae_config
 from trainers.saelens_format import HookInfo, save_saelens
@@ -170,7 +170,7 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
     d_in = widths[hooks[0]]
     exps = experiments(cfg, d_in)
     out = Path(cfg.out)
-    with data_parallel(cfg.device) as ranks:
+    with join_ranks(cfg.device) as ranks:
         identity = run_identity(cfg, store, hooks, exps, ranks.world_size)
         if ranks.main:
             folder = open_run(out, identity, finished_file=SUMMARY_FILE, overwrite=cfg.overwrite, command="train-sae")
@@ -194,7 +194,7 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         scales = {h: stream.scales.get(h, 1.0) for h in hooks}
         steps = math.ceil(cfg.tokens / (cfg.batch_size * ranks.world_size))
         train = TrainConfig(tokens=cfg.tokens, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                            device=ranks.device, dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 4)),
+                            device=str(ranks.device), dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 4)),
                             lr_warmup_steps=min(WARMUP_STEPS, max(1, steps // 10)))
         record = {**run_record(identity), "store_url": store.url, "train_shards": train_shards, "eval_shards": eval_shards,
                   "scales": scales}
@@ -225,7 +225,7 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
     for hook in hooks if eval_shards else ():
         held_out = list(held_out_batches(store, hook, eval_shards, cfg.batch_size, cfg.min_position, scales[hook]))  # read once, evaluated by every SAE
         for run in trainer.runs:
-            per_layer[run.exp.name][hook] = evaluate(run.sae, held_out, ranks.device)
+            per_layer[run.exp.name][hook] = evaluate(run.sae, held_out, train.device)
     for run, row in zip(trainer.runs, rows, strict=True):
         layers = per_layer[run.exp.name]
         if layers:  # one layer: its figures; a group: the mean over its layers, and each layer's
@@ -239,7 +239,7 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         for hook in hooks:
             info = HookInfo(hook, meta.model.name, meta.context_size, meta.prepend_bos)
             save_saelens(run.sae, out / run.exp.name / hook if cfg.group else out / run.exp.name, info, scale=scales[hook], extra=extra)
-    _plots(out, trainer)
+    plot_training(out, {run.exp.name: run.history for run in trainer.runs})
     summary = {"store": store.url, "hook": cfg.hook if not cfg.group else None, "group": hooks if cfg.group else None,
                "tokens": trainer.tokens, "scales": scales, "world_size": ranks.world_size, "experiments": rows,
                RUN_KEY: run_record(identity)}
@@ -317,51 +317,6 @@ def held_out_batches(store: actstore.Store, hook: str, shards: list[int], batch_
                 x = x[torch.from_numpy(store.positions(lo, hi) >= min_position)]
             if len(x):
                 yield x * scale
-
-
-def _plots(out: Path, trainer: Trainer) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are a convenience; the numbers are in summary.json
-        log.warning("matplotlib is not installed: no plots")
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for run in trainer.runs:
-        h = run.history
-        tokens = [r["tokens"] for r in h]
-        for ax, key in zip(axes, ("fvu", "l0", "dead"), strict=True):
-            ax.plot(tokens, [r[key] for r in h], label=run.exp.name)
-    for ax, title in zip(axes, ("FVU (train batch)", "L0", "dead fraction"), strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("tokens")
-    axes[0].set_yscale("log")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "training_curves.png", dpi=110)
-    plt.close(fig)
-    if len(trainer.runs) > 1:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for run in trainer.runs:
-            last = run.history[-1]
-            ax.scatter(last["l0"], last["fvu"], label=run.exp.name)
-        ax.set_xlabel("L0")
-        ax.set_ylabel("FVU")
-        ax.set_title("L0 vs FVU (final train batch)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "l0_vs_fvu.png", dpi=110)
-        plt.close(fig)
-
-
-def parse_list(spec: str, kind: type = float) -> tuple:
-    """``"16,32,64"`` -> a tuple of values."""
-    try:
-        return tuple(kind(v) for v in spec.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"cannot read {spec!r} as a comma list of {kind.__name__} values") from None
 
 
 def read_sweep(path: str) -> tuple[dict[str, Any], ...]:

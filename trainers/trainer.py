@@ -3,7 +3,8 @@
 Schedule (Conerly et al., "Circuits Updates, April 2024"; Gao et al. 2024 §A.1):
 Adam with the gradient clipped to global norm 1 (Conerly et al. 2024, as SAELens does);
 learning rate warmed up linearly over ``lr_warmup_steps``, constant, then decayed
-linearly to 0 over the last ``1 - lr_decay_start`` of the steps; the sparsity coefficient
+linearly to 0 over the last ``1 - lr_decay_start`` of the steps (:func:`lr_multiplier`, applied
+by a ``LambdaLR`` whose position is the step); the sparsity coefficient
 (L1 / L0 penalties) warmed up linearly from 0 over the first ``sparsity_warmup`` of the steps.
 Decoder rows kept at unit norm where the architecture needs it (gradient along each row
 removed before the step, rows renormalised after). A latent is dead once it has not fired for
@@ -14,7 +15,8 @@ Checkpoints (:mod:`trainers.checkpoint`: safetensors + JSON, never pickle) hold 
 weights, optimiser state and dead-latent counters, the step, the data source's position when it
 has ``state_dict()`` (``actstore.stream`` does), and ``run_info``, the caller's JSON record of
 the run (whose run a folder holds), so a resumed run continues with exactly the batches it
-would have seen. A run that has reached its token budget takes no further step.
+would have seen. A run that has reached its token budget takes no further step. The learning
+rate schedule keeps no state of its own: a resumed run rebuilds it at the saved step.
 
 Data parallel (under ``torchrun``, with ``torch.distributed`` initialised before the trainer is
 made): every rank holds the same SAEs and reads its own batches (``actstore.stream`` gives each
@@ -32,10 +34,12 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from . import checkpoint, make_sae
 from .sae import SAE, SAEConfig, fvu
@@ -91,6 +95,17 @@ class TrainConfig:
             raise ValueError("log_every and dead_tokens must be positive, checkpoint_every >= 0")
 
 
+def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, decay_start: float) -> float:
+    """The learning rate of step ``step`` (0-based) over the experiment's own: a linear warmup
+    over ``warmup_steps``, then 1, then a linear decay to 0 from ``decay_start`` of
+    ``total_steps`` (see the module docstring)."""
+    lr = min(1.0, (step + 1) / max(1, warmup_steps))
+    decay_from = int(total_steps * decay_start)
+    if step >= decay_from and total_steps > decay_from:
+        lr *= max(0.0, (total_steps - step) / (total_steps - decay_from))
+    return lr
+
+
 @dataclass
 class _Run:
     exp: Experiment
@@ -98,6 +113,8 @@ class _Run:
     opt: torch.optim.Adam
     since_fired_F: torch.Tensor
     history: list[dict[str, float]] = field(default_factory=list)
+    lr_schedule: LambdaLR | None = None
+    """Made at the first step of this trainer (the total number of steps known), at its step."""
 
 
 class Trainer:
@@ -170,7 +187,7 @@ class Trainer:
             yield x.to(dev, non_blocking=True).float()
 
     def _step(self, x_BD: torch.Tensor) -> None:
-        lr_scale, sparsity_scale = self._schedules()
+        sparsity_scale = self._sparsity_scale()
         n_tokens = self._tokens_all_ranks(x_BD)
         last = self.tokens + n_tokens >= self.cfg.tokens  # the final step is always recorded: the run's closing figures
         record = (self.step + 1) % self.cfg.log_every == 0 or self.step == 0 or last
@@ -185,9 +202,11 @@ class Trainer:
                 run.sae.remove_parallel_gradient()
             if self.cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(run.sae.parameters(), self.cfg.grad_clip)
-            for group in run.opt.param_groups:
-                group["lr"] = run.exp.lr * lr_scale
+            if run.lr_schedule is None:
+                run.lr_schedule = self._lr_schedule(run)
+            lr = run.lr_schedule.get_last_lr()[0]  # this step's
             run.opt.step()
+            run.lr_schedule.step()  # to the next step's
             run.sae.after_step()
             fired_F = out.fired_F
             if self.world_size > 1:
@@ -199,21 +218,23 @@ class Trainer:
                 run.history.append({
                     "step": self.step + 1, "tokens": self.tokens + n_tokens, "loss": float(out.loss.detach()),
                     "fvu": float(fvu(x_BD, out.recon_BD)), "l0": float(out.l0), "dead": float(dead_F.float().mean()),
-                    "lr": run.exp.lr * lr_scale, **{k: float(v) for k, v in out.terms.items()},
+                    "lr": lr, **{k: float(v) for k, v in out.terms.items()},
                 })
         self.step += 1
         self.tokens += n_tokens
 
-    def _schedules(self) -> tuple[float, float]:
-        total = self.total_steps or 1
-        s = self.step
-        lr = min(1.0, (s + 1) / max(1, self.cfg.lr_warmup_steps))
-        decay_from = int(total * self.cfg.lr_decay_start)
-        if s >= decay_from and total > decay_from:
-            lr *= max(0.0, (total - s) / (total - decay_from))
-        warm = self.cfg.sparsity_warmup * total
-        sparsity = min(1.0, (s + 1) / warm) if warm >= 1 else 1.0
-        return lr, sparsity
+    def _lr_schedule(self, run: _Run) -> LambdaLR:
+        """``run``'s learning rate schedule, at this trainer's step (0, or a checkpoint's step):
+        the position is the step, so a checkpoint needs no scheduler state and an old one resumes."""
+        for group in run.opt.param_groups:
+            group["initial_lr"] = run.exp.lr  # the base the multiplier scales (LambdaLR's name)
+        multiplier = partial(lr_multiplier, total_steps=self.total_steps or 1, warmup_steps=self.cfg.lr_warmup_steps,
+                             decay_start=self.cfg.lr_decay_start)
+        return LambdaLR(run.opt, multiplier, last_epoch=self.step - 1)  # it steps once, to self.step
+
+    def _sparsity_scale(self) -> float:
+        warm = self.cfg.sparsity_warmup * (self.total_steps or 1)
+        return min(1.0, (self.step + 1) / warm) if warm >= 1 else 1.0
 
     @torch.no_grad()
     def _init_b_dec(self, x_BD: torch.Tensor) -> None:
@@ -313,6 +334,7 @@ class Trainer:
             saved = state["runs"][run.exp.name]
             run.sae.load_state_dict(saved["sae"])
             run.opt.load_state_dict(saved["opt"])
+            run.lr_schedule = None  # rebuilt at the saved step
             run.since_fired_F.copy_(saved["since_fired"])
             run.history = list(saved["history"])
         self.step, self.tokens, self.total_steps = state["step"], state["tokens"], state["total_steps"]

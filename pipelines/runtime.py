@@ -1,0 +1,120 @@
+"""What every stage needs from the machine it runs on: a device, its place in a ``torchrun`` job,
+and a progress bar.
+
+- :func:`resolve_device` turns a ``--device`` name (``auto``, ``cpu``, ``cuda``, ``cuda:N``) into
+  a :class:`torch.device`, checked by :func:`actstore.devices.check_device` (a name the machine
+  cannot serve is one ``ValueError`` naming the fix). ``auto`` is this rank's GPU when CUDA is
+  present, else the CPU. Each stage keeps its own default (harvest, eval and lora: ``auto``;
+  train-sae: ``cpu``).
+- :func:`join_ranks` joins the job ``torchrun --nproc_per_node N`` describes (it sets ``RANK``,
+  ``LOCAL_RANK`` and ``WORLD_SIZE``) for the duration of a stage: one process group, NCCL on
+  CUDA and gloo on the CPU, each CUDA rank on its own GPU (``cuda:LOCAL_RANK``). Without
+  ``torchrun`` it is a single process, rank 0 of 1. ``actstore.stream`` then gives each rank a
+  disjoint part of a store, :class:`trainers.trainer.Trainer` averages gradients over the ranks,
+  and a harvest's ranks write disjoint shards.
+- :func:`progress_bar` draws one rich bar over a count (tokens, windows), or nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from actstore.devices import check_device
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto``: this rank's CUDA GPU (``cuda:LOCAL_RANK``, modulo the GPUs there are) when there
+    is one, else the CPU; any other name checked (an unknown name or a GPU the machine lacks: a
+    ``ValueError``)."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    return check_device(device)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job: rank ``rank`` of ``world_size``, computing on ``device``."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the outputs (rank 0)."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in a single process)."""
+        if self.world_size > 1:
+            dist.barrier()
+
+
+@contextmanager
+def join_ranks(device: str | torch.device) -> Iterator[Ranks]:
+    """Join the ``torchrun`` job described by the environment (a single process when there is
+    none) on ``device`` (:func:`resolve_device`, so a bad name fails before any rank waits).
+
+    A process group the caller set up is used as it is and left to the caller; one made here is
+    torn down on the way out, after every rank is done.
+    """
+    dev = resolve_device(device)
+    if dist.is_available() and dist.is_initialized():  # the caller set it up
+        yield Ranks(dist.get_rank(), dist.get_world_size(), dev)
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield Ranks(0, 1, dev)
+        return
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        yield Ranks(rank, world, dev)
+        dist.barrier()  # every rank done before any tears the group down (gloo can abort a straggler otherwise)
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def progress_bar(enabled: bool, label: str, total: int, done: int = 0, unit: str = "tokens",
+                 show_rate: bool = False) -> Iterator[Callable[[int], None]]:
+    """Yields ``update(completed)``, which moves the bar to ``completed`` of ``total`` (``done``
+    at the start). ``show_rate`` adds the rate since the bar opened, the elapsed time and the ETA."""
+    if not enabled:
+        yield lambda completed: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit)]
+    if show_rate:
+        columns += [TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA")]
+    bar = Progress(*columns, TimeRemainingColumn())
+    task = bar.add_task(label, total=total, completed=done, rate="")
+    t0 = time.perf_counter()
+
+    def update(completed: int) -> None:
+        rate = (completed - done) / max(time.perf_counter() - t0, 1e-9)
+        bar.update(task, completed=min(completed, total), rate=f"{rate:,.0f} {unit}/s" if show_rate else "")
+
+    with bar:
+        yield update
