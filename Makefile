@@ -1,12 +1,13 @@
 # Set-up on a fresh machine, then the main job or the tests.
 #   make demo   virtualenv + install + the offline demo
-#   make test   virtualenv + install + the whole test suite
+#   make test   virtualenv + install + the whole test suite (slow tests included)
+#   make test-fast  the same without the tests marked slow (SmolLM2, torchrun, kill -9, demo)
 #   make bench  every benchmark, one after the other, then one table of their figures
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test test-fast demo bench lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,6 +24,9 @@ setup: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
 	$(VENV)/bin/actstore demo --out runs/demo

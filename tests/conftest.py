@@ -1,23 +1,15 @@
-"""Shared fixtures: a real S3 API server on loopback (moto), small store configs, synthetic data."""
+"""Shared fixtures: a real S3 API server on loopback (moto), tiny random-weight models.
+
+Plain helpers (store configs, synthetic data, free ports) live in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
-import numpy as np
 import pytest
 
-from actstore import DatasetInfo, ModelInfo, StoreConfig
-
-HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +17,7 @@ def s3_server():
     """moto's ThreadedMotoServer on 127.0.0.1, with credentials and endpoint in the environment."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -48,46 +40,6 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-def make_config(**changes) -> StoreConfig:
-    """A small store: 3 hooks of width 48, 1000 tokens in shards of 256 (the last one short)."""
-    base = dict(
-        model=ModelInfo(name="tiny-llama", d_model=48, n_layers=2),
-        dataset=DatasetInfo(name="synthetic"),
-        hooks=HOOKS,
-        n_tokens_target=1000,
-        context_size=16,
-        chunk_tokens=64,
-        shard_tokens=256,
-    )
-    base.update(changes)
-    return StoreConfig(**base)
-
-
-def make_data(cfg: StoreConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Synthetic activations with an offset mean and per-token scale, like real residual streams."""
-    rng = np.random.default_rng(seed)
-    n = cfg.n_tokens_target
-    data = {
-        "tokens": rng.integers(0, 50_000, n),
-        "positions": np.arange(n) % cfg.context_size,
-    }
-    for i, hook in enumerate(cfg.hooks):
-        scale_N = rng.uniform(0.5, 3.0, size=(n, 1))
-        data[hook] = ((rng.standard_normal((n, cfg.width(hook))) + 0.3 * i) * scale_N).astype(np.float32)
-    return data
-
-
-def write_shards(writer, cfg: StoreConfig, data: dict[str, np.ndarray], shards) -> None:
-    for s in shards:
-        a, b = cfg.shard_range(s)
-        writer.write_shard(
-            s,
-            tokens=data["tokens"][a:b],
-            positions=data["positions"][a:b],
-            acts={h: data[h][a:b] for h in cfg.hooks},
-        )
 
 
 @pytest.fixture

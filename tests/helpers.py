@@ -3,8 +3,63 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from actstore import DatasetInfo, ModelInfo, StoreConfig
+
+HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_config(**changes) -> StoreConfig:
+    """A small store: 3 hooks of width 48, 1000 tokens in shards of 256 (the last one short)."""
+    base = dict(
+        model=ModelInfo(name="tiny-llama", d_model=48, n_layers=2),
+        dataset=DatasetInfo(name="synthetic"),
+        hooks=HOOKS,
+        n_tokens_target=1000,
+        context_size=16,
+        chunk_tokens=64,
+        shard_tokens=256,
+    )
+    base.update(changes)
+    return StoreConfig(**base)
+
+
+def make_data(cfg: StoreConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Synthetic activations with an offset mean and per-token scale, like real residual streams."""
+    rng = np.random.default_rng(seed)
+    n = cfg.n_tokens_target
+    data = {
+        "tokens": rng.integers(0, 50_000, n),
+        "positions": np.arange(n) % cfg.context_size,
+    }
+    for i, hook in enumerate(cfg.hooks):
+        scale_N = rng.uniform(0.5, 3.0, size=(n, 1))
+        data[hook] = ((rng.standard_normal((n, cfg.width(hook))) + 0.3 * i) * scale_N).astype(np.float32)
+    return data
+
+
+def write_shards(writer, cfg: StoreConfig, data: dict[str, np.ndarray], shards) -> None:
+    """Write the given shards of ``data`` (from ``make_data``) through ``writer``."""
+    for s in shards:
+        a, b = cfg.shard_range(s)
+        writer.write_shard(
+            s,
+            tokens=data["tokens"][a:b],
+            positions=data["positions"][a:b],
+            acts={h: data[h][a:b] for h in cfg.hooks},
+        )
 
 
 def run_cli_here(*args: object) -> Any:
@@ -34,3 +89,63 @@ def folder_bytes(root: str | Path) -> dict[str, str]:
         else:
             out[rel] = "dir"
     return out
+
+
+def run_cli_process(*args: object) -> Any:
+    """``python -m cli ARGS`` in a fresh interpreter (a ``CompletedProcess`` with text output):
+    for what only a real process shows, such as import-time behaviour or exit codes."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True)
+
+
+def dense_store(path: str | Path) -> str:
+    """A float32 store of 8192 synthetic tokens in shards of 1024, every shard committed."""
+    import actstore
+
+    cfg = make_config(dtype="float32", n_tokens_target=8192, shard_tokens=1024, chunk_tokens=128)
+    with actstore.open_store(str(path), "w", config=cfg) as w:
+        write_shards(w, cfg, make_data(cfg), range(cfg.n_shards))
+    return str(path)
+
+
+def sparse_data(n: int, seed: int = 0, d: int = 24, n_features: int = 64, active: int = 3):
+    """Activations (an ``n x d`` tensor) made of a few of ``n_features`` random directions each
+    (a known sparse code)."""
+    import torch
+
+    dirs = torch.nn.functional.normalize(torch.randn(n_features, d, generator=torch.Generator().manual_seed(1234)), dim=1)
+    gen = torch.Generator().manual_seed(seed)  # samples vary with the seed, the features do not
+    idx = torch.rand(n, n_features, generator=gen).argsort(1)[:, :active]
+    mags = torch.rand(n, active, generator=gen) * 2 + 0.5
+    return torch.zeros(n, n_features).scatter(1, idx, mags) @ dirs * np.sqrt(d / (active * 2.2))
+
+
+def perfect_sae(d: int = 64):
+    """ReLU SAE with W_enc = [I, -I], W_dec = [I; -I]: relu(x) - relu(-x) = x exactly
+    (``d`` defaults to the tiny test models' width)."""
+    import torch
+
+    from trainers import make_sae, sae_config
+
+    sae = make_sae(sae_config("relu", d_in=d, d_sae=2 * d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def assert_same_arrays(url_a: str | Path, url_b: str | Path) -> None:
+    """Two complete stores with one configuration hold byte-identical arrays."""
+    import actstore
+    from actstore.layout import array_specs
+
+    a, b = actstore.open_store(str(url_a)), actstore.open_store(str(url_b))
+    assert a.config == b.config and a.is_complete and b.is_complete
+    for spec in array_specs(a.config):
+        x, y = a.zarr_array(spec.path)[:], b.zarr_array(spec.path)[:]
+        assert x.tobytes() == y.tobytes(), spec.path

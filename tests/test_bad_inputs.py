@@ -8,10 +8,13 @@ The CLI runs in this process (:func:`tests.helpers.run_cli_here`), not once per 
 
 from __future__ import annotations
 
+import builtins
 import errno
+import io
 import json
 import os
 import pickle
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -20,8 +23,7 @@ import pytest
 
 import actstore
 from actstore.remote import Location
-from tests.conftest import make_config, make_data, write_shards
-from tests.helpers import folder_bytes
+from tests.helpers import assert_same_arrays, folder_bytes, make_config, make_data, write_shards
 from tests.helpers import run_cli_here as run_cli
 from trainers import checkpoint
 
@@ -262,27 +264,28 @@ def test_a_crafted_checkpoint_never_runs_code(tmp_path, w):
 
 
 def test_a_full_disk_is_one_line_and_the_harvest_resumes_bit_identically(tmp_path, w, monkeypatch):
-    from actstore.writer import StoreWriter
-
-    real, calls = StoreWriter._put_shard, []
-
-    def full_at_the_third_shard(self, path, shard, pieces):
-        calls.append(shard)
-        if shard == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self._loc.path(path)))
-        return real(self, path, shard, pieces)
-
     out = tmp_path / "s"
+    real_open, refused = builtins.open, []
+
+    def full_at_the_third_shard(file, mode="r", *args, **kwargs):
+        """The disk fills up when the harvest writes shard 2's objects (zarr v3 keys
+        ``<array>/c/2`` then ``/0`` per further dimension) into ``out``."""
+        if "w" in mode and str(file).startswith(str(out)) and re.search(r"/c/2(/0)*$", str(file)):
+            refused.append(str(file))
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
     args = [*harvest_args(w["model"], out), "--tokens", "1024"]
-    monkeypatch.setattr(StoreWriter, "_put_shard", full_at_the_third_shard)
-    assert_one_error_line(run_cli(*args), "No space left on device", "free some space", "resume")
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", full_at_the_third_shard)
+        m.setattr(io, "open", full_at_the_third_shard)  # pathlib's writes
+        assert_one_error_line(run_cli(*args), "No space left on device", "free some space", "resume")
+    assert refused, "the harvest wrote no shard object through open(): fault injection missed"
     store = actstore.open_store(str(out))
     assert store.committed_shards == [0, 1]
     assert json.loads((out / "zarr.json").read_text())["attributes"]["actstore"]["n_tokens"] == 512
-    monkeypatch.setattr(StoreWriter, "_put_shard", real)
     assert run_cli(*args).exit_code == 0
     assert run_cli(*[*harvest_args(w["model"], tmp_path / "ref"), "--tokens", "1024"]).exit_code == 0
-    from tests.test_harvest import assert_same_arrays
 
     assert_same_arrays(out, tmp_path / "ref")
 

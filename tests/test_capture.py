@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -61,10 +64,21 @@ def test_early_exit_runs_no_later_block_and_no_lm_head(model):
 
 
 def test_hooks_are_removed_after_capture(model):
-    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    with ActivationCapture(model, ["blocks.3.hook_attn_out"]) as cap:
-        cap.run(torch.randint(0, 49152, (1, 8)))
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == before
+    """After the context the model runs as if never captured: a whole forward pass with the same
+    logits (a stop hook left behind would cut it short), and nothing in the model refers to the
+    capture any more (a recorder left behind would keep it alive)."""
+    ids = torch.randint(0, 49152, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(ids).logits
+    with ActivationCapture(model, ["blocks.1.hook_resid_pre", "blocks.3.hook_attn_out"]) as cap:
+        assert set(cap.run(ids)) == {"blocks.1.hook_resid_pre", "blocks.3.hook_attn_out"}
+    alive = weakref.ref(cap)
+    del cap
+    gc.collect()
+    assert alive() is None, "a hook left on the model still refers to the capture"
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bad, message", [("blocks.x.hook_resid_post", "unknown hook"), ("blocks.1.hook_resid_mid", "unknown hook")])

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import actstore
-from tests.conftest import make_config, make_data, write_shards
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True)
+from tests.helpers import make_config, make_data, write_shards
+from tests.helpers import run_cli_process as run_cli
 
 
 def make_store(path):

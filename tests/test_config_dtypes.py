@@ -10,7 +10,7 @@ import torch
 from actstore import ModelInfo, StoreConfig
 from actstore.config import default_chunk_tokens
 from actstore.dtypes import encode_acts, fp8_dequantize, fp8_quantize, to_numpy, to_torch
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 
 def test_default_chunks_are_at_least_one_mib_and_shards_tens_of_mib():

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import pytest
 from rich.console import Console
 
-from pipelines.demo import DemoConfig, run_demo, summary_table
+from pipelines.demo import DemoConfig, run_demo
+from pipelines.report import demo_table
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path, tiny_llama):
     cfg = DemoConfig(out=str(tmp_path / "demo"), model=str(tiny_llama), layers=(0, 1, 2, 3), sae_layer=1, context_size=32,
                      chunk_tokens=64, shard_tokens=512, tokens=4096, sae_tokens=8192, sae_batch_size=256, eval_tokens=256, lora_tokens=512,
@@ -17,7 +20,7 @@ def test_demo_runs_every_stage(tmp_path, tiny_llama):
     assert [name for name, _, _ in result.stages] == ["harvest", "info", "groups", "train-sae", "eval", "lora"]
     assert set(result.evals) == {"topk", "jumprelu"} and result.lora.steps == 4
     assert [p.name for p in result.pngs] == ["groups_heatmap.png", "training_curves.png", "l0_vs_fvu.png", "lora_curve.png"]
-    console.print(summary_table(result))
+    console.print(demo_table(result))
     text = console.export_text()
     for stage in ("1/6 harvest", "3/6 groups", "6/6 lora", "CE gap closed", "loss recovered"):
         assert stage in text

@@ -8,18 +8,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.test_cli import run_cli
-from tests.test_train_cli import HOOK, store  # noqa: F401  (fixture)
-from tests.test_trainers import sparse_data
+from tests.helpers import HOOKS, dense_store, sparse_data
+from tests.helpers import run_cli_process as run_cli
 from trainers import sae_config
 from trainers.trainer import Experiment, TrainConfig, Trainer
 
 D, F, B, STEPS = 24, 96, 64, 12
 ROOT = Path(__file__).resolve().parent.parent
+HOOK = HOOKS[0]
+
+
+@pytest.fixture
+def store(tmp_path):
+    return dense_store(tmp_path / "s")
 
 
 def experiments() -> list[Experiment]:
@@ -75,7 +81,8 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
-def test_train_sae_under_torchrun_two_ranks(store, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_train_sae_under_torchrun_two_ranks(store, tmp_path):
     out = tmp_path / "ddp"
     args = ["train-sae", "--store", store, "--hook", HOOK, "--out", str(out), "--tokens", "4k", "--arch", "topk",
             "--k", "4", "--expansion", "2", "--lr", "1e-3", "--batch-size", "256", "--eval-tokens", "1k", "--json"]

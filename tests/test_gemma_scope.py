@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_cli import run_cli
+from tests.helpers import run_cli_process as run_cli
 from trainers.gemma_scope import hook_from_path, load_gemma_scope
 from trainers.saelens_format import load_saelens
 

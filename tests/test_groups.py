@@ -19,7 +19,7 @@ from pipelines.groups import (
     complete_linkage_partitions,
     find_groups,
 )
-from tests.conftest import make_config, write_shards
+from tests.helpers import make_config, write_shards
 
 LAYERS = tuple(f"blocks.{i}.hook_resid_post" for i in range(5))
 

@@ -18,10 +18,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import actstore
-from actstore.layout import array_specs
 from pipelines.capture import SITES, hook_name
 from pipelines.harvest import DataExhaustedError, HarvestConfig, harvest
 from pipelines.text import TextConfig
+from tests.helpers import assert_same_arrays
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -44,14 +44,6 @@ def cli_harvest_args(model_dir, out, tokens="4096", extra=()):
     return ["harvest", "--model", str(model_dir), "--out", str(out), "--layers", "0-3", "--sites", "resid_post,mlp_out",
             "--tokens", tokens, "--context-size", "64", "--batch-size", "2", "--chunk-tokens", "64",
             "--shard-tokens", "256", "--model-dtype", "float32", "--no-progress", *extra]
-
-
-def assert_same_arrays(url_a, url_b):
-    a, b = actstore.open_store(str(url_a)), actstore.open_store(str(url_b))
-    assert a.config == b.config and a.is_complete and b.is_complete
-    for spec in array_specs(a.config):
-        x, y = a.zarr_array(spec.path)[:], b.zarr_array(spec.path)[:]
-        assert x.tobytes() == y.tobytes(), spec.path
 
 
 def test_harvested_store_streams_without_special_tokens(tiny_llama, tmp_path):
@@ -182,6 +174,7 @@ def test_an_interrupted_harvest_leaves_the_summary_of_its_commits(tmp_path, tiny
     assert harvest(cfg).tokens_written == 512 and root_summary(tmp_path / "s")["n_tokens"] == 1024
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bit_identical(tmp_path, tiny_llama):
     out = tmp_path / "killed"
     args = cli_harvest_args(tiny_llama, out, tokens="16384")
@@ -214,6 +207,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, tiny_llama):
     assert_same_arrays(out, tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_write_disjoint_shards_of_one_store(tmp_path, tiny_llama):
     env = {**ENV, "OMP_NUM_THREADS": "1"}
     args = cli_harvest_args(tiny_llama, tmp_path / "ddp", tokens="2048")

@@ -7,7 +7,7 @@ import pytest
 
 import actstore
 from actstore.layout import acts_path, scale_path
-from tests.conftest import make_config, make_data, write_shards
+from tests.helpers import make_config, make_data, write_shards
 
 ts = pytest.importorskip("tensorstore")
 

@@ -20,7 +20,7 @@ from pipelines.lora import LoRAConfig, LoRATrainer, train_lora
 from pipelines.models import load_model
 from pipelines.saes import load_sae
 from pipelines.text import TextConfig, take_windows
-from tests.helpers import folder_bytes, run_cli_here
+from tests.helpers import folder_bytes, perfect_sae, run_cli_here
 from trainers import make_sae, sae_config
 from trainers.saelens_format import HookInfo, save_saelens
 
@@ -32,18 +32,6 @@ def save_sae(path, hook, sae=None, d_in=D, seed=0):
     sae = sae or make_sae(sae_config("topk", d_in=d_in, d_sae=4 * d_in, k=8, seed=seed))
     save_saelens(sae, path, HookInfo(hook, "tiny", 32))
     return str(path)
-
-
-def perfect_sae(d=D):
-    """ReLU SAE with W_enc = [I, -I], W_dec = [I; -I]: relu(x) - relu(-x) = x exactly."""
-    sae = make_sae(sae_config("relu", d_in=d, d_sae=2 * d))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
 
 
 run_cli = run_cli_here
@@ -238,18 +226,21 @@ def test_lora_resumes_exactly_from_a_checkpoint(tmp_path, tiny_llama, monkeypatc
 
     sae_dir = save_sae(tmp_path / "sae", "blocks.1.hook_resid_post")
     whole = train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "whole", checkpoint_every=3))
-    real_step = LoRATrainer._step
+    real_fit = LoRATrainer.fit
 
-    def dies_at_step_5(self, ids_BT):
-        if self.step == 4:
-            raise KeyboardInterrupt
-        return real_step(self, ids_BT)
+    def fit_dying_after_step_4(self, on_step):  # step 3 checkpointed, step 4 lost
+        def dying(trainer):
+            on_step(trainer)
+            if trainer.step == 4:
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(LoRATrainer, "_step", dies_at_step_5)
+        return real_fit(self, dying)
+
+    monkeypatch.setattr(LoRATrainer, "fit", fit_dying_after_step_4)
     with pytest.raises(KeyboardInterrupt):
         train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "resumed", checkpoint_every=3))
     assert (tmp_path / "resumed" / "checkpoint" / "state.json").exists()
-    monkeypatch.setattr(LoRATrainer, "_step", real_step)
+    monkeypatch.setattr(LoRATrainer, "fit", real_fit)
     with pytest.raises(ValueError, match=r"holds another run \(yours vs. saved: settings.lr"):
         train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "resumed", checkpoint_every=3, lr=1e-3))
     resumed = train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "resumed", checkpoint_every=3))
@@ -303,13 +294,16 @@ def test_a_shared_prefix_gives_the_same_loss_and_gradients(tmp_path, tiny_llama,
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.1)
-    cfg = lora_cfg(tiny_llama, "-", tmp_path / "unused", lr=1e-30)
-    ids_BT = torch.from_numpy(np.stack(take_windows(TEXT, lm.tokenizer, 64)))
+    windows = take_windows(TEXT, lm.tokenizer, 64)
+    assert len(windows) == 2
+    cfg = lora_cfg(tiny_llama, "-", tmp_path / "unused", lr=1e-30, batch_size=2, tokens=64)  # one step of both windows
     results = []
     with Splicer(lm.model, [sae], lm.tokenizer.bos_token_id) as splicer:
         for blocks in (0, shared):
-            trainer = LoRATrainer(cfg, model, splicer, iter(()), shared_blocks=blocks)
-            loss = trainer._step(ids_BT)
+            trainer = LoRATrainer(cfg, model, splicer, iter(windows), shared_blocks=blocks)
+            trainer.fit(lambda _: None)
+            assert trainer.step == 1 and not trainer.exhausted
+            (_, loss), = trainer.curve
             results.append((loss, [p.grad.clone() for p in trainer.params]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6) and results[0][0] > 0
     for g0, g1 in zip(results[0][1], results[1][1], strict=True):

@@ -14,7 +14,7 @@ import torch
 from pipelines import smollm2
 from pipelines.evaluate import EvalConfig, evaluate
 from pipelines.text import TextConfig, take_windows
-from tests.test_lora import perfect_sae
+from tests.helpers import perfect_sae
 from trainers.saelens_format import HookInfo, save_saelens
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import torch
 import actstore
 from actstore import CorruptChunkError, MissingChunkError, mapped, mapping
 from actstore.layout import acts_path
-from tests.conftest import make_config, make_data, write_shards
+from tests.helpers import make_config, make_data, write_shards
 
 pytestmark = pytest.mark.skipif(not mapping.AVAILABLE, reason="needs Linux")
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]

@@ -10,7 +10,7 @@ import actstore
 from actstore.layout import array_specs, inner_codecs, shard_key
 from actstore.remote import open_location
 from actstore.shardio import ArrayLayout
-from tests.conftest import make_config, make_data, write_shards
+from tests.helpers import make_config, make_data, write_shards
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float8_e4m3fn"])
@@ -49,17 +49,16 @@ def test_layout_rejects_codecs_actstore_does_not_write():
         ArrayLayout.from_zarr_json("x", doc)
 
 
-def test_reader_merges_adjacent_chunks_into_one_ranged_read(tmp_path, monkeypatch):
+def test_reader_merges_adjacent_chunks_into_one_ranged_read(unique, monkeypatch):
     cfg = make_config()
     data = make_data(cfg)
-    url = str(tmp_path / "s")
+    url = f"memory://shardio-{unique}"  # the generic path of remote stores (local files take pread)
     with actstore.open_store(url, "a", config=cfg) as w:
         write_shards(w, cfg, data, w.pending_shards())
     store = actstore.open_store(url)
     hook = cfg.hooks[0]
     reader = store.array_reader(f"acts/{hook}")
     reader.shard_indexes(range(cfg.n_shards))  # index reads are cached from here on
-    reader._local = False  # the generic path (remote stores); local files take pread
     calls = []  # ranges per cat_ranges call
     real = reader.loc.fs.cat_ranges
 
@@ -85,17 +84,31 @@ def test_reader_merges_adjacent_chunks_into_one_ranged_read(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("codec, checksums", [("none", True), ("none", False), ("zstd", True), ("zstd", False)])
-def test_local_pread_path_matches_the_generic_path(tmp_path, codec, checksums):
+def test_local_pread_path_matches_the_generic_path(tmp_path, unique, monkeypatch, codec, checksums):
+    """The same shards read from local files (pread, no fsspec read) and from an in-memory store
+    (fsspec's ranged reads, as for S3) give the same chunks."""
     cfg = make_config(codec=codec, checksums=checksums)
     data = make_data(cfg)
-    url = str(tmp_path / "s")
-    with actstore.open_store(url, "a", config=cfg) as w:
-        write_shards(w, cfg, data, w.pending_shards())
-    reader = actstore.open_store(url).array_reader(f"acts/{cfg.hooks[1]}")
+    readers = []
+    for url in (str(tmp_path / "s"), f"memory://pread-{unique}"):
+        with actstore.open_store(url, "a", config=cfg) as w:
+            write_shards(w, cfg, data, w.pending_shards())
+        readers.append(actstore.open_store(url).array_reader(f"acts/{cfg.hooks[1]}"))
     chunks = [(s, c) for s in range(cfg.n_shards) for c in range(4) if (s * 4 + c) * 64 < 1000][::-1]
-    assert reader._local
-    fast = reader.read_chunks(chunks)
-    reader._local = False
-    generic = reader.read_chunks(chunks)
+    assert len(chunks) == 16
+    got = []
+    for reader in readers:
+        reader.shard_indexes(range(cfg.n_shards))  # index reads are cached from here on
+        calls = []
+        real = reader.loc.fs.cat_ranges
+
+        def counting(*args, real=real, calls=calls, **kw):
+            calls.append(1)
+            return real(*args, **kw)
+
+        monkeypatch.setattr(reader.loc.fs, "cat_ranges", counting)
+        got.append((reader.read_chunks(chunks), len(calls)))
+    (fast, fast_calls), (generic, generic_calls) = got
+    assert fast_calls == 0 and generic_calls == 1, "local files take pread, other stores one batched fsspec read"
     for a, b in zip(fast, generic, strict=True):
         assert a.tobytes() == b.tobytes()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from pipelines.harvest import parse_count, parse_layers
+from actstore.units import parse_count, parse_layers
 from pipelines.text import DatasetError, TextConfig, buffer_shuffle, documents, token_windows
 
 
@@ -26,6 +26,7 @@ def test_windows_have_bos_and_are_deterministic_per_seed(tok):
     a = take(TextConfig(context_size=64, seed=0), tok, 20)
     b = take(TextConfig(context_size=64, seed=0), tok, 20)
     c = take(TextConfig(context_size=64, seed=1), tok, 20)
+    assert len(a) == len(b) == len(c) == 20
     assert all(w.shape == (64,) and w[0] == tok.bos_token_id for w in a)
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))

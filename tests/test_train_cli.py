@@ -12,20 +12,16 @@ import pytest
 import torch
 
 import actstore
-from tests.conftest import make_config, make_data, write_shards
-from tests.helpers import folder_bytes
+from tests.helpers import HOOKS, dense_store, folder_bytes, make_config, make_data, write_shards
 from tests.helpers import run_cli_here as run_in_process
-from tests.test_cli import run_cli
+from tests.helpers import run_cli_process as run_cli
 
-HOOK = "blocks.0.hook_resid_post"
+HOOK = HOOKS[0]
 
 
 @pytest.fixture
 def store(tmp_path):
-    cfg = make_config(dtype="float32", n_tokens_target=8192, shard_tokens=1024, chunk_tokens=128)
-    with actstore.open_store(str(tmp_path / "s"), "w", config=cfg) as w:
-        write_shards(w, cfg, make_data(cfg), range(cfg.n_shards))
-    return str(tmp_path / "s")
+    return dense_store(tmp_path / "s")
 
 
 def test_train_sae_sweeps_in_one_read_and_saves_saelens_folders(store, tmp_path):
@@ -84,19 +80,26 @@ def test_a_resumed_run_keeps_its_split_when_the_store_grew(store, tmp_path, monk
     reference = tmp_path / "reference"
     settings = ("--tokens", "4k", "--checkpoint-every", "4", "--min-position", "0")  # scales from the store's statistics
     assert run_cli(*small_run(store, reference, *settings)).returncode == 0
-    real = Trainer._step
+    real = Trainer.fit
 
-    def dies_at_step_6(self, x_BD):
-        if self.step == 6:
-            raise KeyboardInterrupt
-        return real(self, x_BD)
+    def fit_dying_after_step_6(self):  # step 4 checkpointed, steps 5 and 6 lost
+        on_step = self.on_step
 
-    monkeypatch.setattr(Trainer, "_step", dies_at_step_6)
+        def dying(step, tokens):
+            if on_step is not None:
+                on_step(step, tokens)
+            if step == 6:
+                raise KeyboardInterrupt
+
+        self.on_step = dying
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit_dying_after_step_6)
     out = tmp_path / "run"
     args = small_run(store, out, *settings)
     killed = run_in_process(*args)
     assert killed.exit_code == 130 and "rerun the same command to resume" in killed.stderr
-    monkeypatch.setattr(Trainer, "_step", real)
+    monkeypatch.setattr(Trainer, "fit", real)
     cfg = actstore.open_store(store).config
     bigger = cfg.with_(n_tokens_target=cfg.n_tokens_target + 2048)  # the harvest went on: two more shards
     with actstore.open_store(store, "a", config=bigger) as w:

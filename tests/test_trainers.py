@@ -9,23 +9,13 @@ import pytest
 import torch
 
 import actstore
-from tests.conftest import make_config, make_data, write_shards
-from tests.helpers import folder_bytes
+from tests.helpers import folder_bytes, make_config, make_data, sparse_data, write_shards
 from trainers import ARCHITECTURES, make_sae, sae_config, sparse
 from trainers.saelens_format import HookInfo, load_saelens, save_saelens
 from trainers.sparse import Selected, Selection, select_topk, sparse_decode
 from trainers.trainer import Experiment, TrainConfig, Trainer, evaluate
 
 D, F = 24, 96
-
-
-def sparse_data(n: int, seed: int = 0, d: int = D, n_features: int = 64, active: int = 3) -> torch.Tensor:
-    """Activations made of a few of ``n_features`` random directions each (a known sparse code)."""
-    dirs = torch.nn.functional.normalize(torch.randn(n_features, d, generator=torch.Generator().manual_seed(1234)), dim=1)
-    gen = torch.Generator().manual_seed(seed)  # samples vary with the seed, the features do not
-    idx = torch.rand(n, n_features, generator=gen).argsort(1)[:, :active]
-    mags = torch.rand(n, active, generator=gen) * 2 + 0.5
-    return torch.zeros(n, n_features).scatter(1, idx, mags) @ dirs * np.sqrt(d / (active * 2.2))
 
 
 def configs():
@@ -92,17 +82,27 @@ def test_sparse_kernels_match_dense_values_and_gradients():
 
 
 def test_jumprelu_pseudo_derivatives_follow_the_rectangle_kernel():
-    sae = make_sae(sae_config("jumprelu", d_in=2, d_sae=3, bandwidth=0.5, init_threshold=1.0))
-    from trainers.jumprelu import _JumpReLU, _Step
-
-    theta = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
-    pre = torch.tensor([[1.1, 0.9, 2.0]], requires_grad=True)
-    (g_theta,) = torch.autograd.grad(_JumpReLU.apply(pre, theta, 0.5).sum(), [theta])
-    # within eps/2 of theta: -(theta / eps); outside: 0
-    torch.testing.assert_close(g_theta, torch.tensor([-2.0, -2.0, 0.0]))
-    (g_step,) = torch.autograd.grad(_Step.apply(pre, theta, 0.5).sum(), [theta])
-    torch.testing.assert_close(g_step, torch.tensor([-2.0, -2.0, 0.0]))
-    assert sae.threshold.shape == (3,)
+    """Through the public training step, d loss / d theta is the paper's (§3): the reconstruction
+    term's gradient through JumpReLU, ``dL/df * -(theta / eps) K``, plus the L0 term's through the
+    step, ``-(1 / eps) K``, with ``K`` the rectangle: non-zero only within eps/2 of theta."""
+    eps = 0.5
+    x_BD = torch.tensor([[1.1, 0.9, 2.0, 0.3]])
+    theta_F = torch.tensor([1.0, 0.8, 1.0, 1.0])  # latents 0 and 1 within eps/2 of theirs, 2 and 3 not
+    grads = {}
+    for l0_coeff in (0.0, 1.0):
+        sae = make_sae(sae_config("jumprelu", d_in=4, d_sae=4, bandwidth=eps, l0_coeff=l0_coeff, init_threshold=1.0))
+        with torch.no_grad():  # pre-activations = x, reconstruction = f / 2
+            sae.W_enc.copy_(torch.eye(4))
+            sae.W_dec.copy_(0.5 * torch.eye(4))
+            sae.b_enc.zero_()
+            sae.b_dec.zero_()
+        sae.set_threshold(theta_F)
+        assert torch.equal(sae.threshold, theta_F)
+        out = sae.training_step(x_BD)
+        (grads[l0_coeff],) = torch.autograd.grad(out.loss, [sae.threshold])
+    # f = [1.1, 0.9, 2.0, 0], dL/df = -(x - f / 2) = [-0.55, -0.45, -1.0, -0.3]
+    torch.testing.assert_close(grads[0.0], torch.tensor([-0.55 * -(1.0 / eps), -0.45 * -(0.8 / eps), 0.0, 0.0]))
+    torch.testing.assert_close(grads[1.0] - grads[0.0], torch.tensor([-1 / eps, -1 / eps, 0.0, 0.0]))
 
 
 def test_jumprelu_threshold_parametrisations_step_as_adam_moves_them():
@@ -243,6 +243,75 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     again.load_checkpoint()
     assert again.finished and again.fit().step == 40  # a finished run takes no further batch
     assert folder_bytes(tmp_path / "run") == saved, "and writes nothing"
+
+
+def reference_lr_scale(step: int, total: int, warmup: int, decay_start: float) -> float:
+    """The schedule as the trainer wrote it by hand before it used ``LambdaLR``."""
+    lr = min(1.0, (step + 1) / max(1, warmup))
+    decay_from = int(total * decay_start)
+    if step >= decay_from and total > decay_from:
+        lr *= max(0.0, (total - step) / (total - decay_from))
+    return lr
+
+
+def test_learning_rate_at_every_step_is_the_schedule_also_after_a_resume(tmp_path):
+    steps, saved_at = 20, 7
+    exps = [Experiment("topk", sae_config("topk", d_in=D, d_sae=F, k=4), lr=3e-3),
+            Experiment("relu", sae_config("relu", d_in=D, d_sae=F, l1_coeff=0.1), lr=1e-3)]
+    train = TrainConfig(tokens=64 * steps, lr_warmup_steps=4, lr_decay_start=0.6, log_every=1, checkpoint_every=saved_at)
+    data = [sparse_data(64, seed=s) for s in range(steps)]
+    expected = {e.name: [e.lr * reference_lr_scale(s, steps, 4, 0.6) for s in range(steps)] for e in exps}
+    assert expected["topk"][0] < expected["topk"][5] == 3e-3 > expected["topk"][-1] > 0  # warmup, plateau, decay
+
+    def lrs_used(trainer: Trainer) -> dict[str, list[float]]:
+        """The learning rate each optimiser step runs with, recorded as it runs."""
+        seen: dict[str, list[float]] = {r.exp.name: [] for r in trainer.runs}
+        for r in trainer.runs:
+            r.opt.register_step_pre_hook(lambda opt, args, kwargs, name=r.exp.name: seen[name].append(opt.param_groups[0]["lr"]))
+        return seen
+
+    full = Trainer(train, exps, data)
+    used = lrs_used(full)
+    full.fit()
+    assert used == expected
+    assert {r.exp.name: [h["lr"] for h in r.history] for r in full.runs} == expected
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, tokens):
+        if step == saved_at + 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        Trainer(train, exps, data, out_dir=tmp_path / "run", on_step=crash).fit()
+    folder = tmp_path / "run" / "checkpoint"
+    resumed = Trainer(train, exps, data[saved_at:], out_dir=tmp_path / "run")
+    resumed.load_checkpoint()
+    used = lrs_used(resumed)
+    resumed.fit()
+    assert used == {name: lrs[saved_at:] for name, lrs in expected.items()}
+    for a, b in zip(full.runs, resumed.runs, strict=True):
+        for (name, p), q in zip(a.sae.state_dict().items(), b.sae.state_dict().values(), strict=True):
+            assert torch.equal(p, q), name
+
+    # a checkpoint written before the LambdaLR (same version 3): the optimiser groups hold the
+    # last step's learning rate and no initial_lr
+    doc = json.loads((folder / "state.json").read_text())
+    assert doc["state"]["step"] == steps
+    with pytest.raises(Crash):
+        Trainer(train, exps, data, out_dir=tmp_path / "old", on_step=crash).fit()
+    doc = json.loads((tmp_path / "old" / "checkpoint" / "state.json").read_text())
+    for e in exps:
+        for group in doc["state"]["runs"][e.name]["opt"]["param_groups"]:
+            group.pop("initial_lr")
+            group["lr"] = expected[e.name][saved_at - 1]
+    (tmp_path / "old" / "checkpoint" / "state.json").write_text(json.dumps(doc))
+    old = Trainer(train, exps, data[saved_at:], out_dir=tmp_path / "old")
+    old.load_checkpoint()
+    used = lrs_used(old)
+    old.fit()
+    assert used == {name: lrs[saved_at:] for name, lrs in expected.items()}
 
 
 def test_the_final_step_is_always_recorded():
