@@ -6,13 +6,12 @@ turn those results into tables here. The figures a stage writes beside its outpu
 (``training_curves.png``, ``l0_vs_fvu.png``, ``lora_curve.png``, ``groups_heatmap.png``) are
 drawn here too, called by the stage so a run's folder is the same whoever started it.
 
-matplotlib is heavy, so each plot function imports it itself:
+matplotlib is heavy, so the plot functions import it on first use (:func:`_pyplot`):
 importing this module needs only rich and numpy. Shape letters: H layers (hooks).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,8 +27,6 @@ if TYPE_CHECKING:
     from pipelines.groups import LayerGroups
     from pipelines.lora import LoRAResult
     from pipelines.train import TrainResult
-
-log = logging.getLogger(__name__)
 
 
 def show(tables: Iterable[Table], console: Console | None = None) -> None:
@@ -221,19 +218,23 @@ def demo_table(result: DemoResult) -> Table:
 
 
 # ---- figures ------------------------------------------------------------------------------
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (a runtime dependency, imported on
+    first use because it is heavy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_training(out: Path, histories: Mapping[str, Sequence[Mapping[str, float]]]) -> None:
     """``train-sae``: ``training_curves.png`` (FVU, L0 and dead fraction of each experiment by
     tokens) and, for several experiments, ``l0_vs_fvu.png`` (their final training batch) in
     ``out``. ``histories``: each experiment's recorded steps (``tokens``, ``fvu``, ``l0``,
     ``dead``) by its name."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are a convenience; the numbers are in summary.json
-        log.warning("matplotlib is not installed: no plots")
-        return
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for name, h in histories.items():
         tokens = [r["tokens"] for r in h]
@@ -265,14 +266,7 @@ def plot_lora_curve(path: Path, curve: Sequence[tuple[int, float]], result: LoRA
     """``lora``'s ``lora_curve.png``. Left: training KL per step (and its running mean) with the
     held-out KL before and after. Right: held-out CE clean and with the SAEs, before and after
     (the CE gap closed)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib is not installed; no training curve plot")
-        return
+    plt = _pyplot()
     if not curve:
         return
     steps, kl = np.array([s for s, _ in curve]), np.array([v for _, v in curve])
@@ -303,11 +297,9 @@ def plot_lora_curve(path: Path, curve: Sequence[tuple[int, float]], result: LoRA
 def plot_heatmap(result: LayerGroups, path: Path) -> None:
     """``groups``' ``groups_heatmap.png``: the distance matrix (hook order) with the chosen groups
     outlined, beside the AMAD curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
 
     d_HH = np.asarray(result.distances)
     H = len(result.hooks)
