@@ -151,7 +151,9 @@ def harvest(
     dtype: Annotated[str, typer.Option(help="Storage dtype: bfloat16, float16, float32, float8_e4m3fn.")] = "bfloat16",
     codec: Annotated[str, typer.Option(help="zstd (byte-shuffled) or none.")] = "zstd",
     chunk_tokens: Annotated[int, typer.Option(help="Tokens per inner chunk (0: at least 1 MiB).")] = 0,
-    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard, the unit of commit (0: 16 chunks).")] = 0,
+    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard, the unit of commit (0: the store's, else about 64 MiB per hook).")] = 0,
+    shards_in_flight: Annotated[int, typer.Option(help="Shards compressed and uploaded at once; host memory holds about (this + 2) shards x hooks x 64 MiB.")] = 2,
+    writer_threads: Annotated[int, typer.Option(help="Threads compressing shards (0: the cores this rank may use).")] = 0,
     revision: Annotated[str | None, typer.Option(help="HF revision of the model.")] = None,
     model_dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA and AVX512-BF16/AMX CPUs, else float32), float32, bfloat16, float16.")] = "auto",
     device: DeviceOpt = "auto",
@@ -182,6 +184,8 @@ def harvest(
         codec=codec,  # type: ignore[arg-type]
         chunk_tokens=chunk_tokens,
         shard_tokens=shard_tokens,
+        shards_in_flight=shards_in_flight,
+        writer_threads=writer_threads,
         revision=revision,
         model_dtype=model_dtype,  # type: ignore[arg-type]
         device=device,

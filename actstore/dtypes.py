@@ -26,6 +26,8 @@ import torch
 from zarr.core.dtype import data_type_registry
 from zarr.core.dtype.npy.float import BaseFloat
 
+from .errors import ShardError
+
 StoreDType = Literal["bfloat16", "float16", "float32", "float8_e4m3fn"]
 STORE_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 
@@ -149,3 +151,13 @@ def encode_acts(acts_ND: np.ndarray | torch.Tensor, dtype: str) -> tuple[np.ndar
     if x.dtype == np.dtype(ml_dtypes.bfloat16) or x.dtype == np.float16:
         x = x.astype(np.float32)
     return np.ascontiguousarray(x.astype(target)), None
+
+
+def int32_column(x: np.ndarray | torch.Tensor, n: int, name: str) -> np.ndarray:
+    """``x`` as an int32 ``[n]`` array (a :class:`ShardError` when it is not integers of that shape or range)."""
+    arr = to_numpy(x)
+    if arr.shape != (n,) or arr.dtype.kind not in "iu":
+        raise ShardError(f"{name} must be an integer [{n}] array, got {arr.dtype} {list(arr.shape)}")
+    if n and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+        raise ShardError(f"{name} values do not fit int32")
+    return arr.astype(np.int32, copy=False)

@@ -42,8 +42,24 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+S3_POOL_CONNECTIONS = 128
+"""Connections per S3 filesystem (botocore's default is 10): a writer has up to 16 objects in flight,
+each a multipart upload of up to ``s3fs.max_concurrency`` (10) parts, and readers batch ranged reads."""
+MULTIPART_PART_BYTES = 16 << 20
+"""Part size of multipart uploads: shard objects of 32 MiB and more go up in parallel parts."""
+
+
+def multipart_options(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
+    """``pipe_file`` options that upload a large object in parallel parts, where the filesystem has them (s3fs)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return {"chunksize": MULTIPART_PART_BYTES} if "s3" in protocols else {}
+
+
 def _s3_options_from_env(storage_options: Mapping[str, Any]) -> dict[str, Any]:
     opts = dict(storage_options)
+    config = dict(opts.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", S3_POOL_CONNECTIONS)
+    opts["config_kwargs"] = config
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "endpoint_url" not in opts and "endpoint_url" not in opts.get("client_kwargs", {}):
         opts["endpoint_url"] = endpoint

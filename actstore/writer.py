@@ -6,10 +6,10 @@ difference is refused unless ``overwrite=True``) and learns which shards are com
 token target is the one setting a re-opened store may change: a lower one (never below the
 committed shards) finishes the store with what is there, a higher one extends it; a committed
 short last shard that the new target lengthens is taken back out of its writer's record (its
-statistics subtracted) to be written again at its new length. ``write_shard`` encodes the shard's
-inner chunks in a thread pool and stores one object per array (:mod:`actstore.shardio`; zarr
-creates the arrays' metadata), then atomically rewrites this writer's commit record
-(:mod:`actstore.commits`). Several writers, one per rank, own disjoint shards of one store
+statistics subtracted) to be written again at its new length. ``submit_shard`` encodes the
+shard's inner chunks on a thread pool and stores one object per array (:mod:`actstore.shardio`;
+zarr creates the arrays' metadata), then atomically rewrites this writer's commit record
+(:mod:`actstore.commits`), several shards at once (:mod:`actstore.inflight`). Several writers, one per rank, own disjoint shards of one store
 (``pending_shards(rank, world_size)``); a crashed writer is resumed by running it again.
 On every exit (an error included, as far as the storage still takes writes) the root
 attributes get a summary of all commits (``n_tokens``, statistics), so plain zarr readers see
@@ -23,8 +23,8 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,7 +36,7 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from .commits import CommitRecord, load_records, merge_records, write_record
 from .config import StoreConfig
-from .dtypes import encode_acts, fp8_dequantize, to_numpy, zarr_dtype
+from .dtypes import encode_acts, fp8_dequantize, int32_column, to_numpy, zarr_dtype
 from .errors import (
     ConfigMismatchError,
     FormatVersionError,
@@ -46,6 +46,7 @@ from .errors import (
     StoreNotFoundError,
     machine_error,
 )
+from .inflight import ShardPipeline
 from .layout import (
     COMMITS,
     POSITIONS,
@@ -61,7 +62,7 @@ from .layout import (
     shard_key,
 )
 from .reader import Store
-from .remote import Location, open_location, storage_call
+from .remote import Location, multipart_options, open_location, storage_call
 from .shardio import ArrayLayout
 from .stats import RunningStats
 
@@ -83,7 +84,8 @@ def _storage_errors(url: str) -> Iterator[None]:
 
 
 class StoreWriter:
-    """Create or resume a store and write whole shards to it (``io_threads`` encode in parallel)."""
+    """Create or resume a store and write whole shards to it: ``io_threads`` compress, ``store_threads``
+    store objects (default: 4 on a local disk, 16 on object storage), up to ``max_in_flight`` shards at once."""
 
     def __init__(
         self,
@@ -94,6 +96,8 @@ class StoreWriter:
         overwrite: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         io_threads: int = 8,
+        store_threads: int | None = None,
+        max_in_flight: int = 2,
     ):
         self.url = url
         self.config = config
@@ -101,11 +105,14 @@ class StoreWriter:
         self.overwrite = overwrite
         self.storage_options = dict(storage_options or {})
         self.io_threads = io_threads
+        self.store_threads = store_threads
+        self.max_in_flight = max_in_flight
         self.loc: Location | None = None
         self._layouts: dict[str, ArrayLayout] = {}
         self._record = CommitRecord(self.writer_id)
         self._committed: set[int] = set()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pipeline: ShardPipeline | None = None
+        self._in_flight: set[int] = set()
         self.store_id: str | None = None
         """The store's random id (None for a store made before ids: it stays without one)."""
 
@@ -163,7 +170,8 @@ class StoreWriter:
         own = [r for r in records if r.writer_id == self.writer_id]
         if own:
             self._record = own[0]
-        self._pool = ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="actstore-write")
+        store_threads = self.store_threads or (4 if isinstance(loc.fs, LocalFileSystem) else 16)
+        self._pipeline = ShardPipeline(self.io_threads, store_threads, self.max_in_flight)
         log.info("store %s: %d of %d shards committed", loc.url, len(self._committed), self.config.n_shards)
         return self
 
@@ -185,9 +193,9 @@ class StoreWriter:
         loc.rm_tree()
 
     def close(self, consolidate: bool = True) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self._pipeline is not None:
+            self._pipeline.close()  # every shard in flight committed (or failed) first
+            self._pipeline = None
         if consolidate and self.loc is not None:
             self.consolidate()
 
@@ -249,28 +257,70 @@ class StoreWriter:
     def shard_range(self, shard: int) -> tuple[int, int]:
         return self.config.shard_range(shard)
 
-    def write_shard(
-        self,
-        shard: int,
-        *,
-        tokens: ArrayLike,
-        positions: ArrayLike,
-        acts: Mapping[str, ArrayLike],
-    ) -> None:
-        """Store every array's data for ``shard``, then commit it.
+    def write_shard(self, shard: int, *, tokens: ArrayLike, positions: ArrayLike, acts: Mapping[str, ArrayLike]) -> None:
+        """Store every array's data for ``shard``, then commit it (:meth:`submit_shard`, waited for)."""
+        self.submit_shard(shard, tokens=tokens, positions=positions, acts=acts).result()
+
+    def submit_shard(self, shard: int, *, tokens: ArrayLike, positions: ArrayLike, acts: Mapping[str, ArrayLike]) -> Future[None]:
+        """Start storing ``shard``; the future is done once it is committed.
 
         ``tokens`` and ``positions`` are ``[N]`` integers and ``acts[hook]`` is ``[N, D]`` for
-        every hook of the store, where ``N`` is the shard's length (``shard_range``). A write
+        every hook of the store, where ``N`` is the shard's length (``shard_range``); they are
+        checked here (a :class:`ShardError` at once) and must stay unchanged until the future is
+        done. Up to ``max_in_flight`` shards are stored concurrently and committed in submission
+        order (:mod:`actstore.inflight`); this call blocks while that many are in flight. A write
         that fails leaves the shard uncommitted and its objects removed (on a full disk, that
         makes room for the summary the writer's close still writes).
         """
-        with _storage_errors(self.url):
-            try:
-                self._write_shard(shard, tokens, positions, acts)
-            except OSError:
+        if self._pipeline is None:
+            raise RuntimeError("StoreWriter is not open; use it as a context manager")
+        if not 0 <= shard < self.config.n_shards:
+            raise ShardError(f"shard {shard} is outside 0..{self.config.n_shards - 1}")
+        if shard in self._committed or shard in self._in_flight:
+            raise ShardError(f"shard {shard} is already committed; write only pending_shards()")
+        start, stop = self.config.shard_range(shard)
+        n = stop - start
+        regions = {TOKENS: int32_column(tokens, n, "tokens"), POSITIONS: int32_column(positions, n, "positions")}
+        missing, extra = set(self.config.hooks) - set(acts), set(acts) - set(self.config.hooks)
+        if missing or extra:
+            raise ShardError(f"shard {shard}: acts must cover exactly the store's hooks (missing {sorted(missing)}, unknown {sorted(extra)})")
+        stats_jobs: dict[str, Callable[[], RunningStats]] = {}
+        for hook in self.config.hooks:
+            x = to_numpy(acts[hook])
+            width = self.config.width(hook)
+            if x.shape != (n, width) or x.dtype.kind not in "fV":
+                raise ShardError(f"shard {shard}: acts[{hook!r}] must be a float [{n}, {width}] array, got {x.dtype} {list(x.shape)}")
+            stored, scale = encode_acts(x, self.config.dtype)
+            regions[acts_path(hook)] = stored
+            if scale is not None:
+                regions[scale_path(hook)] = scale
+                stats_jobs[hook] = lambda q=stored, s=scale: RunningStats.of(fp8_dequantize(q, s))
+            else:
+                stats_jobs[hook] = lambda q=stored: RunningStats.of(q)
+
+        def store(path: str, pieces: list[memoryview | bytes]) -> None:
+            with _storage_errors(self.url):
+                self._put_shard(path, shard, pieces)
+
+        def settle(shard_stats: dict[str, RunningStats], error: BaseException | None) -> None:
+            try:  # in flight until committed or cleaned up: never submitted twice meanwhile
+                if error is not None:
+                    raise error
+                with _storage_errors(self.url):
+                    self._commit(shard, shard_stats)
+            except BaseException:
                 if shard not in self._committed:
                     self._remove_shard_objects(shard)
                 raise
+            finally:
+                self._in_flight.discard(shard)
+
+        self._in_flight.add(shard)
+        try:
+            return self._pipeline.submit(regions, self._layouts, stats_jobs, store, settle)
+        except BaseException:
+            self._in_flight.discard(shard)
+            raise
 
     def _remove_shard_objects(self, shard: int) -> None:
         """Delete ``shard``'s objects, best effort (uncommitted: no reader sees them)."""
@@ -282,45 +332,6 @@ class StoreWriter:
             except OSError as e:
                 log.warning("could not remove the uncommitted %s: %s", key, e)
 
-    def _write_shard(self, shard: int, tokens: ArrayLike, positions: ArrayLike, acts: Mapping[str, ArrayLike]) -> None:
-        if self._pool is None:
-            raise RuntimeError("StoreWriter is not open; use it as a context manager")
-        if not 0 <= shard < self.config.n_shards:
-            raise ShardError(f"shard {shard} is outside 0..{self.config.n_shards - 1}")
-        if shard in self._committed:
-            raise ShardError(f"shard {shard} is already committed; write only pending_shards()")
-        start, stop = self.config.shard_range(shard)
-        n = stop - start
-        regions = {TOKENS: _int32_column(tokens, n, "tokens"), POSITIONS: _int32_column(positions, n, "positions")}
-        missing, extra = set(self.config.hooks) - set(acts), set(acts) - set(self.config.hooks)
-        if missing or extra:
-            raise ShardError(f"shard {shard}: acts must cover exactly the store's hooks (missing {sorted(missing)}, unknown {sorted(extra)})")
-        stats_jobs = {}
-        for hook in self.config.hooks:
-            x = to_numpy(acts[hook])
-            width = self.config.width(hook)
-            if x.shape != (n, width) or x.dtype.kind not in "fV":
-                raise ShardError(f"shard {shard}: acts[{hook!r}] must be a float [{n}, {width}] array, got {x.dtype} {list(x.shape)}")
-            stored, scale = encode_acts(x, self.config.dtype)
-            regions[acts_path(hook)] = stored
-            if scale is not None:
-                regions[scale_path(hook)] = scale
-                stats_jobs[hook] = self._pool.submit(lambda q=stored, s=scale: RunningStats.of(fp8_dequantize(q, s)))
-            else:
-                stats_jobs[hook] = self._pool.submit(RunningStats.of, stored)
-        chunk_jobs = {
-            path: [self._pool.submit(self._layouts[path].encode_chunk, data, c) for c in range(self._layouts[path].chunks_per_shard)]
-            for path, data in regions.items()
-        }
-        puts = []
-        for path, jobs in chunk_jobs.items():
-            pieces = self._layouts[path].assemble_shard([j.result() for j in jobs])
-            puts.append(self._pool.submit(self._put_shard, path, shard, pieces))
-        for f in puts:
-            f.result()
-        shard_stats = {hook: job.result() for hook, job in stats_jobs.items()}
-        self._commit(shard, shard_stats)
-
     def _put_shard(self, path: str, shard: int, pieces: list[memoryview | bytes]) -> None:
         """Store one shard object (visible to readers only once committed)."""
         key = self._loc.path(shard_key(path, shard, len(self._layouts[path].shape)))
@@ -330,7 +341,7 @@ class StoreWriter:
                 f.writelines(pieces)
         else:
             blob = b"".join(pieces)
-            storage_call(lambda: self._loc.fs.pipe_file(key, blob), self._loc.url)
+            storage_call(lambda: self._loc.fs.pipe_file(key, blob, **multipart_options(self._loc.fs)), self._loc.url)
 
     def _commit(self, shard: int, shard_stats: dict[str, RunningStats]) -> None:
         record = self._record.with_shard(shard, shard_stats)
@@ -382,11 +393,3 @@ class StoreWriter:
                     arr.resize((cfg.n_tokens_target, *spec.shape_tail))
             self._layouts[spec.path] = ArrayLayout.from_zarr_json(spec.path, arr.metadata.to_dict())
 
-
-def _int32_column(x: ArrayLike, n: int, name: str) -> np.ndarray:
-    arr = to_numpy(x)
-    if arr.shape != (n,) or arr.dtype.kind not in "iu":
-        raise ShardError(f"{name} must be an integer [{n}] array, got {arr.dtype} {list(arr.shape)}")
-    if n and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
-        raise ShardError(f"{name} values do not fit int32")
-    return arr.astype(np.int32, copy=False)

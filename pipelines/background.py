@@ -1,91 +1,92 @@
-"""The harvest's background writer: batches in, committed shards out, beside the model.
+"""The harvest's hand-off thread: sealed host shards in, shards submitted to the store, beside the model.
 
-The model thread puts each batch's activations (already in the store dtype, on the host) into a
-bounded queue and goes on with the next forward pass; this thread copies them into one reused
-shard-sized buffer per hook and, at each shard's end, hands the shard to a
-:class:`~actstore.StoreWriter` (compress, write, commit). A full queue blocks the model thread:
-backpressure when storage is slower than the model. Errors surface in the model thread at its
-next call.
+The model thread fills host shard buffers (:class:`pipelines.transfer.ShardRing`) and hands each
+full one here without waiting for its copies. This thread waits for the buffer's copies (a CUDA
+event), checks that its values are finite, and submits it to the
+:class:`~actstore.StoreWriter`, which compresses, stores and commits several shards at once
+(:mod:`actstore.inflight`); a buffer goes back to the ring once its shard is committed. The
+ring's size bounds memory and applies backpressure: the model waits for a free buffer when
+storage is slower than it. An error here (a non-finite shard, a failed write) surfaces in the
+model thread at its next hand-off, or at :meth:`ShardHandoff.close`.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections import defaultdict
+from concurrent.futures import Future
 
 import numpy as np
-import torch
 
 import actstore
 from actstore.dtypes import to_numpy
+from pipelines.transfer import HostShard, ShardRing
 
 _END = object()
 
 
-class BackgroundWriter:
-    """Drains batches from a bounded queue, assembles shards and writes them with a StoreWriter,
-    while the producer goes on with the next batches (backpressure: ``put_batch`` blocks when
-    ``max_batches`` are waiting)."""
+class ShardHandoff:
+    """Submits sealed shard buffers to ``writer`` in a thread, and returns them to ``ring`` once committed."""
 
-    def __init__(self, writer: actstore.StoreWriter, max_batches: int):
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
+    def __init__(self, writer: actstore.StoreWriter, ring: ShardRing, context_size: int):
+        self.writer, self.ring, self.context_size = writer, ring, context_size
+        self.queue: queue.Queue = queue.Queue()  # bounded by the ring: never more buffers than it holds
         self.error: BaseException | None = None
         self.committed_tokens = 0
-        self._buffers: dict[str, np.ndarray] = {}
-        self._filled: dict[str, int] = defaultdict(int)
-        self._thread = threading.Thread(target=self._run, name="actstore-harvest-writer", daemon=True)
+        self._futures: list[Future] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="actstore-harvest-handoff", daemon=True)
         self._thread.start()
 
-    def put_batch(self, shard: int, acts: dict[str, torch.Tensor]) -> None:
+    def put(self, buf: HostShard) -> None:
         self._raise_if_failed()
-        self.queue.put(("batch", shard, acts))
-
-    def end_shard(self, shard: int, tokens_N: np.ndarray, positions_N: np.ndarray) -> None:
-        self._raise_if_failed()
-        self.queue.put(("end", shard, (tokens_N, positions_N)))
+        self.queue.put(buf)
 
     def close(self) -> None:
-        self.queue.put(_END)
-        self._thread.join()
+        """Wait until every shard handed over is committed; raise the first error."""
+        self.close_quietly()
         self._raise_if_failed()
 
     def close_quietly(self) -> None:
-        """Stop the thread after an error elsewhere, without raising its own error."""
-        self.queue.put(_END)  # the thread keeps draining after an error, so this never blocks for long
+        """Submit what was handed over and wait for it, without raising (after an error elsewhere)."""
+        self.queue.put(_END)
         self._thread.join()
+        for f in self._futures:
+            f.exception()  # waits; errors were recorded by the callback
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
             raise self.error
 
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not _END:
-            try:
-                if self.error is None:
-                    self._handle(item)
-            except BaseException as e:  # surfaced in the main thread by the next put, end or close
+    def _fail(self, e: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
                 self.error = e
-            finally:
-                self.queue.task_done()
-        self.queue.task_done()
 
-    def _handle(self, item: tuple) -> None:
-        kind, shard, payload = item
-        if kind == "batch":
-            for hook, t in payload.items():
-                x = to_numpy(t)
-                buf = self._buffers.get(hook)
-                if buf is None or buf.dtype != x.dtype:
-                    # one shard-sized buffer per hook, reused: no fresh half-GB arrays per shard
-                    shard_tokens = self.writer.config.shard_tokens
-                    buf = self._buffers[hook] = np.empty((shard_tokens, x.shape[1]), dtype=x.dtype)
-                buf[self._filled[hook] : self._filled[hook] + len(x)] = x
-                self._filled[hook] += len(x)
-            return
-        tokens_N, positions_N = payload
-        acts = {hook: self._buffers[hook][:n] for hook, n in self._filled.items()}
-        self._filled.clear()
-        self.writer.write_shard(shard, tokens=tokens_N, positions=positions_N, acts=acts)
-        self.committed_tokens += len(tokens_N)
+    def _run(self) -> None:
+        while (buf := self.queue.get()) is not _END:
+            if self.error is not None:
+                self.ring.release(buf)
+                continue
+            try:
+                buf.wait()
+                n, T = buf.n_tokens, self.context_size
+                fut = self.writer.submit_shard(
+                    buf.shard, tokens=buf.tokens_N[:n], positions=np.tile(np.arange(T, dtype=np.int32), n // T),
+                    acts={h: to_numpy(t) for h, t in buf.view().items()},
+                )
+            except BaseException as e:
+                self._fail(e)
+                self.ring.release(buf)
+                continue
+            self._futures.append(fut)
+            fut.add_done_callback(lambda f, b=buf: self._done(f, b))
+
+    def _done(self, fut: Future, buf: HostShard) -> None:
+        n = buf.n_tokens
+        self.ring.release(buf)  # from here on the model thread may refill it
+        if (e := fut.exception()) is not None:
+            self._fail(e)
+        else:
+            with self._lock:
+                self.committed_tokens += n

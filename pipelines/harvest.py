@@ -6,24 +6,28 @@ The loop, per rank (``torchrun`` sets ``RANK``/``WORLD_SIZE``; one process is ra
    or create the store, then load the weights: a store made with other settings, or a token
    target below what it has committed, is refused before the minute a large model takes to
    load; rank 0 creates the store and the others wait at a barrier, then each learns which
-   shards are already committed;
-2. stream packed windows (:mod:`pipelines.text`); shard ``s`` holds windows
-   ``[s * W, (s + 1) * W)`` with ``W = shard_tokens / context_size``, and rank ``r`` of ``R``
-   owns shards with ``s % R == r``, so a rank skips windows of shards it does not own or that
-   are committed;
-3. run the model with early exit (:mod:`pipelines.capture`) batch by batch; each batch's
-   activations go into a bounded queue that a background thread (:mod:`pipelines.background`) drains: it converts to the
-   store dtype, assembles the shard, compresses and writes it, then commits. The queue bounds
-   memory and applies backpressure when storage is slower than the model. Each batch's
-   activations are dropped before the next forward pass and shards are assembled in reused
-   buffers: on a CPU, fresh half-gigabyte allocations per batch cost more than the writing.
+   shards are already committed. Shard ``s`` holds windows ``[s * W, (s + 1) * W)`` with
+   ``W = shard_tokens / context_size`` (by default about 64 MiB per hook); rank ``r`` of ``R``
+   owns shards with ``s % R == r``;
+2. stream packed windows (:mod:`pipelines.text`, tokenized in batches in a background thread)
+   and run the model under ``torch.inference_mode`` with early exit (:mod:`pipelines.capture`)
+   on fixed batches of ``--batch-size`` windows, independent of shards
+   (:mod:`pipelines.batches`): only the batches holding windows of this rank's pending shards;
+3. copy each batch's rows, already in the store dtype, into host shard buffers without waiting
+   (:mod:`pipelines.transfer`: pinned buffers, a side CUDA stream, an event per shard), so the
+   next forward pass overlaps the copies; a full buffer goes to a hand-off thread
+   (:mod:`pipelines.background`) that checks its values are finite and submits it to the
+   :class:`~actstore.StoreWriter`, which compresses, stores and commits several shards at once
+   (:mod:`actstore.inflight`). Host memory is bounded by ``shards_in_flight + 2`` shards; a
+   full ring makes the model wait (backpressure).
 
 A killed harvest restarts from its last commit: shards are pure functions of (text, seed,
-model, batch size), and a batch never spans two shards, so re-running the same command yields a
-store bit-identical to an uninterrupted run. ``--tokens`` is the one setting a rerun may change
-(:class:`actstore.StoreWriter`): lower (down to the committed shards) to finish a store whose
-text ran out, higher to extend one. Every way out (done, an error, Ctrl-C, the text running
-out) leaves the root summary up to date, so plain zarr readers see what is committed.
+model, batch size), and every window is computed in the same batch whatever runs it, so
+re-running the same command yields a store bit-identical to an uninterrupted run. ``--tokens``
+is the one setting a rerun may change (:class:`actstore.StoreWriter`): lower (down to the
+committed shards) to finish a store whose text ran out, higher to extend one. Every way out
+(done, an error, Ctrl-C, the text running out) commits the shards already handed over and
+leaves the root summary up to date, so plain zarr readers see what is committed.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -41,15 +44,24 @@ import numpy as np
 import torch
 
 import actstore
-from actstore.config import DEFAULT_CHUNKS_PER_SHARD, default_chunk_tokens
-from actstore.dtypes import STORE_DTYPES, StoreDType
-from pipelines.background import BackgroundWriter
+from actstore.config import default_chunk_tokens
+from actstore.dtypes import STORE_DTYPES, StoreDType, itemsize
+from actstore.errors import ActstoreError
+from actstore.layout import read_root_attrs
+from actstore.prefetch import Prefetcher
+from actstore.remote import open_location
+from pipelines.background import ShardHandoff
+from pipelines.batches import Batch, Span, plan_batches
 from pipelines.capture import SITES, ActivationCapture, hook_name
 from pipelines.models import LoadedModel, ModelDType, ModelSpec, load_weights, model_spec
-from pipelines.runtime import Ranks, join_ranks, progress_bar
-from pipelines.text import DatasetError, TextConfig, local_files, token_windows
+from pipelines.runtime import Ranks, join_ranks, progress_bar, rank_cpus
+from pipelines.text import PREFETCH_DEPTH, DatasetError, TextConfig, local_files, token_windows
+from pipelines.transfer import ShardRing
 
 log = logging.getLogger(__name__)
+
+SHARD_BYTES = 64 << 20
+"""Default shard size per hook (``--shard-tokens 0``)."""
 
 
 class DataExhaustedError(actstore.ActstoreError):
@@ -81,7 +93,7 @@ class HarvestConfig:
     chunk_tokens: int = 0
     """Tokens per inner chunk (0: at least 1 MiB per chunk)."""
     shard_tokens: int = 0
-    """Tokens per shard (0: 16 chunks, rounded up to whole context windows)."""
+    """Tokens per shard (0: an existing store's, else about 64 MiB per hook in whole context windows)."""
     revision: str | None = None
     """HF revision of the model."""
     model_dtype: ModelDType = "auto"
@@ -90,10 +102,10 @@ class HarvestConfig:
     """auto (CUDA when present), cpu, cuda, cuda:N."""
     overwrite: bool = False
     """Replace an existing store made with another configuration."""
-    queue_batches: int = 4
-    """Batches in flight between the model and the background writer."""
+    shards_in_flight: int = 2
+    """Shards compressed and stored at once; host memory holds ``shards_in_flight + 2`` shards."""
     writer_threads: int = 0
-    """Threads compressing and writing shards (0: one per core)."""
+    """Threads compressing shards (0: the cores this rank may use, :func:`pipelines.runtime.rank_cpus`)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -111,8 +123,10 @@ class HarvestConfig:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(STORE_DTYPES)}")
-        if self.queue_batches < 1:
-            raise ValueError("queue_batches must be at least 1")
+        if self.shards_in_flight < 1:
+            raise ValueError(f"--shards-in-flight must be at least 1, got {self.shards_in_flight}")
+        if self.writer_threads < 0:
+            raise ValueError(f"--writer-threads must be 0 (automatic) or more, got {self.writer_threads}")
 
     @property
     def hooks(self) -> tuple[str, ...]:
@@ -143,18 +157,39 @@ class HarvestResult:
 
 
 # ---- the store ----------------------------------------------------------------------------
-def store_config(cfg: HarvestConfig, lm: ModelSpec) -> actstore.StoreConfig:
-    """The store's configuration; shards hold whole context windows."""
+def default_shard_tokens(context_size: int, chunk_tokens: int, d_model: int, dtype: str) -> int:
+    """Whole context windows and chunks, about :data:`SHARD_BYTES` per hook (at least one unit):
+    large objects for object storage, and a bounded amount of host memory per shard in flight."""
+    unit = math.lcm(context_size, chunk_tokens)
+    return unit * max(1, round(SHARD_BYTES / (unit * d_model * itemsize(dtype))))
+
+
+def store_config(cfg: HarvestConfig, lm: ModelSpec, existing: dict[str, Any] | None = None) -> actstore.StoreConfig:
+    """The store's configuration; shards hold whole context windows.
+
+    ``existing``, the root attributes of the store being resumed, keeps what older versions
+    chose differently: its shard size (unless ``--shard-tokens`` asks for another), and no
+    ``attn_implementation`` record where it has none (it resumes as it was made)."""
     T = cfg.text.context_size
+    existing_shard_tokens = (existing or {}).get("shard_tokens")
     chunk = cfg.chunk_tokens or default_chunk_tokens(lm.d_model, cfg.dtype)
     if cfg.shard_tokens:
         shard = cfg.shard_tokens
         if shard % T or shard % chunk:
             raise ValueError(f"--shard-tokens {shard} must be a multiple of --context-size ({T}) and of the chunk size ({chunk})")
+    elif isinstance(existing_shard_tokens, int) and existing_shard_tokens > 0 and existing_shard_tokens % T == 0 \
+            and existing_shard_tokens % chunk == 0:
+        shard = existing_shard_tokens
     else:
-        unit = math.lcm(T, chunk)
-        shard = unit * math.ceil(chunk * DEFAULT_CHUNKS_PER_SHARD / unit)
+        shard = default_shard_tokens(T, chunk, lm.d_model, cfg.dtype)
     n_tokens = T * math.ceil(cfg.tokens / T)
+    # what else changes the stored numbers: a resume must use the same
+    # (special_token_ids: what `actstore.stream(..., drop_special=True)` drops)
+    extra = {"model_dtype": str(lm.dtype).removeprefix("torch."), "batch_size": cfg.batch_size,
+             "shuffle_buffer": cfg.text.shuffle_buffer, "attn_implementation": lm.attn_implementation,
+             "special_token_ids": sorted(int(t) for t in lm.tokenizer.all_special_ids)}
+    if existing is not None and "attn_implementation" not in existing.get("extra", {"attn_implementation": None}):
+        del extra["attn_implementation"]  # a store made before it was recorded
     return actstore.StoreConfig(
         model=actstore.ModelInfo(lm.name, lm.d_model, lm.n_layers, revision=cfg.revision),
         dataset=dataset_info(cfg.text),
@@ -167,11 +202,7 @@ def store_config(cfg: HarvestConfig, lm: ModelSpec) -> actstore.StoreConfig:
         chunk_tokens=chunk,
         shard_tokens=shard,
         seed=cfg.text.seed,
-        # what else changes the stored numbers: a resume must use the same
-        # (special_token_ids: what `actstore.stream(..., drop_special=True)` drops)
-        extra={"model_dtype": str(lm.dtype).removeprefix("torch."), "batch_size": cfg.batch_size,
-               "shuffle_buffer": cfg.text.shuffle_buffer,
-               "special_token_ids": sorted(int(t) for t in lm.tokenizer.all_special_ids)},
+        extra=extra,
     )
 
 
@@ -184,31 +215,6 @@ def dataset_info(text: TextConfig) -> actstore.DatasetInfo:
         tabular = any(f.suffix != ".txt" for f in files)
         return actstore.DatasetInfo(text.dataset, text_column=text.text_column if tabular else None)
     return actstore.DatasetInfo(text.dataset, split=text.split, text_column=text.text_column)
-
-
-def shard_windows(
-    windows: Iterator[np.ndarray], shards: list[int], window_range: Callable[[int], tuple[int, int]]
-) -> Iterator[tuple[int, np.ndarray]]:
-    """``(shard, windows [W, T])`` for each of ``shards`` in ascending order, skipping the windows of
-    other shards. ``window_range(s)`` is shard ``s``'s half-open range of window indices; a shard
-    the stream cannot fill comes out short, for the caller to report."""
-    ranges = [(s, *window_range(s)) for s in sorted(shards)]
-    if not ranges:
-        return
-    k, rows = 0, []
-    for w, window in enumerate(windows):
-        shard, lo, hi = ranges[k]
-        if w < lo:
-            continue
-        rows.append(window)
-        if w + 1 == hi:
-            yield shard, np.stack(rows)
-            k, rows = k + 1, []
-            if k == len(ranges):
-                return
-    if rows or k < len(ranges):
-        shard = ranges[k][0]
-        yield shard, np.stack(rows) if rows else np.empty((0, 0), dtype=np.int64)
 
 
 # ---- the harvest ----------------------------------------------------------------------------
@@ -225,21 +231,35 @@ def harvest(
         raise ValueError(
             f"layer {max(cfg.layers)} is past the model's depth: {cfg.model} has {spec.n_layers} layers (0-{spec.n_layers - 1})"
         )
-    store_cfg = store_config(cfg, spec)
-    windows = token_windows(cfg.text, spec.tokenizer)
-    first = next(windows, None)
-    if first is None:
-        raise DatasetError(f"dataset {cfg.text.dataset!r} yielded no tokens (is it empty?)")
-    windows = itertools.chain([first], windows)
-    with join_ranks(spec.device) as ranks:
-        return _harvest_rank(cfg, spec, store_cfg, windows, ranks, storage_options, model)
+    existing = None if cfg.overwrite else _existing_store(cfg.out, storage_options)
+    store_cfg = store_config(cfg, spec, existing)
+    # tokenized in a background thread from here on, so the model never waits on text
+    ahead = Prefetcher(lambda: token_windows(cfg.text, spec.tokenizer), PREFETCH_DEPTH, "actstore-harvest-text")
+    try:
+        windows = iter(ahead)
+        first = next(windows, None)
+        if first is None:
+            raise DatasetError(f"dataset {cfg.text.dataset!r} yielded no tokens (is it empty?)")
+        with join_ranks(spec.device) as ranks:
+            return _harvest_rank(cfg, spec, store_cfg, itertools.chain([first], windows), ranks, storage_options, model)
+    finally:
+        ahead.close()
+
+
+def _existing_store(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The configuration (root attributes) of the store at ``url``, if there is a readable one."""
+    try:
+        return read_root_attrs(open_location(url, storage_options))
+    except (ActstoreError, OSError, ValueError):
+        return None
 
 
 def _harvest_rank(cfg: HarvestConfig, spec: ModelSpec, store_cfg: actstore.StoreConfig, windows: Iterator[np.ndarray],
                   ranks: Ranks, storage_options: dict[str, Any] | None, model: LoadedModel | None) -> HarvestResult:
     """This rank's part of :func:`harvest`: open the store, then harvest the shards it owns."""
     writer = actstore.StoreWriter(cfg.out, store_cfg, writer_id=ranks.rank, overwrite=cfg.overwrite and ranks.rank == 0,
-                                  storage_options=storage_options, io_threads=cfg.writer_threads or os.cpu_count() or 2)
+                                  storage_options=storage_options, io_threads=cfg.writer_threads or rank_cpus(),
+                                  max_in_flight=cfg.shards_in_flight)
     if ranks.rank == 0:
         writer.open()
     ranks.barrier()
@@ -252,48 +272,68 @@ def _harvest_rank(cfg: HarvestConfig, spec: ModelSpec, store_cfg: actstore.Store
     if not pending:  # finished (or finished now, by a lower target): no weights to load
         return _finish(cfg, writer, ranks, storage_options, HarvestResult(cfg.out, 0, 0.0, 0.0, 0))
 
-    bg: BackgroundWriter | None = None
-    done, t0, flush_s = 0, None, 0.0
+    spans = [Span(s, a // T, b // T) for s in pending for a, b in [store_cfg.shard_range(s)]]
+    handoff: ShardHandoff | None = None
+    t0, flush_s = None, 0.0
     try:
         lm = model or load_weights(replace(spec, device=ranks.device))  # under torchrun: this rank's GPU
-        bg = BackgroundWriter(writer, cfg.queue_batches)
+        ring = ShardRing(cfg.hooks, dict.fromkeys(cfg.hooks, spec.d_model), capture_dtype(cfg.dtype), store_cfg.shard_tokens,
+                         lm.device, depth=cfg.shards_in_flight + 2)
+        handoff = ShardHandoff(writer, ring, T)
         with (
+            torch.inference_mode(),
             ActivationCapture(lm.model, cfg.hooks, dtype=capture_dtype(cfg.dtype)) as cap,
             progress_bar(cfg.progress and ranks.main, "[bold]harvest", todo, show_rate=True) as advance,
         ):
-            def window_range(shard: int) -> tuple[int, int]:
-                a, b = store_cfg.shard_range(shard)
-                return a // T, b // T
-
-            for shard, windows_WT in shard_windows(windows, pending, window_range):
-                a, b = store_cfg.shard_range(shard)
-                if len(windows_WT) * T != b - a:
-                    held = a + len(windows_WT) * T
-                    raise DataExhaustedError(
-                        f"dataset {cfg.text.dataset!r} ran out after {held:,} tokens, short of --tokens "
-                        f"{store_cfg.n_tokens_target:,}; rerun with --tokens {held} to finish the store with the text "
-                        "there is, or add text (committed shards are kept)"
-                    )
-                t0 = t0 or time.perf_counter()
-                for first_w in range(0, len(windows_WT), cfg.batch_size):
-                    ids_BT = torch.from_numpy(windows_WT[first_w : first_w + cfg.batch_size]).to(lm.device)
-                    acts = {h: x.cpu() for h, x in cap.run(ids_BT).items()}
-                    bg.put_batch(shard, acts)
-                    del acts  # not alive during the next forward pass
-                    done += ids_BT.numel()
-                    advance(done)
-                positions = np.tile(np.arange(T, dtype=np.int32), len(windows_WT))
-                bg.end_shard(shard, windows_WT.reshape(-1), positions)
+            t0 = time.perf_counter()
+            run_batches(plan_batches(spans, store_cfg.n_tokens_target // T, cfg.batch_size), windows, cap, ring, handoff,
+                        store_cfg, cfg.text.dataset, advance)
         t_flush = time.perf_counter()
-        bg.close()
+        handoff.close()
         flush_s = time.perf_counter() - t_flush
     except BaseException:  # an error, Ctrl-C, the text running out: keep what is committed, visible to any reader
-        if bg is not None:
-            bg.close_quietly()
+        if handoff is not None:
+            handoff.close_quietly()
         writer.abort()
         raise
     loop_s = time.perf_counter() - t0 if t0 else 0.0
-    return _finish(cfg, writer, ranks, storage_options, HarvestResult(cfg.out, bg.committed_tokens, loop_s, flush_s, 0))
+    return _finish(cfg, writer, ranks, storage_options, HarvestResult(cfg.out, handoff.committed_tokens, loop_s, flush_s, 0))
+
+
+def run_batches(batches: Iterator[Batch], windows: Iterator[np.ndarray], cap: ActivationCapture, ring: ShardRing,
+                handoff: ShardHandoff, store_cfg: actstore.StoreConfig, dataset: str, advance: Callable[[int], None]) -> None:
+    """Run the model on each of ``batches`` (windows numbered in ``windows``' order), send its rows
+    to their shards' buffers, and hand each full buffer over; the text running out before a
+    shard is full is a :class:`DataExhaustedError` (the shards handed over before it are kept)."""
+    T = store_cfg.context_size
+    open_bufs: dict[int, Any] = {}
+    seen, done = 0, 0  # windows read from the text; tokens run
+    device = ring.device
+    for batch in batches:
+        for _ in itertools.islice(windows, batch.first - seen):  # windows of no pending shard of this rank
+            seen += 1
+        ids_WT = list(itertools.islice(windows, batch.size))
+        seen += len(ids_WT)
+        if len(ids_WT) < batch.size:
+            raise DataExhaustedError(
+                f"dataset {dataset!r} ran out after {seen * T:,} tokens, short of --tokens {store_cfg.n_tokens_target:,}; "
+                f"rerun with --tokens {seen * T} to finish the store with the text there is, or add text (committed shards are kept)"
+            )
+        ids_BT = np.stack(ids_WT)
+        acts = cap.run(torch.from_numpy(ids_BT).to(device, non_blocking=True))
+        finite_H = ring.batch_finite(acts)
+        for seg in batch.segments:
+            buf = open_bufs.get(seg.shard)
+            if buf is None:
+                a, b = store_cfg.shard_range(seg.shard)
+                buf = open_bufs[seg.shard] = ring.take(seg.shard, b - a)
+            ring.copy_in(buf, acts, finite_H, slice(seg.lo * T, seg.hi * T), ids_BT[seg.lo : seg.hi].reshape(-1))
+            done += (seg.hi - seg.lo) * T
+            if buf.filled == buf.n_tokens:
+                ring.seal(buf)
+                handoff.put(open_bufs.pop(seg.shard))
+        del acts, finite_H  # not alive during the next forward pass
+        advance(done)
 
 
 def _finish(cfg: HarvestConfig, writer: actstore.StoreWriter, ranks: Ranks, storage_options: dict[str, Any] | None,

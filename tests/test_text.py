@@ -10,7 +10,16 @@ import pytest
 from transformers import AutoTokenizer
 
 from actstore.units import parse_count, parse_layers
-from pipelines.text import DatasetError, TextConfig, buffer_shuffle, documents, token_windows
+from pipelines import corpus
+from pipelines import text as text_mod
+from pipelines.text import (
+    PREFETCH_DEPTH,
+    DatasetError,
+    TextConfig,
+    buffer_shuffle,
+    documents,
+    token_windows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +75,114 @@ def test_pretokenized_rows_are_used_as_token_ids(tmp_path, tok):
     (tmp_path / "ids.jsonl").write_text("\n".join(json.dumps({"input_ids": r}) for r in rows))
     windows = list(token_windows(TextConfig(dataset=str(tmp_path / "ids.jsonl"), context_size=4, shuffle_buffer=0), tok))
     assert [w.tolist() for w in windows] == rows
+
+
+def per_document_windows(cfg, tok):
+    """The reference packing: one tokenizer call per document, the stream cut as it grows."""
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    body = cfg.context_size - 1 if cfg.prepend_bos else cfg.context_size
+    buf = []
+    for doc in documents(cfg):
+        if isinstance(doc, str):
+            ids = tok(doc, add_special_tokens=False)["input_ids"] + [eos]
+        else:
+            ids = doc[1:] if cfg.prepend_bos and doc and doc[0] == bos else doc
+        buf += ids
+        while len(buf) >= body:
+            window, buf = buf[:body], buf[body:]
+            yield ([bos] if cfg.prepend_bos else []) + window
+
+
+class CountingTokenizer:
+    """A tokenizer that counts its calls."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+        self.bos_token_id, self.eos_token_id = tok.bos_token_id, tok.eos_token_id
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tok(*args, **kwargs)
+
+
+def mixed_rows(tok):
+    """Long and short text documents, empty ones, and token-id rows with and without BOS."""
+    texts = list(itertools.islice(corpus.python_docs("test"), 40))
+    rows = []
+    for i, t in enumerate(texts):
+        rows.append({"text": t * (1 + i % 7) if i % 5 else t[:12]})  # a few tokens to a few thousand
+        if i == 20:
+            rows.append({"text": "\n\n".join(texts)})  # a long one: many windows of every size below
+        if i % 6 == 0:
+            rows.append({"input_ids": [tok.bos_token_id, 100 + i, 200 + i, 300 + i]})
+        if i % 9 == 0:
+            rows.append({"input_ids": [400 + i] * (50 + i)})
+        if i % 13 == 0:
+            rows.append({"text": ""})
+    return rows
+
+
+@pytest.mark.parametrize("batch_docs, batch_chars", [(256, 1 << 20), (3, 1 << 20), (256, 2000), (1, 1)])
+def test_batched_tokenizing_packs_as_per_document_tokenizing(tmp_path, tok, monkeypatch, batch_docs, batch_chars):
+    monkeypatch.setattr(text_mod, "TOKENIZE_BATCH_DOCS", batch_docs)
+    monkeypatch.setattr(text_mod, "TOKENIZE_BATCH_CHARS", batch_chars)
+    rows = mixed_rows(tok)
+    (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for kw in (dict(context_size=64), dict(context_size=129, prepend_bos=False), dict(context_size=1024, seed=3),
+               dict(context_size=2, shuffle_buffer=0)):
+        cfg = TextConfig(dataset=str(tmp_path / "mixed.jsonl"), **kw)
+        counting = CountingTokenizer(tok)
+        got = [w.tolist() for w in token_windows(cfg, counting)]
+        want = list(per_document_windows(cfg, tok))
+        assert len(got) == len(want) > 0
+        assert got == want, kw
+        assert all(isinstance(w, np.ndarray) and w.dtype == np.int64 for w in itertools.islice(token_windows(cfg, tok), 3))
+        n_texts = sum("text" in r for r in rows)
+        if batch_docs == 256 and batch_chars == 1 << 20:  # text between token-id rows goes in one call
+            assert counting.calls <= sum("input_ids" in r for r in rows) + 1 < n_texts
+
+
+def test_batched_tokenizing_on_the_builtin_corpus(tok):
+    cfg = TextConfig(context_size=256)
+    got = list(itertools.islice(token_windows(cfg, tok), 300))
+    assert [w.tolist() for w in got] == list(itertools.islice(per_document_windows(cfg, tok), 300))
+
+
+def test_a_source_error_comes_after_the_windows_before_it(tmp_path, tok):
+    good = [json.dumps({"text": t}) for t in itertools.islice(corpus.python_docs("test"), 30)]
+    (tmp_path / "good.jsonl").write_text("\n".join(good))
+    (tmp_path / "bad.jsonl").write_text("\n".join(good + ["{not json"]))
+    want = list(per_document_windows(TextConfig(dataset=str(tmp_path / "good.jsonl"), context_size=64, shuffle_buffer=0), tok))
+    got = []
+    with pytest.raises(DatasetError, match="bad.jsonl:31 is not valid JSON"):
+        for w in token_windows(TextConfig(dataset=str(tmp_path / "bad.jsonl"), context_size=64, shuffle_buffer=0), tok):
+            got.append(w.tolist())
+    assert got == want and got
+    # taking only windows before the error never reaches it, as when documents were tokenized one by one
+    assert len(list(itertools.islice(token_windows(TextConfig(dataset=str(tmp_path / "bad.jsonl"), context_size=64,
+                                                              shuffle_buffer=0), tok), 5))) == 5
+
+
+def test_no_bos_is_still_a_dataset_error(tok):
+    no_bos = CountingTokenizer(tok)
+    no_bos.bos_token_id = None
+    with pytest.raises(DatasetError, match="no BOS token"):
+        next(token_windows(TextConfig(), no_bos))
+    assert next(token_windows(TextConfig(prepend_bos=False), no_bos)).shape == (1024,)
+
+
+def test_windows_tokenized_in_a_background_thread_keep_their_order_and_errors(tmp_path, tok):
+    from actstore.prefetch import Prefetcher
+
+    cfg = TextConfig(context_size=128)
+    want = list(itertools.islice(token_windows(cfg, tok), 200))
+    ahead = Prefetcher(lambda: token_windows(cfg, tok), PREFETCH_DEPTH, "test-windows")
+    got = list(itertools.islice(ahead, 200))
+    ahead.close()
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    (tmp_path / "b.jsonl").write_text('{"body": "beta"}\n')
+    with pytest.raises(DatasetError, match="column 'text' not found"):
+        list(Prefetcher(lambda: token_windows(TextConfig(dataset=str(tmp_path / "b.jsonl")), tok), 4, "test-windows-error"))
 
 
 def test_source_errors(tmp_path):
