@@ -8,6 +8,8 @@ line and exit code 2. Messages name the problem and, where there is one, the fix
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 MACHINE_ERRNOS = {
     errno.ENOSPC: "free some space, then run it again: it resumes (committed work is kept)",
@@ -85,3 +87,16 @@ class EmptyStoreError(ActstoreError):
 
 class FollowTimeoutError(ActstoreError):
     """``follow=True`` waited longer than ``follow_timeout`` for the next shard."""
+
+
+@contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """A full disk, a read-only file system or a missing permission as one
+    :class:`~actstore.errors.StoreAccessError` line saying what to do, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        what = machine_error(e)
+        if what is None:
+            raise
+        raise StoreAccessError(f"cannot write the store at {url}: {what}") from e

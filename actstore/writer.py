@@ -23,9 +23,8 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -42,9 +41,8 @@ from .errors import (
     FormatVersionError,
     NotAnActstoreError,
     ShardError,
-    StoreAccessError,
     StoreNotFoundError,
-    machine_error,
+    storage_errors,
 )
 from .inflight import ShardPipeline
 from .layout import (
@@ -69,19 +67,6 @@ from .stats import RunningStats
 log = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
-
-@contextmanager
-def _storage_errors(url: str) -> Iterator[None]:
-    """A full disk, a read-only file system or a missing permission as one
-    :class:`~actstore.errors.StoreAccessError` line saying what to do, not a traceback."""
-    try:
-        yield
-    except OSError as e:
-        what = machine_error(e)
-        if what is None:
-            raise
-        raise StoreAccessError(f"cannot write the store at {url}: {what}") from e
-
 
 class StoreWriter:
     """Create or resume a store and write whole shards to it: ``io_threads`` compress, ``store_threads``
@@ -128,7 +113,7 @@ class StoreWriter:
             self.abort()
 
     def open(self) -> StoreWriter:
-        with _storage_errors(self.url):
+        with storage_errors(self.url):
             return self._open()
 
     def _open(self) -> StoreWriter:
@@ -210,7 +195,7 @@ class StoreWriter:
 
     def consolidate(self) -> None:
         """Write the summary of all writers' commits into the root attributes."""
-        with _storage_errors(self.url):
+        with storage_errors(self.url):
             state = merge_records(load_records(self._loc))
             self._write_root(n_tokens=self.config.tokens_in(state.shards), state_stats=state.stats, n_shards_committed=len(state.shards))
 
@@ -261,7 +246,8 @@ class StoreWriter:
         """Store every array's data for ``shard``, then commit it (:meth:`submit_shard`, waited for)."""
         self.submit_shard(shard, tokens=tokens, positions=positions, acts=acts).result()
 
-    def submit_shard(self, shard: int, *, tokens: ArrayLike, positions: ArrayLike, acts: Mapping[str, ArrayLike]) -> Future[None]:
+    def submit_shard(self, shard: int, *, tokens: ArrayLike, positions: ArrayLike, acts: Mapping[str, ArrayLike],
+                     stats: Mapping[str, RunningStats] | None = None) -> Future[None]:
         """Start storing ``shard``; the future is done once it is committed.
 
         ``tokens`` and ``positions`` are ``[N]`` integers and ``acts[hook]`` is ``[N, D]`` for
@@ -270,7 +256,9 @@ class StoreWriter:
         done. Up to ``max_in_flight`` shards are stored concurrently and committed in submission
         order (:mod:`actstore.inflight`); this call blocks while that many are in flight. A write
         that fails leaves the shard uncommitted and its objects removed (on a full disk, that
-        makes room for the summary the writer's close still writes).
+        makes room for the summary the writer's close still writes). ``stats``: each hook's
+        statistics of the values as stored, where the caller has them (a GPU harvest sums them
+        on the device); else computed here.
         """
         if self._pipeline is None:
             raise RuntimeError("StoreWriter is not open; use it as a context manager")
@@ -282,8 +270,9 @@ class StoreWriter:
         n = stop - start
         regions = {TOKENS: int32_column(tokens, n, "tokens"), POSITIONS: int32_column(positions, n, "positions")}
         missing, extra = set(self.config.hooks) - set(acts), set(acts) - set(self.config.hooks)
-        if missing or extra:
-            raise ShardError(f"shard {shard}: acts must cover exactly the store's hooks (missing {sorted(missing)}, unknown {sorted(extra)})")
+        if missing or extra or (stats is not None and set(stats) != set(acts)):
+            raise ShardError(f"shard {shard}: acts (and stats) must cover exactly the store's hooks (missing {sorted(missing)}, "
+                             f"unknown {sorted(extra)})")
         stats_jobs: dict[str, Callable[[], RunningStats]] = {}
         for hook in self.config.hooks:
             x = to_numpy(acts[hook])
@@ -294,19 +283,22 @@ class StoreWriter:
             regions[acts_path(hook)] = stored
             if scale is not None:
                 regions[scale_path(hook)] = scale
+            if stats is not None:
+                stats_jobs[hook] = lambda given=stats[hook]: given
+            elif scale is not None:
                 stats_jobs[hook] = lambda q=stored, s=scale: RunningStats.of(fp8_dequantize(q, s))
             else:
                 stats_jobs[hook] = lambda q=stored: RunningStats.of(q)
 
         def store(path: str, pieces: list[memoryview | bytes]) -> None:
-            with _storage_errors(self.url):
+            with storage_errors(self.url):
                 self._put_shard(path, shard, pieces)
 
         def settle(shard_stats: dict[str, RunningStats], error: BaseException | None) -> None:
             try:  # in flight until committed or cleaned up: never submitted twice meanwhile
                 if error is not None:
                     raise error
-                with _storage_errors(self.url):
+                with storage_errors(self.url):
                     self._commit(shard, shard_stats)
             except BaseException:
                 if shard not in self._committed:

@@ -230,14 +230,15 @@ def main() -> None:
         acts = random_acts(4 if args.reduced else 26, 576 if args.reduced else 2304, 2048)
         n_shards = 3 if args.reduced else 12
         codec = bare_codec(acts, n_shards, threads)
-        local = feed_writer(str(folder / "writer"), acts, n_shards, "zstd", threads, 2, "local")
+        gpu_stats = device.type == "cuda"  # as the harvest on a GPU: statistics summed on the device
+        local = feed_writer(str(folder / "writer"), acts, n_shards, "zstd", threads, 2, "local", device_stats=gpu_stats)
         rows += [(f"blosc-zstd alone, {threads} threads (GB/s)", f"{codec.gb_per_s:.2f}", ""),
                  (f"writer to {'tmpfs' if str(folder).startswith('/dev/shm') else 'local disk'}, zstd (GB/s)",
                   f"{local.gb_per_s:.2f} ({local.gb_per_s / codec.gb_per_s:.2f} of the codec)", ">= 0.80 of the codec")]
         shutil.rmtree(folder / "writer", ignore_errors=True)
         with loopback_s3("smoke") as s3:
             if s3 is not None:
-                remote = feed_writer(f"{s3}/writer", acts, max(2, n_shards // 3), "zstd", threads, 2, "s3")
+                remote = feed_writer(f"{s3}/writer", acts, max(2, n_shards // 3), "zstd", threads, 2, "s3", device_stats=gpu_stats)
                 rows.append(("writer to loopback moto S3, zstd (GB/s)", f"{remote.gb_per_s:.2f}", ""))
         # 3. numerics and 4. kill -9 and resume
         rows.append(("tiny Gemma-2 softcapped: bf16 on device vs fp32 CPU (worst rel. error)",

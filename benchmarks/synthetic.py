@@ -6,7 +6,8 @@ the store to take 2.4-6 GB/s. That is measured here without a GPU: a producer ha
 them (shards submitted with :meth:`~actstore.StoreWriter.submit_shard`, the harvest's path), and
 the same bytes are compressed by numcodecs' blosc-zstd (the store's codec) on a pool of the same
 number of threads with no store around it: the most these cores can compress. Each run reports
-GB/s, the cores it kept busy (process CPU time / wall time; the S3 server runs in its own
+GB/s with the statistics computed by the writer (a CPU harvest) or handed to it (a GPU harvest
+sums them on the device), the cores it kept busy (process CPU time / wall time; the S3 server runs in its own
 process so it is not counted), GB/s per busy core, and the share of the wall time the producer
 spent blocked (backpressure: the writer was the bottleneck).
 """
@@ -29,6 +30,7 @@ import numpy as np
 
 import actstore
 from actstore.layout import BLOSC_BLOCK_BYTES
+from actstore.stats import RunningStats
 
 GEMMA_2_2B = (26, 2304)
 """Hooks (resid_post of every layer) and width of Gemma-2-2B."""
@@ -65,9 +67,13 @@ def writer_config(acts: dict[str, np.ndarray], n_shards: int, codec: str, chunk_
 
 
 def feed_writer(url: str, acts: dict[str, np.ndarray], n_shards: int, codec: str, threads: int, in_flight: int,
-                label: str) -> Run:
-    """Submit ``n_shards`` shards of ``acts`` to a new store at ``url`` as fast as the writer takes them."""
+                label: str, device_stats: bool = False) -> Run:
+    """Submit ``n_shards`` shards of ``acts`` to a new store at ``url`` as fast as the writer takes them.
+
+    ``device_stats``: hand the writer each shard's statistics, as a GPU harvest does (summed on
+    the device, :mod:`pipelines.transfer`), instead of the writer computing them on the host."""
     cfg = writer_config(acts, n_shards, codec)
+    stats = {h: RunningStats.of(x) for h, x in acts.items()} if device_stats else None
     n = cfg.shard_tokens
     tokens_N, positions_N = np.zeros(n, np.int32), np.arange(n, dtype=np.int32) % cfg.context_size
     blocked = 0.0
@@ -76,7 +82,7 @@ def feed_writer(url: str, acts: dict[str, np.ndarray], n_shards: int, codec: str
         futures = []
         for shard in range(n_shards):
             t = time.perf_counter()
-            futures.append(writer.submit_shard(shard, tokens=tokens_N, positions=positions_N, acts=acts))
+            futures.append(writer.submit_shard(shard, tokens=tokens_N, positions=positions_N, acts=acts, stats=stats))
             blocked += time.perf_counter() - t
         t = time.perf_counter()
         for f in futures:

@@ -2,7 +2,8 @@
 
 The model thread fills host shard buffers (:class:`pipelines.transfer.ShardRing`) and hands each
 full one here without waiting for its copies. This thread waits for the buffer's copies (a CUDA
-event), checks that its values are finite, and submits it to the
+event), checks that its values are finite, and submits it (with its statistics, where they were
+summed on the device) to the
 :class:`~actstore.StoreWriter`, which compresses, stores and commits several shards at once
 (:mod:`actstore.inflight`); a buffer goes back to the ring once its shard is committed. The
 ring's size bounds memory and applies backpressure: the model waits for a free buffer when
@@ -73,7 +74,7 @@ class ShardHandoff:
                 n, T = buf.n_tokens, self.context_size
                 fut = self.writer.submit_shard(
                     buf.shard, tokens=buf.tokens_N[:n], positions=np.tile(np.arange(T, dtype=np.int32), n // T),
-                    acts={h: to_numpy(t) for h, t in buf.view().items()},
+                    acts={h: to_numpy(t) for h, t in buf.view().items()}, stats=buf.stats(),
                 )
             except BaseException as e:
                 self._fail(e)

@@ -278,7 +278,9 @@ def _harvest_rank(cfg: HarvestConfig, spec: ModelSpec, store_cfg: actstore.Store
     try:
         lm = model or load_weights(replace(spec, device=ranks.device))  # under torchrun: this rank's GPU
         ring = ShardRing(cfg.hooks, dict.fromkeys(cfg.hooks, spec.d_model), capture_dtype(cfg.dtype), store_cfg.shard_tokens,
-                         lm.device, depth=cfg.shards_in_flight + 2)
+                         lm.device, depth=cfg.shards_in_flight + 2,
+                         # statistics summed on the GPU spare the host a third of its work; fp8 is quantised on the host
+                         device_stats=lm.device.type == "cuda" and cfg.dtype != "float8_e4m3fn")
         handoff = ShardHandoff(writer, ring, T)
         with (
             torch.inference_mode(),

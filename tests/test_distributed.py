@@ -95,3 +95,35 @@ def test_train_sae_under_torchrun_two_ranks(store, tmp_path):
     assert (out / rows[0]["name"] / "sae_weights.safetensors").exists()
     single = run_cli(*args)  # resuming a 2-rank run on one process is refused: the data positions differ
     assert single.returncode == 2 and "world_size: 1 != 2" in single.stderr
+
+
+@pytest.mark.parametrize(("affinity", "cpu_count", "local_ranks", "expected"), [
+    (range(16), 16, None, 16),  # one process: every core
+    (range(16), 16, "8", 2),  # 8 ranks given all 16 cores: a share each
+    (range(4), 16, "8", 4),  # the launcher pinned this rank to 4 cores: all of them
+    (range(2), 2, "8", 1),  # more ranks than cores: still one thread
+])
+def test_rank_cpus_shares_the_cores_among_the_node_s_ranks(monkeypatch, affinity, cpu_count, local_ranks, expected):
+    from pipelines import runtime
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity))
+    monkeypatch.setattr(os, "cpu_count", lambda: cpu_count)
+    if local_ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    assert runtime.rank_cpus() == expected
+
+
+def test_rank_timeout_comes_from_the_environment(monkeypatch):
+    from datetime import timedelta
+
+    from pipelines.runtime import rank_timeout
+
+    monkeypatch.delenv("ACTSTORE_RANK_TIMEOUT", raising=False)
+    assert rank_timeout() == timedelta(hours=2)
+    monkeypatch.setenv("ACTSTORE_RANK_TIMEOUT", "90")
+    assert rank_timeout() == timedelta(seconds=90)
+    monkeypatch.setenv("ACTSTORE_RANK_TIMEOUT", "2h")
+    with pytest.raises(ValueError, match="ACTSTORE_RANK_TIMEOUT must be a number of seconds, got '2h'"):
+        rank_timeout()

@@ -21,8 +21,8 @@ import actstore
 from pipelines.capture import SITES, hook_name
 from pipelines.harvest import DataExhaustedError, HarvestConfig, harvest
 from pipelines.models import load_model
-from pipelines.transfer import NonFiniteActivationsError
 from pipelines.text import TextConfig
+from pipelines.transfer import NonFiniteActivationsError
 from tests.helpers import assert_same_arrays
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -386,3 +386,56 @@ def test_non_finite_batch_fails_its_shard_and_a_reused_buffer_starts_clean():
     ring.seal(again)
     with pytest.raises(NonFiniteActivationsError, match=r"at a in shard 7"):
         again.wait()
+
+
+def test_large_shard_objects_go_to_s3_as_parallel_multipart_uploads(s3_server, unique):
+    import s3fs
+
+    from actstore.remote import MULTIPART_PART_BYTES, open_location
+
+    cfg = make_config(hooks=("big",), model=actstore.ModelInfo("wide", 8192, 1), n_tokens_target=2560, shard_tokens=2560,
+                      chunk_tokens=256, context_size=256, dtype="float32", codec="none")
+    data = make_data(cfg)
+    url = f"s3://actstore-test/multipart-{unique}"
+    assert open_location(url, read_only=False).storage_options["config_kwargs"]["max_pool_connections"] == 128
+    with StoreWriter(url, cfg) as w:
+        w.submit_shard(0, tokens=data["tokens"], positions=data["positions"], acts={"big": data["big"]}).result()
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)
+    key = f"actstore-test/multipart-{unique}/{shard_key(acts_path('big'), 0, 2)}"
+    size = fs.info(key)["size"]
+    assert size > 2 * MULTIPART_PART_BYTES  # 80 MiB of float32
+    assert fs.info(key)["ETag"].strip('"').endswith(f"-{-(-size // MULTIPART_PART_BYTES)}")  # a multipart ETag: md5-<parts>
+    np.testing.assert_array_equal(actstore.open_store(url).read("big", 0, 2560), data["big"])
+
+
+def test_device_statistics_match_the_writer_s_own_and_are_stored_as_given(tmp_path):
+    from actstore.dtypes import to_numpy
+    from actstore.stats import RunningStats
+
+    widths = {"blocks.0.hook_resid_post": 48, "blocks.1.hook_resid_post": 48}
+    ring = ShardRing(list(widths), widths, torch.bfloat16, 256, torch.device("cpu"), 1, device_stats=True)
+    gen = torch.Generator().manual_seed(0)
+    for reuse in range(2):  # the second shard reuses the buffer: its sums start from zero
+        buf = ring.take(shard=reuse, n_tokens=200)
+        for lo, hi in ((0, 120), (120, 200)):
+            x = {h: (3 * torch.randn(hi - lo, d, generator=gen) + 1).to(torch.bfloat16) for h, d in widths.items()}
+            ring.copy_in(buf, x, ring.batch_finite(x), slice(0, hi - lo), np.arange(lo, hi))
+        ring.seal(buf)
+        buf.wait()
+        for h, got in buf.stats().items():
+            want = RunningStats.of(to_numpy(buf.view()[h]))
+            assert got.count == want.count == 200
+            np.testing.assert_allclose(got.sum_D, want.sum_D, rtol=1e-5, atol=1e-3)
+            assert got.sum_sq_norm == pytest.approx(want.sum_sq_norm, rel=1e-6)
+            assert got.sum_norm == pytest.approx(want.sum_norm, rel=1e-6)
+        ring.release(buf)
+
+    cfg = make_config(hooks=tuple(widths), n_tokens_target=200, shard_tokens=256, chunk_tokens=64, codec="none")
+    given = {h: RunningStats(200, np.full(48, 7.0), 11.0, 13.0) for h in widths}
+    data = {h: to_numpy(t) for h, t in buf.view().items()}
+    with StoreWriter(str(tmp_path / "s"), cfg) as w:
+        with pytest.raises(actstore.ShardError, match="acts \\(and stats\\) must cover exactly the store's hooks"):
+            w.submit_shard(0, tokens=np.arange(200), positions=np.arange(200) % 16, acts=data, stats={})
+        w.submit_shard(0, tokens=np.arange(200), positions=np.arange(200) % 16, acts=data, stats=given).result()
+    stats = actstore.open_store(str(tmp_path / "s")).stats("blocks.0.hook_resid_post")
+    assert stats.count == 200 and stats.sum_sq_norm == 11.0 and np.all(stats.sum_D == 7.0)
