@@ -56,7 +56,7 @@ from pipelines.capture import SITES, ActivationCapture, hook_name
 from pipelines.models import LoadedModel, ModelDType, ModelSpec, load_weights, model_spec
 from pipelines.runtime import Ranks, join_ranks, progress_bar, rank_cpus
 from pipelines.text import PREFETCH_DEPTH, DatasetError, TextConfig, local_files, token_windows
-from pipelines.transfer import ShardRing
+from pipelines.transfer import HostShard, ShardRing
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def run_batches(batches: Iterator[Batch], windows: Iterator[np.ndarray], cap: Ac
     to their shards' buffers, and hand each full buffer over; the text running out before a
     shard is full is a :class:`DataExhaustedError` (the shards handed over before it are kept)."""
     T = store_cfg.context_size
-    open_bufs: dict[int, Any] = {}
+    open_bufs: dict[int, HostShard] = {}
     seen, done = 0, 0  # windows read from the text; tokens run
     device = ring.device
     for batch in batches:
@@ -329,6 +329,8 @@ def run_batches(batches: Iterator[Batch], windows: Iterator[np.ndarray], cap: Ac
             if buf is None:
                 a, b = store_cfg.shard_range(seg.shard)
                 buf = open_bufs[seg.shard] = ring.take(seg.shard, b - a)
+            if buf.filled != seg.offset * T:
+                raise RuntimeError(f"shard {seg.shard}: rows arrive at {buf.filled}, planned at {seg.offset * T}")
             ring.copy_in(buf, acts, finite_H, slice(seg.lo * T, seg.hi * T), ids_BT[seg.lo : seg.hi].reshape(-1))
             done += (seg.hi - seg.lo) * T
             if buf.filled == buf.n_tokens:
