@@ -223,7 +223,7 @@ def train_sae(
     min_position: Annotated[int, typer.Option(help="Drop tokens at positions below this (1 drops BOS).")] = 1,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Scale to E||x||^2 = d_in (folded back on save).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the data order and initial weights.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, json_flag("Print the summary as JSON.")] = False,
     progress: ProgressOpt = True,
     wandb: Annotated[str | None, typer.Option(help="Also log metrics to this Weights & Biases project (WANDB_MODE=offline works).")] = None,

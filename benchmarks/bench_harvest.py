@@ -36,12 +36,12 @@ from rich.console import Console
 from rich.table import Table
 from synthetic import GEMMA_2_2B, Run, bare_codec, feed_writer, loopback_s3, random_acts
 
+from actstore.devices import rank_cpus
 from actstore.units import parse_layers
 from pipelines import smollm2
 from pipelines.capture import ActivationCapture, hook_name
 from pipelines.harvest import HarvestConfig, capture_dtype, harvest
 from pipelines.models import load_model
-from pipelines.runtime import rank_cpus
 from pipelines.text import TextConfig, token_windows
 
 

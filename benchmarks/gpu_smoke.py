@@ -39,11 +39,11 @@ from rich.table import Table
 from synthetic import bare_codec, feed_writer, loopback_s3, random_acts
 
 import actstore
+from actstore.devices import rank_cpus
 from pipelines import smollm2
 from pipelines.capture import ActivationCapture, hook_name
 from pipelines.harvest import HarvestConfig, capture_dtype, harvest
 from pipelines.models import LoadedModel
-from pipelines.runtime import rank_cpus
 from pipelines.text import TextConfig, token_windows
 
 ROOT = Path(__file__).resolve().parent.parent

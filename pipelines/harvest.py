@@ -45,6 +45,7 @@ import torch
 
 import actstore
 from actstore.config import default_chunk_tokens
+from actstore.devices import rank_cpus
 from actstore.dtypes import STORE_DTYPES, StoreDType, itemsize
 from actstore.errors import ActstoreError
 from actstore.layout import read_root_attrs
@@ -54,7 +55,7 @@ from pipelines.background import ShardHandoff
 from pipelines.batches import Batch, Span, plan_batches
 from pipelines.capture import SITES, ActivationCapture, hook_name
 from pipelines.models import LoadedModel, ModelDType, ModelSpec, load_weights, model_spec
-from pipelines.runtime import Ranks, join_ranks, progress_bar, rank_cpus
+from pipelines.runtime import Ranks, join_ranks, progress_bar
 from pipelines.text import PREFETCH_DEPTH, DatasetError, TextConfig, local_files, token_windows
 from pipelines.transfer import HostShard, ShardRing
 

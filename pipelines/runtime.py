@@ -4,8 +4,7 @@ and a progress bar.
 - :func:`resolve_device` turns a ``--device`` name (``auto``, ``cpu``, ``cuda``, ``cuda:N``) into
   a :class:`torch.device`, checked by :func:`actstore.devices.check_device` (a name the machine
   cannot serve is one ``ValueError`` naming the fix). ``auto`` is this rank's GPU when CUDA is
-  present, else the CPU. Each stage keeps its own default (harvest, eval and lora: ``auto``;
-  train-sae: ``cpu``).
+  present, else the CPU; it is every command's default (harvest, train-sae, eval, lora).
 - :func:`join_ranks` joins the job ``torchrun --nproc_per_node N`` describes (it sets ``RANK``,
   ``LOCAL_RANK`` and ``WORLD_SIZE``) for the duration of a stage: one process group, NCCL on
   CUDA and gloo on the CPU, each CUDA rank on its own GPU (``cuda:LOCAL_RANK``). Without
@@ -17,8 +16,6 @@ and a progress bar.
   seconds (default 7200): a harvest rank that finishes its shards early waits at the final
   barrier for the slowest one, which may take far longer than NCCL's default 10 minutes; a rank
   that dies still ends the job, after the timeout, with an error naming the ranks missing.
-- :func:`rank_cpus` is the number of cores this process may use: its CPU affinity, shared with
-  the other ranks on this node (``LOCAL_WORLD_SIZE``) unless the launcher already narrowed it.
 - :func:`progress_bar` draws one rich bar over a count (tokens, windows), or nothing.
 """
 
@@ -30,11 +27,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from actstore.devices import check_device
+
+T = TypeVar("T")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -62,16 +62,6 @@ def rank_timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def rank_cpus() -> int:
-    """Cores this process may use: its affinity, divided among the node's ranks (``LOCAL_WORLD_SIZE``)
-    when every rank was given the same cores."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if allowed < (os.cpu_count() or allowed):  # the launcher pinned this rank to its own cores
-        return max(1, allowed)
-    return max(1, allowed // max(1, local_ranks))
-
-
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in the job: rank ``rank`` of ``world_size``, computing on ``device``."""
@@ -95,6 +85,24 @@ class Ranks:
             dist.barrier()
             return
         dist.monitored_barrier(self.control, timeout=rank_timeout(), wait_all_ranks=True)
+
+
+    def from_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run by rank 0 alone, its result (or its exception) given to every rank: what
+        only rank 0's machine can see (a run folder on its disk) decides for the whole job."""
+        if self.world_size <= 1:
+            return fn()
+        box: list[object] = [None]
+        if self.main:
+            try:
+                box[0] = (True, fn())
+            except Exception as e:  # raised on every rank: none waits for an answer that never comes
+                box[0] = (False, e)
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        ok, value = box[0]  # type: ignore[misc]
+        if not ok:
+            raise value
+        return value
 
 
 @contextmanager

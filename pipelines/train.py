@@ -91,7 +91,8 @@ class TrainSAEConfig:
     eval_tokens: int = 65536
     log_every: int = 50
     checkpoint_every: int = 500
-    device: str = "cpu"
+    device: str = "auto"
+    """auto (this rank's GPU when CUDA is present, else the CPU), cpu, cuda, cuda:N."""
     progress: bool = True
     wandb_project: str | None = None
     """Log to Weights & Biases under this project (rank 0), see :mod:`pipelines.tracking`."""
@@ -172,11 +173,9 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
     out = Path(cfg.out)
     with join_ranks(cfg.device) as ranks:
         identity = run_identity(cfg, store, hooks, exps, ranks.world_size)
-        if ranks.main:
-            folder = open_run(out, identity, finished_file=SUMMARY_FILE, overwrite=cfg.overwrite, command="train-sae")
-        ranks.barrier()  # rank 0 has emptied the folder (overwrite) before the others look
-        if not ranks.main:
-            folder = open_run(out, identity, finished_file=SUMMARY_FILE, command="train-sae")
+        # rank 0's --out decides (new, resume or finished) for every rank: the others' machines need not hold it
+        folder = ranks.from_main(lambda: open_run(out, identity, finished_file=SUMMARY_FILE, overwrite=cfg.overwrite,
+                                                  command="train-sae"))
         if folder.state == "finished":
             log.info("%s holds the finished run; nothing to do", out)
             return TrainResult(out, list(folder.saved["experiments"]), 0.0, ranks.rank, finished_before=True)
@@ -189,6 +188,7 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
             store, hooks if cfg.group else cfg.hook, cfg.batch_size, seed=cfg.seed, epochs=None, memory=cfg.memory,
             shards=train_shards, min_position=cfg.min_position, normalize="expected_norm" if cfg.normalize else "none",
             scales=saved.get("scales"), rank=ranks.rank, world_size=ranks.world_size,
+            device=str(ranks.device),  # batches land on the training device: pinned, non-blocking, converted there
         )
         data = LayerSampled(stream, cfg.seed) if cfg.group else stream
         scales = {h: stream.scales.get(h, 1.0) for h in hooks}

@@ -104,7 +104,7 @@ def test_train_sae_under_torchrun_two_ranks(store, tmp_path):
     (range(2), 2, "8", 1),  # more ranks than cores: still one thread
 ])
 def test_rank_cpus_shares_the_cores_among_the_node_s_ranks(monkeypatch, affinity, cpu_count, local_ranks, expected):
-    from pipelines import runtime
+    from actstore import devices
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity))
     monkeypatch.setattr(os, "cpu_count", lambda: cpu_count)
@@ -112,7 +112,7 @@ def test_rank_cpus_shares_the_cores_among_the_node_s_ranks(monkeypatch, affinity
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
-    assert runtime.rank_cpus() == expected
+    assert devices.rank_cpus() == expected
 
 
 def test_rank_timeout_comes_from_the_environment(monkeypatch):
@@ -127,3 +127,67 @@ def test_rank_timeout_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("ACTSTORE_RANK_TIMEOUT", "2h")
     with pytest.raises(ValueError, match="ACTSTORE_RANK_TIMEOUT must be a number of seconds, got '2h'"):
         rank_timeout()
+
+
+class Replay:
+    """A rank's batches with a resumable position, like a stream's state."""
+
+    def __init__(self, rank: int):
+        self.items, self.pos = batches(rank), 0
+
+    def __iter__(self):
+        while self.pos < len(self.items):
+            self.pos += 1
+            yield self.items[self.pos - 1]
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+class Crash(Exception):
+    pass
+
+
+def _resume_main(rank: int, world: int, rendezvous: str, out: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}-{mode}", rank=rank, world_size=world)
+    try:
+        # two machines: each rank has its own --out folder; only rank 0's ever holds the checkpoint
+        folder = Path(out) / f"{mode}-rank{rank}"
+        cfg = TrainConfig(tokens=2 * B * STEPS, lr_warmup_steps=3, sparsity_warmup=0.25, log_every=1, dead_tokens=10**9,
+                          checkpoint_every=STEPS // 2)
+        trainer = Trainer(cfg, experiments(), Replay(rank), out_dir=folder)
+        if mode == "crash":
+            def crash(step: int, tokens: int) -> None:
+                if step == STEPS // 2 + 1:
+                    raise Crash
+            trainer.on_step = crash
+            try:
+                trainer.fit()
+            except Crash:
+                pass
+            dist.barrier()
+            trainer = Trainer(cfg, experiments(), Replay(rank), out_dir=folder)
+            assert (rank == 0) == (folder / "checkpoint").exists()
+            trainer.load_checkpoint()
+        trainer.fit()
+        torch.save({"step": trainer.step, "sae": {r.exp.name: r.sae.state_dict() for r in trainer.runs}},
+                   f"{out}/{mode}-{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_from_a_checkpoint_only_rank_0_holds_as_an_uninterrupted_run(tmp_path):
+    for mode in ("straight", "crash"):
+        mp.spawn(_resume_main, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), mode), nprocs=2, join=True)
+    for rank in (0, 1):
+        straight, resumed = (torch.load(tmp_path / f"{m}-{rank}.pt", weights_only=True) for m in ("straight", "crash"))
+        assert straight["step"] == resumed["step"] == STEPS
+        for name, state in straight["sae"].items():
+            for key, value in state.items():
+                torch.testing.assert_close(resumed["sae"][name][key], value, atol=0, rtol=0, msg=f"rank {rank} {name}.{key}")

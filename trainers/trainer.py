@@ -23,7 +23,8 @@ made): every rank holds the same SAEs and reads its own batches (``actstore.stre
 rank a disjoint part); gradients are averaged over ranks before each step, buffers (BatchTopK's
 threshold) averaged after it, a latent counts as fired when it fired on any rank, and
 ``tokens`` counts all ranks' tokens. With equal batch sizes and mean-reduced losses this is the
-single-process step on the ranks' batches put together. Rank 0 writes the checkpoint, holding
+single-process step on the ranks' batches put together. Rank 0 writes and reads the checkpoint
+(sending what it read to every rank, so only its machine needs the folder), holding
 every rank's data position; recorded metrics are rank 0's batch.
 Shape letters: B batch, D d_in, F d_sae.
 """
@@ -308,6 +309,23 @@ class Trainer:
             torch.distributed.barrier()
         return folder
 
+    def _read_checkpoint(self, folder: Path) -> dict[str, Any]:
+        """The checkpoint's state, read by rank 0 alone and sent to every rank (their SAEs and
+        optimisers take it onto their own devices): only rank 0's machine needs ``folder``, as
+        only rank 0 writes it. A failure to read it is raised on every rank."""
+        if self.world_size == 1:
+            return checkpoint.load(folder, device=self.cfg.device)
+        box: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                box[0] = checkpoint.load(folder, device="cpu")
+            except Exception as e:  # every rank raises it, none waits for a state that never comes
+                box[0] = e
+        torch.distributed.broadcast_object_list(box, src=0)
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
     @staticmethod
     def _experiment(e: Experiment) -> dict[str, Any]:
         return {"arch": e.sae.arch, "sae": asdict(e.sae), "lr": e.lr}
@@ -316,7 +334,7 @@ class Trainer:
         """Continue from a checkpoint of a run with the same experiments (and data source);
         a checkpoint of other experiments or another number of ranks is a ``CheckpointError``."""
         folder = Path(folder) if folder is not None else (self.out_dir or Path(".")) / CHECKPOINT_DIR
-        state = checkpoint.load(folder, device=self.cfg.device)
+        state = self._read_checkpoint(folder)
         if state.get("version") != CHECKPOINT_VERSION:
             raise checkpoint.CheckpointError(f"{folder}: trainer checkpoint version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
         data = state["data"]

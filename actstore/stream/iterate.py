@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..commits import ranges_to_shards, shards_to_ranges
-from ..devices import check_device
+from ..devices import check_device, rank_cpus
 from ..errors import EmptyStoreError, EmptyStreamError
 from ..opener import open_store
 from ..prefetch import BufferPool, OutputRing, Prefetcher
@@ -185,7 +185,7 @@ class Stream:
         retired: list[Block] = []  # served blocks, dropped (their pages released, for large stores) by the loader
         blocks = Prefetcher(lambda: self._loader.blocks(plan, start, pool, stop, retired), 1, "actstore-stream-load", stop)
         on_cpu = finisher.device.type == "cpu"  # finish (convert, scale) in the workers; on CUDA, on the device
-        total_threads = torch.get_num_threads()
+        total_threads = rank_cpus()  # not torch's threads: torchrun sets OMP_NUM_THREADS=1 on every rank
         n_workers = max(1, min(total_threads, self.cfg.prefetch))
         workers = ThreadPoolExecutor(
             n_workers, "actstore-stream-gather",
