@@ -107,7 +107,19 @@ ContextSizeOpt = Annotated[int, typer.Option(help="Tokens per window.")]
 
 
 @app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option(
+        "--storage-option", help="key=value for the filesystem of every store the command opens (fsspec/s3fs: "
+                                 "endpoint_url=..., anon=true, client_kwargs={...} as JSON); repeatable, never stored.")] = None,
+) -> None:
+    from actstore.remote import parse_storage_options, use_storage_options
+
+    try:
+        use_storage_options(parse_storage_options(storage_option or []))
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(USER_ERROR) from None
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
         import transformers

@@ -5,7 +5,8 @@ ranged reads) and the matching zarr store (for array metadata and shard writes).
 
 S3 endpoint and credentials come from the environment (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``…)
-or from ``storage_options``; they live only in memory and are never written to a store or a log.
+or from ``storage_options`` (``actstore --storage-option key=value`` for every command:
+:func:`use_storage_options`); they live only in memory and are never written to a store or a log.
 
 Transient failures are retried by the backend, not here. For S3, botocore retries each request
 (server errors, throttling, dropped connections: 5 attempts in its default mode; ``AWS_RETRY_MODE``
@@ -23,7 +24,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -115,12 +116,38 @@ class Location:
             self.fs.rm(self.root, recursive=True)
 
 
+_DEFAULT_OPTIONS: dict[str, Any] = {}
+
+
+def use_storage_options(options: Mapping[str, Any]) -> None:
+    """Options every remote store this process opens gets (under its own ``storage_options``):
+    what ``actstore --storage-option key=value`` sets for whichever command follows. Kept in
+    memory only, like credentials from the environment."""
+    _DEFAULT_OPTIONS.clear()
+    _DEFAULT_OPTIONS.update(options)
+
+
+def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["anon=true", "endpoint_url=http://...", 'client_kwargs={"region_name": "eu-west-1"}']``
+    as a dict: values that parse as JSON are taken as JSON, others as text."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--storage-option {pair!r} is not key=value; e.g. --storage-option anon=true")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
+
+
 def open_location(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, read_only: bool = True) -> Location:
     """Resolve ``url`` (local path or fsspec URL) into a :class:`Location`."""
     url = os.fspath(url) if isinstance(url, os.PathLike) else url
     if not isinstance(url, str) or not url.strip():
         raise ValueError(f"a store needs a path or URL (a folder, s3://bucket/prefix...), got {url!r}")
-    opts = dict(storage_options or {})
+    opts = {**_DEFAULT_OPTIONS, **(storage_options or {})}
     if is_local(url):
         path = url[len("file://"):] if url.startswith("file://") else url
         root = str(Path(path).expanduser().resolve())

@@ -41,3 +41,28 @@ def test_info_errors_are_one_line_exit_2(tmp_path):
     (tmp_path / "other" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
     out = run_cli("info", str(tmp_path / "other"))
     assert out.returncode == 2 and "not an actstore store" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_storage_options_reach_the_store_every_command_opens(s3_server, unique, monkeypatch):
+    from actstore.remote import use_storage_options
+    from tests.helpers import free_port, run_cli_here
+
+    cfg = make_config()
+    data = make_data(cfg)
+    url = f"s3://actstore-test/options-{unique}"
+    with actstore.open_store(url, "a", config=cfg) as w:
+        write_shards(w, cfg, data, w.pending_shards())
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # the endpoint now comes only from --storage-option
+    try:
+        found = run_cli_here("--storage-option", f"endpoint_url={s3_server}", "--storage-option", "skip_instance_cache=true",
+                             "info", url, "--json")
+        assert found.exit_code == 0, found.output
+        assert json.loads(found.stdout)["n_tokens"] == 1000
+        closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there: the option is what the filesystem used
+        missed = run_cli_here("--storage-option", f"endpoint_url={closed}", "--storage-option",
+                              'config_kwargs={"retries": {"max_attempts": 1}}', "info", url)
+        assert missed.exit_code == 2 and closed in missed.output and len(missed.output.strip().splitlines()) == 1, missed.output
+    finally:
+        use_storage_options({})
+    bad = run_cli_here("--storage-option", "endpoint_url", "info", url)
+    assert bad.exit_code == 2 and "--storage-option 'endpoint_url' is not key=value" in bad.output
