@@ -40,7 +40,6 @@ class ShardPipeline:
     def __init__(self, compress_threads: int, store_threads: int, max_in_flight: int):
         if min(compress_threads, store_threads, max_in_flight) < 1:
             raise ValueError("compress_threads, store_threads and max_in_flight must be at least 1")
-        self.compress_threads, self.store_threads, self.max_in_flight = compress_threads, store_threads, max_in_flight
         self._encode = ThreadPoolExecutor(compress_threads, thread_name_prefix="actstore-encode")
         self._store = ThreadPoolExecutor(store_threads, thread_name_prefix="actstore-store")
         self._commit = ThreadPoolExecutor(1, thread_name_prefix="actstore-commit")

@@ -96,15 +96,23 @@ def writer_table(args, console: Console) -> list[tuple[str, str, str]]:
     return headline
 
 
-def bare_forward(model, windows: np.ndarray, batch_size: int, layers) -> float:
-    """Tokens/s of the capture alone, as the harvest runs it (early exit after the deepest layer,
-    activations cast to bf16 as recorded), nothing stored."""
+CPU = torch.device("cpu")
+
+
+def bare_forward(model, windows: np.ndarray, batch_size: int, layers, device: torch.device = CPU) -> float:
+    """Tokens/s of the capture alone, as the harvest runs it (inference mode, early exit after the
+    deepest layer, activations cast to bf16 on ``device`` as recorded), nothing copied out or stored."""
     hooks = [hook_name(layer, "resid_post") for layer in layers]
-    with ActivationCapture(model, hooks, dtype=capture_dtype("bfloat16")) as cap:
-        cap.run(torch.from_numpy(windows[:1, :64]))  # warm-up
+    cuda = device.type == "cuda"
+    with torch.inference_mode(), ActivationCapture(model, hooks, dtype=capture_dtype("bfloat16")) as cap:
+        cap.run(torch.from_numpy(windows[:batch_size] if cuda else windows[:1, :64]).to(device))  # warm-up
+        if cuda:
+            torch.cuda.synchronize(device)
         t = time.perf_counter()
         for i in range(0, len(windows), batch_size):
-            cap.run(torch.from_numpy(windows[i : i + batch_size]))
+            cap.run(torch.from_numpy(windows[i : i + batch_size]).to(device))
+        if cuda:
+            torch.cuda.synchronize(device)
         return windows.size / (time.perf_counter() - t)
 
 

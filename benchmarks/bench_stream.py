@@ -22,7 +22,6 @@ read once first, as for a store harvested earlier):
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import statistics
@@ -38,6 +37,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_store import Capture, capture, store_config, write_capture  # noqa: E402
 from report import scratch, write_json  # noqa: E402
+from synthetic import loopback_s3  # noqa: E402
 
 import actstore  # noqa: E402
 from actstore.stream.plan import ideal_same_context_rate, same_context_rate  # noqa: E402
@@ -187,14 +187,15 @@ def main() -> None:
                              (f"stream / plain read, local {codec}, {len(chosen)} hook(s), 1st epoch / later epochs",
                               f"{cells[4]} / {cells[6]}", "")]
 
-        s3 = s3_store(cap, lm, args.s3_tokens)
-        if s3 is not None:
-            files = shard_files(s3, hooks[:1])
-            plain = [plain_read(s3, files) for _ in range(args.repeats)]
-            streamed = [stream_read(s3, hooks[:1], args.batch_size, 1, args.memory) for _ in range(args.repeats)]
-            cells = ratio_cells(plain, streamed)
-            table.add_row("S3 (moto, loopback), none", "1", *cells)
-            headline.append(("stream / plain read, S3 (moto, loopback), 1 hook, whole run", cells[2], ""))
+        with loopback_s3("bench") as bucket:
+            if bucket is not None:
+                s3 = s3_store(cap, lm, args.s3_tokens, bucket)
+                files = shard_files(s3, hooks[:1])
+                plain = [plain_read(s3, files) for _ in range(args.repeats)]
+                streamed = [stream_read(s3, hooks[:1], args.batch_size, 1, args.memory) for _ in range(args.repeats)]
+                cells = ratio_cells(plain, streamed)
+                table.add_row("S3 (moto, loopback), none", "1", *cells)
+                headline.append(("stream / plain read, S3 (moto, loopback), 1 hook, whole run", cells[2], ""))
         console.print(table)
 
         store = actstore.open_store(str(tmp / "none"))
@@ -213,27 +214,10 @@ def main() -> None:
         write_json(args.json, headline, cores=os.cpu_count(), torch_threads=torch.get_num_threads())
 
 
-def s3_store(cap: Capture, lm, n_tokens: int) -> actstore.Store | None:
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        print("moto not installed: no S3 figure (pip install 'moto[server]')")
-        return None
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"})
-    import s3fs
-
-    s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}").mkdir("bench")
+def s3_store(cap: Capture, lm, n_tokens: int, bucket: str) -> actstore.Store:
+    """The first hook's ``n_tokens`` tokens, uncompressed, in a store under ``bucket`` (s3://...)."""
     small = tiled(Capture(cap.tokens_N, cap.positions_N, {h: x for h, x in list(cap.acts.items())[:1]}), n_tokens)
-    return write_capture("s3://bench/stream", small, store_config(lm, small, CONTEXT, dtype="bfloat16", codec="none"))
+    return write_capture(f"{bucket}/stream", small, store_config(lm, small, CONTEXT, dtype="bfloat16", codec="none"))
 
 
 if __name__ == "__main__":

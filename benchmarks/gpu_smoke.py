@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import signal
@@ -34,15 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_harvest import bare_forward
 from rich.console import Console
 from rich.table import Table
 from synthetic import bare_codec, feed_writer, loopback_s3, random_acts
 
 import actstore
+from actstore.commits import load_records, merge_records
 from actstore.devices import rank_cpus
+from actstore.remote import open_location
 from pipelines import smollm2
 from pipelines.capture import ActivationCapture, hook_name
-from pipelines.harvest import HarvestConfig, capture_dtype, harvest
+from pipelines.harvest import HarvestConfig, harvest
 from pipelines.models import LoadedModel
 from pipelines.text import TextConfig, token_windows
 
@@ -68,23 +70,6 @@ def gemma(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0) 
     finally:
         torch.set_default_dtype(old)
     return model.eval().requires_grad_(False)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bare_forward(model, windows: np.ndarray, batch_size: int, hooks: list[str], device: torch.device) -> float:
-    """Tokens/s of the capture alone (early exit, cast to bf16 on the device), nothing copied out."""
-    with torch.inference_mode(), ActivationCapture(model, hooks, dtype=capture_dtype("bfloat16")) as cap:
-        cap.run(torch.from_numpy(windows[:batch_size]).to(device))  # warm-up
-        sync(device)
-        t = time.perf_counter()
-        for i in range(0, len(windows), batch_size):
-            cap.run(torch.from_numpy(windows[i : i + batch_size]).to(device))
-        sync(device)
-        return windows.size / (time.perf_counter() - t)
 
 
 class BusySampler:
@@ -134,13 +119,9 @@ def same_stores(a: str, b: str) -> bool:
                for h in sa.hooks)
 
 
-def committed_shards(record: Path) -> int:
-    """Shards a writer's commit record lists (0 before it exists; it is replaced atomically)."""
-    try:
-        ranges = json.loads(record.read_text())["attributes"]["actstore_commit"]["shard_ranges"]
-    except (OSError, ValueError, KeyError):
-        return 0
-    return sum(b - a for a, b in ranges)
+def committed_shards(store: Path) -> int:
+    """Shards the store's commit records list (0 before the first commit)."""
+    return len(merge_records(load_records(open_location(str(store)))).shards)
 
 
 def kill_and_resume(folder: Path, device: torch.device, tokens: int) -> str:
@@ -158,15 +139,14 @@ def kill_and_resume(folder: Path, device: torch.device, tokens: int) -> str:
     killed = folder / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "cli", *args(killed)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    record = killed / "commits" / "writer-0" / "zarr.json"
     deadline = time.time() + 180
     while proc.poll() is None and time.time() < deadline:
-        if committed_shards(record) >= 2:
+        if committed_shards(killed) >= 2:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     proc.wait(timeout=60)
-    at = committed_shards(record)
+    at = committed_shards(killed)
     resumed = cli(*args(killed), env=env)
     reference = cli(*args(folder / "reference"), env=env)
     if resumed.returncode or reference.returncode:
@@ -209,8 +189,7 @@ def main() -> None:
         tok = smollm2.load_tokenizer()
         text = TextConfig(context_size=context)
         windows = np.stack([w for _, w in zip(range(tokens // context), token_windows(text, tok), strict=False)])
-        hooks = [hook_name(layer, "resid_post") for layer in range(shape["num_hidden_layers"])]
-        bare = bare_forward(model, windows, batch, hooks, device)
+        bare = bare_forward(model, windows, batch, range(shape["num_hidden_layers"]), device)
         lm = LoadedModel(model, tok, "gemma-2-2b-shaped (random)", None, device, torch.bfloat16, "eager")
         cfg = HarvestConfig(model=lm.name, out=str(folder / "harvest"), layers=tuple(range(shape["num_hidden_layers"])),
                             text=text, tokens=len(windows) * context, batch_size=batch, progress=False, overwrite=True,

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from actstore.devices import check_device
+from trainers.collective import from_rank0
 
 T = TypeVar("T")
 
@@ -90,19 +91,7 @@ class Ranks:
     def from_main(self, fn: Callable[[], T]) -> T:
         """``fn()`` run by rank 0 alone, its result (or its exception) given to every rank: what
         only rank 0's machine can see (a run folder on its disk) decides for the whole job."""
-        if self.world_size <= 1:
-            return fn()
-        box: list[object] = [None]
-        if self.main:
-            try:
-                box[0] = (True, fn())
-            except Exception as e:  # raised on every rank: none waits for an answer that never comes
-                box[0] = (False, e)
-        dist.broadcast_object_list(box, src=0, group=self.control)
-        ok, value = box[0]  # type: ignore[misc]
-        if not ok:
-            raise value
-        return value
+        return from_rank0(fn, self.rank, self.world_size, self.control)
 
 
 @contextmanager

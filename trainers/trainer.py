@@ -43,6 +43,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import checkpoint, make_sae
+from .collective import from_rank0
 from .sae import SAE, SAEConfig, fvu
 
 log = logging.getLogger(__name__)
@@ -313,18 +314,8 @@ class Trainer:
         """The checkpoint's state, read by rank 0 alone and sent to every rank (their SAEs and
         optimisers take it onto their own devices): only rank 0's machine needs ``folder``, as
         only rank 0 writes it. A failure to read it is raised on every rank."""
-        if self.world_size == 1:
-            return checkpoint.load(folder, device=self.cfg.device)
-        box: list[Any] = [None]
-        if self.rank == 0:
-            try:
-                box[0] = checkpoint.load(folder, device="cpu")
-            except Exception as e:  # every rank raises it, none waits for a state that never comes
-                box[0] = e
-        torch.distributed.broadcast_object_list(box, src=0)
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
+        device = self.cfg.device if self.world_size == 1 else "cpu"
+        return from_rank0(lambda: checkpoint.load(folder, device=device), self.rank, self.world_size)
 
     @staticmethod
     def _experiment(e: Experiment) -> dict[str, Any]:
