@@ -10,8 +10,10 @@ that overlap across shards:
 2. *store*: as soon as an array's chunks are encoded, one job on the I/O pool assembles its shard
    object and stores it (a local file, or one S3 PUT, multipart for large objects);
 3. *commit*: a single thread takes the shards in submission order, waits for all of a shard's
-   objects, and calls the commit function: commits never race, and shard ``n + 1`` never
-   commits before shard ``n``.
+   objects, and calls the commit function: commits never race, shard ``n + 1`` never commits
+   before shard ``n``, and once a shard fails none submitted after it commits (their objects are
+   cleaned up like the failed one's): the committed shards are always a prefix of the submitted
+   ones, as if they had been written one at a time. A rerun writes the rest.
 
 At most ``max_in_flight`` shards are between submission and commit: :meth:`ShardPipeline.submit`
 blocks until one commits (backpressure), so memory stays bounded by that many shards' inputs and
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ShardError
 from .shardio import ArrayLayout
 
 Pieces = list[memoryview | bytes]
@@ -44,6 +47,8 @@ class ShardPipeline:
         self._store = ThreadPoolExecutor(store_threads, thread_name_prefix="actstore-store")
         self._commit = ThreadPoolExecutor(1, thread_name_prefix="actstore-commit")
         self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._failed: BaseException | None = None
+        """The first shard failure: no shard submitted after it commits (only the commit thread sets it)."""
 
     def submit(
         self,
@@ -79,14 +84,19 @@ class ShardPipeline:
     def _assemble_and_store(layout: ArrayLayout, jobs: list[Future], store: Callable[[str, Pieces], None]) -> None:
         store(layout.path, layout.assemble_shard([j.result() for j in jobs]))
 
-    @staticmethod
-    def _settle_when_stored(stored: list[Future], stats: Mapping[str, Future],
+    def _settle_when_stored(self, stored: list[Future], stats: Mapping[str, Future],
                             settle: Callable[[dict[str, Any], BaseException | None], None]) -> None:
         errors = [e for f in [*stored, *stats.values()] if (e := f.exception()) is not None]
-        if errors:
-            settle({}, errors[0])
-            raise errors[0]
-        settle({name: f.result() for name, f in stats.items()}, None)
+        if not errors and self._failed is not None:  # committed shards stay a prefix of the submitted ones
+            errors = [ShardError(f"not committed: an earlier shard failed ({self._failed})")]
+        try:
+            if errors:
+                settle({}, errors[0])
+                raise errors[0]
+            settle({name: f.result() for name, f in stats.items()}, None)  # the commit itself may fail too
+        except BaseException as e:
+            self._failed = self._failed or e
+            raise
 
     def close(self) -> None:
         """Wait for every shard in flight, then stop the pools."""

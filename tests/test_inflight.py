@@ -5,7 +5,7 @@
 - :class:`actstore.writer.StoreWriter` with several shards in flight (``submit_shard``) stores
   the same bytes, commits and statistics as one shard at a time, commits in submission order
   whatever order the objects finish in, never holds more than ``max_in_flight`` shards, and a
-  failed store fails only its shard (uncommitted, its objects removed);
+  failed store fails its shard and those in flight behind it (uncommitted, objects removed);
 - :class:`pipelines.transfer.ShardRing` on the CPU: rows land at their offsets with their tokens,
   ``take`` blocks while every buffer is lent, and non-finite batches are caught per shard.
 
@@ -203,7 +203,9 @@ def test_at_most_max_in_flight_shards_between_submission_and_commit(tmp_path, ma
     assert actstore.open_store(str(tmp_path / "s")).is_complete
 
 
-def test_a_failed_store_fails_only_its_shard_and_leaves_no_objects(tmp_path):
+def test_a_failed_store_fails_its_shard_and_every_later_one_leaving_no_objects(tmp_path):
+    """Committed shards stay a prefix of the submitted ones (as when they were written one at a
+    time): shards in flight behind a failed one are not committed, and their objects go too."""
     cfg = make_config()
     data = make_data(cfg)
     url = str(tmp_path / "s")
@@ -225,24 +227,27 @@ def test_a_failed_store_fails_only_its_shard_and_leaves_no_objects(tmp_path):
         futures = [w.submit_shard(s, **shard_inputs(cfg, data, s)) for s in range(4)]
         with pytest.raises(StoreAccessError, match="No space left on device"):
             futures[1].result(timeout=30)
-        for s in (0, 2, 3):
-            assert futures[s].result(timeout=30) is None
-        assert w.committed_shards == {0, 2, 3}
-        assert w.pending_shards() == [1]
+        for s in (2, 3):
+            with pytest.raises(actstore.ShardError, match="not committed: an earlier shard failed .*No space left on device"):
+                futures[s].result(timeout=30)
+        assert futures[0].result(timeout=30) is None
+        assert w.committed_shards == {0}
+        assert w.pending_shards() == [1, 2, 3]
     assert {TOKENS, POSITIONS, acts_path(HOOKS[0])} <= set(stored_of_1)  # written, then removed
     for spec in array_specs(cfg):
         ndim = 1 + len(spec.shape_tail)
-        assert not (tmp_path / "s" / shard_key(spec.path, 1, ndim)).exists(), spec.path
-        assert (tmp_path / "s" / shard_key(spec.path, 2, ndim)).exists(), spec.path
+        for shard in (1, 2, 3):
+            assert not (tmp_path / "s" / shard_key(spec.path, shard, ndim)).exists(), (spec.path, shard)
+        assert (tmp_path / "s" / shard_key(spec.path, 0, ndim)).exists(), spec.path
     store = actstore.open_store(url)
-    assert store.committed_shards == [0, 2, 3]
-    assert store.attrs["n_tokens"] == 1000 - 256 and store.attrs["n_shards_committed"] == 3
-    assert store.stats(HOOKS[0]).count == 1000 - 256
-    np.testing.assert_array_equal(store.tokens(512, 1000), data["tokens"][512:1000])
+    assert store.committed_shards == [0]
+    assert store.attrs["n_tokens"] == 256 and store.attrs["n_shards_committed"] == 1
+    assert store.stats(HOOKS[0]).count == 256
+    np.testing.assert_array_equal(store.tokens(0, 256), data["tokens"][0:256])
     record = json.loads((tmp_path / "s" / "commits" / "writer-0" / "zarr.json").read_text())
-    assert record["attributes"]["actstore_commit"]["shard_ranges"] == [[0, 1], [2, 4]]
-    with StoreWriter(url, cfg) as w:  # a resume finds shard 1 still to write
-        assert w.pending_shards() == [1]
+    assert record["attributes"]["actstore_commit"]["shard_ranges"] == [[0, 1]]
+    with StoreWriter(url, cfg) as w:  # a resume finds shards 1-3 still to write
+        assert w.pending_shards() == [1, 2, 3]
 
 
 def test_a_shard_being_committed_cannot_be_submitted_again(tmp_path):
@@ -296,9 +301,12 @@ def test_a_failed_commit_removes_the_shards_objects(tmp_path):
         futures = [w.submit_shard(s, **shard_inputs(cfg, data, s)) for s in range(3)]
         with pytest.raises(StoreAccessError, match="No space left on device"):
             futures[1].result(timeout=30)
-        futures[0].result(timeout=30), futures[2].result(timeout=30)
-    assert actstore.open_store(url).committed_shards == [0, 2]
-    left = [spec.path for spec in array_specs(cfg) if (tmp_path / "s" / shard_key(spec.path, 1, 1 + len(spec.shape_tail))).exists()]
+        with pytest.raises(actstore.ShardError, match="not committed: an earlier shard failed"):
+            futures[2].result(timeout=30)
+        futures[0].result(timeout=30)
+    assert actstore.open_store(url).committed_shards == [0]
+    left = [(spec.path, shard) for spec in array_specs(cfg) for shard in (1, 2)
+            if (tmp_path / "s" / shard_key(spec.path, shard, 1 + len(spec.shape_tail))).exists()]
     assert left == []
 
 
