@@ -236,6 +236,8 @@ def train_sae(
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Scale to E||x||^2 = d_in (folded back on save).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the data order and initial weights.")] = 0,
     device: DeviceOpt = "auto",
+    dtype: Annotated[str, typer.Option(help="SAE compute: float32, or bfloat16 (autocast matmuls; fp32 weights, optimiser, losses).")] = "float32",
+    tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="fp32 matmuls on CUDA through TF32 tensor cores.")] = True,
     as_json: Annotated[bool, json_flag("Print the summary as JSON.")] = False,
     progress: ProgressOpt = True,
     wandb: Annotated[str | None, typer.Option(help="Also log metrics to this Weights & Biases project (WANDB_MODE=offline works).")] = None,
@@ -268,7 +270,8 @@ def train_sae(
         tokens=parse_count(tokens), archs=archs, expansions=parse_list(expansion, int),
         lrs=parse_list(lr), sparsity=sparsity, sweep=read_sweep(sweep) if sweep else (), batch_size=batch_size,
         seed=seed, memory=memory, normalize=normalize, min_position=min_position, checkpoint_every=checkpoint_every,
-        eval_tokens=0 if eval_tokens.strip() == "0" else parse_count(eval_tokens), device=device, progress=progress and not as_json,
+        eval_tokens=0 if eval_tokens.strip() == "0" else parse_count(eval_tokens), device=device, dtype=dtype, tf32=tf32,
+        progress=progress and not as_json,
         wandb_project=wandb, wandb_name=wandb_name, overwrite=overwrite,
     )
     if per_layer:

@@ -1,4 +1,4 @@
-"""GPU smoke test of the harvest: one script, one table, no network, under 8 minutes on one GPU.
+"""GPU smoke test of the harvest and of training: one script, one table, no network, under 9 minutes on one GPU.
 
 Random-weight models with real shapes are built from their configs on the device (no download):
 
@@ -11,7 +11,10 @@ Random-weight models with real shapes are built from their configs on the device
 - a tiny Gemma-2 with logit softcapping: activations captured in bf16 on the device against
   float32 on the CPU from the same weights (relative error per hook, worst shown);
 - kill -9 of a harvest on the device after some commits, resume, and the store compared to an
-  uninterrupted one: bit-identical.
+  uninterrupted one: bit-identical;
+- training (:mod:`gpu_train`): TopK SAE training tokens/s at 16k and 64k latents, fp32 (TF32) and
+  bf16, against the encoder matmul alone; the stream's tokens/s into device memory; the sparse
+  TopK step against the dense reference on the device.
 
     python benchmarks/gpu_smoke.py               # on a GPU machine
     python benchmarks/gpu_smoke.py --reduced     # CPU, tiny shapes, seconds: what the test suite runs
@@ -34,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_harvest import bare_forward
+from gpu_train import rows as training_rows
 from rich.console import Console
 from rich.table import Table
 from synthetic import bare_codec, feed_writer, loopback_s3, random_acts
@@ -226,6 +230,8 @@ def main() -> None:
                      f"{softcap_error(device, 256):.4f}", "< 0.05"))
         rows.append(("kill -9, resume: bit-identical to an uninterrupted run",
                      kill_and_resume(folder, device, 4096 if args.reduced else 32768), "True"))
+        # 5. training: the trainer and the stream on the device
+        rows += training_rows(folder, device, args.reduced)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

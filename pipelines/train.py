@@ -54,7 +54,7 @@ from pipelines.runtime import join_ranks, progress_bar
 from pipelines.tracking import WandbLog
 from trainers import ARCHITECTURES, sae_config
 from trainers.saelens_format import HookInfo, save_saelens
-from trainers.trainer import Experiment, TrainConfig, Trainer, evaluate
+from trainers.trainer import COMPUTE_DTYPES, Experiment, TrainConfig, Trainer, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,10 @@ class TrainSAEConfig:
     checkpoint_every: int = 500
     device: str = "auto"
     """auto (this rank's GPU when CUDA is present, else the CPU), cpu, cuda, cuda:N."""
+    dtype: str = "float32"
+    """The SAEs' compute: float32, or bfloat16 (autocast, fp32 master weights): see ``TrainConfig``."""
+    tf32: bool = True
+    """fp32 matmuls on CUDA through TF32 tensor cores."""
     progress: bool = True
     wandb_project: str | None = None
     """Log to Weights & Biases under this project (rank 0), see :mod:`pipelines.tracking`."""
@@ -105,6 +109,8 @@ class TrainSAEConfig:
         unknown = [a for a in self.archs if a not in ARCHITECTURES]
         if unknown:
             raise ValueError(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(ARCHITECTURES)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown --dtype {self.dtype!r}; choose from {', '.join(COMPUTE_DTYPES)}")
         if self.tokens <= 0 or self.batch_size <= 0 or self.eval_tokens < 0:
             raise ValueError("tokens and batch size must be positive, eval tokens >= 0")
 
@@ -195,10 +201,10 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         steps = math.ceil(cfg.tokens / (cfg.batch_size * ranks.world_size))
         train = TrainConfig(tokens=cfg.tokens, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                             device=str(ranks.device), dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 4)),
-                            lr_warmup_steps=min(WARMUP_STEPS, max(1, steps // 10)))
+                            lr_warmup_steps=min(WARMUP_STEPS, max(1, steps // 10)), dtype=cfg.dtype, tf32=cfg.tf32)
         record = {**run_record(identity), "store_url": store.url, "train_shards": train_shards, "eval_shards": eval_shards,
                   "scales": scales}
-        trainer = Trainer(train, exps, data, out_dir=out, run_info=record)
+        trainer = Trainer(train, exps, data, out_dir=out, run_info=record, host_group=ranks.control)
         if folder.state == "resume":
             trainer.load_checkpoint()
             log.info("resuming %s from step %d", out, trainer.step)
@@ -262,6 +268,7 @@ def run_identity(cfg: TrainSAEConfig, store: actstore.Store, hooks: list[str], e
         "tokens": cfg.tokens, "batch_size": cfg.batch_size, "seed": cfg.seed, "normalize": cfg.normalize,
         "min_position": cfg.min_position, "eval_tokens": cfg.eval_tokens, "log_every": cfg.log_every,
         "world_size": world_size,
+        **({"dtype": cfg.dtype} if cfg.dtype != "float32" else {}),  # only when set: runs from before it resume
     }
 
 

@@ -27,3 +27,8 @@ def test_gpu_smoke_reduced_runs_on_the_cpu_and_its_checks_hold():
     for figure in ("forward, early exit (tokens/s)", "harvest, all layers to the store (tokens/s)"):
         assert float(rows[figure].replace(",", "")) > 0, run.stdout
     assert float(rows["harvest / forward, end to end"]) > 0.2, run.stdout
+    training = {k: v for k, v in rows.items() if k.startswith("TopK 1k latents") and "tokens/s" in k}
+    assert len(training) == 4 and all(float(v.split(" / ")[0].replace(",", "")) > 0 for v in training.values()), run.stdout
+    streamed = [float(v.replace(",", "")) for k, v in rows.items() if k.startswith("stream into cpu memory")]
+    assert len(streamed) == 2 and min(streamed) > 0, run.stdout
+    assert float(rows["TopK sparse step vs fp64 dense reference on cpu (torch), worst rel. error"]) < 1e-3, run.stdout

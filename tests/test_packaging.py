@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("actstore", "trainers", "pipelines")
 SINGLE_MODULES = ("cli",)
 OWN = frozenset(PACKAGES + SINGLE_MODULES)
-OPTIONAL = {"sae_lens": "saelens", "wandb": "wandb"}
+OPTIONAL = {"sae_lens": "saelens", "wandb": "wandb", "triton": "dev"}
 """Top-level modules imported only on request (``--sae saelens:...``, ``--wandb``) -> the extra
 that declares them; each import must sit in a ``try`` that catches ImportError."""
 LAYERS = {

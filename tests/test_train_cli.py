@@ -57,6 +57,26 @@ def small_run(store, out, *extra):
             "--batch-size", "256", "--eval-tokens", "1k", "--json", *extra]
 
 
+def test_bfloat16_training_is_its_own_run_and_float32_runs_keep_their_identity(store, tmp_path):
+    out = tmp_path / "run"
+    half = run_cli(*small_run(store, out, "--dtype", "bfloat16", "--no-tf32"))
+    assert half.returncode == 0, half.stderr
+    assert 0 < json.loads(half.stdout)["experiments"][0]["eval_fvu"] < 1.5
+    files = folder_bytes(out)
+    full = run_cli(*small_run(store, out))  # the same run in fp32 is another run: refused, nothing touched
+    assert full.returncode == 2 and "holds another run" in full.stderr and "dtype" in full.stderr
+    assert folder_bytes(out) == files
+    assert "dtype" not in run_identity_of(tmp_path, store)  # fp32 (the default) adds nothing: old runs resume
+
+
+def run_identity_of(tmp_path, store) -> dict:
+    from pipelines.train import TrainSAEConfig, experiments, run_identity
+
+    cfg = TrainSAEConfig(store=store, hook=HOOK, out=str(tmp_path / "x"), tokens=2048)
+    opened = actstore.open_store(store)
+    return run_identity(cfg, opened, [HOOK], experiments(cfg, opened.config.model.d_model), 1)
+
+
 def test_a_store_made_anew_at_the_same_path_is_another_run(store, tmp_path):
     out = tmp_path / "run"
     assert run_cli(*small_run(store, out)).returncode == 0
@@ -132,6 +152,7 @@ def test_a_store_too_small_to_hold_out_says_so(tmp_path, caplog):
         (["--k", "500"], "larger than|between 1 and the SAE width"),
         (["--arch", "sparse-magic"], "unknown --arch"),
         (["--sweep", "SWEEP"], "unknown setting"),
+        (["--dtype", "float16"], "unknown --dtype 'float16'; choose from float32, bfloat16"),
     ],
 )
 def test_train_sae_bad_input_is_one_line_exit_2(store, tmp_path, extra, message):

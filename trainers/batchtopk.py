@@ -64,14 +64,12 @@ class BatchTopKSAE(SAE):
         l2 = mse(x_BD, recon_BD)
         loss, terms = l2, {"mse": l2.detach()}
         aux = dense_auxk(x_BD, recon_BD, pre_BF, dead_F, self.W_dec, self.cfg.aux_k, self.cfg.aux_coeff)
-        if aux is not None:
-            loss = loss + self.cfg.aux_coeff * aux
-            terms["aux"] = aux.detach()
-        with torch.no_grad():
-            kept = top.values[top.values > 0]
-            if len(kept):
-                lr = self.cfg.threshold_lr
-                self.threshold.mul_(1 - lr).add_(lr * kept.min().double())
+        loss = loss if aux is None else loss + self.cfg.aux_coeff * aux
+        terms["aux"] = torch.zeros((), device=x_BD.device) if aux is None else aux.detach()
+        with torch.no_grad():  # running mean of the smallest kept activation; kept on the device (no host sync)
+            smallest = torch.where(top.values > 0, top.values, float("inf")).min().double()
+            lr = self.cfg.threshold_lr
+            self.threshold.copy_(torch.where(smallest.isfinite(), self.threshold * (1 - lr) + lr * smallest, self.threshold))
         active_BF = f_BF.detach() > 0
         terms["threshold"] = self.threshold.detach().float()
         return StepOutput(loss, recon_BD.detach(), active_BF.sum(-1).float().mean(), active_BF.any(0), terms)

@@ -1,34 +1,71 @@
 """Sparse kernels for TopK SAEs: gradients at the selected latents only, decoding by gathering.
 
 A TopK SAE (Gao et al. 2024, arXiv 2406.04093, §2.3) keeps ``K`` of ``F`` latents per token. The
-dense reference computes ``pre = x_in @ W_enc + b_enc`` ([B, F]), takes the top ``K`` and
-decodes with ``f @ W_dec``; its backward costs two more ``B x D x F`` matmuls although only the
-``S = B K`` selected entries of ``pre`` matter. Here the selections form a sparse ``[B, F]``
-matrix ``G`` (``K`` entries per row) and every product touches only them (``S D`` work each):
+dense reference computes ``pre_BF = x_in_BD @ W_enc_DF + b_enc_F``, takes the top ``K`` and
+decodes with ``f_BF @ W_dec_FD``; its backward costs two more ``B x D x F`` matmuls although only
+the ``S = B K`` selected entries of ``pre_BF`` matter. Here the selections form a sparse
+``G_BF`` (``K`` entries per row) and every product touches only them (``S D`` work each):
 
 - :func:`select_topk`: the encoder matmul and the top-``K`` in row blocks, while each block of
-  ``pre`` is still in cache; the full ``pre`` is kept only when asked (AuxK needs it);
+  ``pre_BF`` is still in cache; the full ``pre_BF`` is kept only when asked (AuxK needs it);
 - :class:`Selected`: the selected pre-activations as a function of ``(W_enc, b_enc, b_dec)``:
-  ``dW_enc = x_in^T G`` (a sparse-dense matmul, latent-major), ``db_enc`` by index-add, and
-  ``db_dec = -W_enc db_enc`` (``x_in = x - b_dec``, the input ``x`` needs no gradient);
-- :class:`SparseDecode`: ``x_hat = G W_dec`` with ``G`` holding the latent values (CSR
-  sparse-dense matmul); ``dW_dec = G^T dx_hat`` (latent-major) and
-  ``dvals[b, k] = <dx_hat[b], W_dec[idx[b, k]]>`` (a sampled dense-dense matmul).
+  ``dW_enc = x_in^T G`` (latent-major: row ``f`` of ``dW_enc_FD`` sums ``g[b, k] x_in[b]``
+  over ``idx[b, k] = f``), ``db_enc_F`` (the same sums of ``g``), ``db_dec = -W_enc db_enc``
+  (``x_in = x - b_dec``, the input ``x`` needs no gradient);
+- :class:`SparseDecode`: ``x_hat_BD = G W_dec`` (``x_hat[b] = sum_k vals[b, k] W_dec[idx[b, k]]``,
+  a gather); ``dW_dec_FD = G^T dx_hat`` (latent-major, as above) and
+  ``dvals[b, k] = <dx_hat[b], W_dec[idx[b, k]]>`` (a sampled dense-dense product).
 
-:class:`Selection` holds the index structures both need, built once per step.
-Both are tested against the dense reference (values and gradients).
+:class:`Selection` holds the index structures both need, built once per step without a host
+sync. Two backends compute the products (:func:`kernel_backend`, environment variable
+``ACTSTORE_SPARSE_KERNEL`` = ``auto`` | ``torch`` | ``triton``):
+
+- ``triton``: :mod:`trainers.triton_kernels` (gather-decode, sampled dot, latent-major
+  segmented sum over :class:`Selection`'s latent-sorted order: deterministic, no atomics),
+  fp32 accumulation; ``auto`` picks it for CUDA tensors when triton imports;
+- ``torch``: torch's sparse CSR ops (``torch.sparse.mm``, ``sampled_addmm``), ``index_add_``
+  for ``db_enc``; ``auto`` picks it everywhere else.
+
+Both are tested against the dense reference (values and gradients); :func:`trainers.kernel_check.check_against_dense`
+does it for one training step on any device (the GPU smoke script).
 Shape letters: B batch, D d_in, F d_sae, K active latents per token, S = B K selections.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
+from . import triton_kernels
+
 ROW_BLOCK = 512
 """Rows of ``pre`` computed and searched at a time by :func:`select_topk`."""
+KERNEL_ENV = "ACTSTORE_SPARSE_KERNEL"
+"""Environment variable choosing the backend: ``auto`` (default), ``torch`` or ``triton``."""
+
+
+def kernel_backend(*tensors: torch.Tensor) -> Literal["torch", "triton"]:
+    """The backend for products on ``tensors``, as :data:`KERNEL_ENV` asks: ``auto`` takes
+    Triton for CUDA tensors when it imports, else torch; ``triton`` on CPU tensors only under
+    Triton's interpreter (``TRITON_INTERPRET=1``, how the tests run the kernels)."""
+    choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r} is not a backend; set it to auto, torch or triton")
+    on_cuda = all(t.is_cuda for t in tensors)
+    if choice == "torch" or (choice == "auto" and not (on_cuda and triton_kernels.UNAVAILABLE is None)):
+        return "torch"
+    if triton_kernels.UNAVAILABLE is not None:
+        raise ValueError(f"{KERNEL_ENV}=triton but {triton_kernels.UNAVAILABLE}")
+    if not on_cuda and not triton_kernels.INTERPRETED:
+        devices = sorted({str(t.device) for t in tensors})
+        raise ValueError(
+            f"{KERNEL_ENV}=triton with tensors on {', '.join(devices)}: Triton kernels need CUDA tensors, or "
+            f"TRITON_INTERPRET=1 set before trainers.sparse is imported to interpret them on the CPU; "
+            f"set {KERNEL_ENV}=auto to use the torch path there")
+    return "triton"
 
 
 class Selection(NamedTuple):
@@ -51,8 +88,9 @@ class Selection(NamedTuple):
         B, K = idx_BK.shape
         flat_S = idx_BK.reshape(-1)
         order_S = torch.argsort(flat_S)
+        # counts by index_add_, not bincount: bincount reads the largest index on the host (a sync on CUDA)
         crow_F1 = torch.zeros(n_latents + 1, dtype=torch.int64, device=idx_BK.device)
-        crow_F1[1:] = torch.bincount(flat_S, minlength=n_latents).cumsum(0)
+        crow_F1[1:].index_add_(0, flat_S, torch.ones_like(flat_S)).cumsum_(0)
         crow_B1 = torch.arange(0, B * K + 1, K, device=idx_BK.device)
         return cls(idx_BK, crow_B1, order_S, crow_F1, order_S // K, n_latents)
 
@@ -103,20 +141,26 @@ class Selected(torch.autograd.Function):
                 b_enc_F: torch.Tensor, b_dec_D: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x_in_BD, W_enc_DF)
         ctx.sel = sel
+        ctx.backend = kernel_backend(x_in_BD, W_enc_DF)
         return pre_BK.clone()
 
     @staticmethod
     def backward(ctx, g_BK: torch.Tensor):
         x_in_BD, W_enc_DF = ctx.saved_tensors
         sel: Selection = ctx.sel
-        g_BK = g_BK.to(W_enc_DF.dtype)
-        grad_W = grad_b = grad_b_dec = None
-        if ctx.needs_input_grad[3]:
-            grad_W = sel.latent_outer(g_BK, x_in_BD.to(W_enc_DF.dtype)).T  # [F, D] storage, see trainers.sae
-        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
-            db_F = torch.zeros(sel.n_latents, dtype=W_enc_DF.dtype, device=g_BK.device).index_add_(0, sel.idx_BK.reshape(-1), g_BK.reshape(-1))
-            grad_b = db_F if ctx.needs_input_grad[4] else None
-            grad_b_dec = -(W_enc_DF @ db_F) if ctx.needs_input_grad[5] else None
+        need_W, need_b, need_b_dec = ctx.needs_input_grad[3:6]
+        dtype = W_enc_DF.dtype
+        g_BK = g_BK.to(dtype)
+        grad_W = db_F = None
+        if ctx.backend == "triton" and need_W:  # dW_enc_FD and db_enc_F in one pass over the selections
+            grad_W_FD, db_F = triton_kernels.latent_sum(g_BK, sel.order_S, sel.token_S, sel.crow_F1, x_in_BD, dtype, with_sums=True)
+            grad_W = grad_W_FD.T  # [F, D] storage, see trainers.sae
+        elif need_W:
+            grad_W = sel.latent_outer(g_BK, x_in_BD.to(dtype)).T
+        if db_F is None and (need_b or need_b_dec):
+            db_F = torch.zeros(sel.n_latents, dtype=dtype, device=g_BK.device).index_add_(0, sel.idx_BK.reshape(-1), g_BK.reshape(-1))
+        grad_b = db_F if need_b else None
+        grad_b_dec = -(W_enc_DF @ db_F) if need_b_dec else None
         return None, None, None, grad_W, grad_b, grad_b_dec
 
 
@@ -128,6 +172,9 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx, vals_BK: torch.Tensor, sel: Selection, W_dec_FD: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(vals_BK, W_dec_FD)
         ctx.sel = sel
+        ctx.backend = kernel_backend(vals_BK, W_dec_FD)
+        if ctx.backend == "triton":
+            return triton_kernels.gather_decode(vals_BK, sel.idx_BK, W_dec_FD, W_dec_FD.dtype)
         return torch.sparse.mm(sel.token_major(vals_BK.to(W_dec_FD.dtype)), W_dec_FD)
 
     @staticmethod
@@ -136,6 +183,12 @@ class SparseDecode(torch.autograd.Function):
         sel: Selection = ctx.sel
         g_BD = g_BD.to(W_dec_FD.dtype).contiguous()
         grad_vals = grad_W = None
+        if ctx.backend == "triton":
+            if ctx.needs_input_grad[0]:
+                grad_vals = triton_kernels.sampled_dot(g_BD, sel.idx_BK, W_dec_FD, vals_BK.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_W, _ = triton_kernels.latent_sum(vals_BK, sel.order_S, sel.token_S, sel.crow_F1, g_BD, W_dec_FD.dtype)
+            return grad_vals, None, grad_W
         if ctx.needs_input_grad[0]:
             pattern = sel.token_major(torch.zeros_like(vals_BK, dtype=W_dec_FD.dtype))
             grad_vals = torch.sparse.sampled_addmm(pattern, g_BD, W_dec_FD.T, beta=0.0).values().view_as(vals_BK).to(vals_BK.dtype)

@@ -56,27 +56,27 @@ class TopKSAE(SAE):
         return torch.zeros_like(pre_BF).scatter_(-1, top.indices, torch.relu(top.values))
 
     def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
-        n_dead = int(dead_F.sum()) if dead_F is not None else 0
-        use_aux = bool(n_dead and self.cfg.aux_k and self.cfg.aux_coeff)
+        use_aux = dead_F is not None and bool(self.cfg.aux_k and self.cfg.aux_coeff)
         x_in_BD = (x_BD - self.b_dec).detach()
-        pre_BK, idx_BK, pre_BF = select_topk(x_in_BD, self.W_enc, self.b_enc, self.cfg.k, keep_pre=use_aux)
-        sel = Selection.of(idx_BK, self.cfg.d_sae)
-        vals_BK = torch.relu(Selected.apply(pre_BK, x_in_BD, sel, self.W_enc, self.b_enc, self.b_dec))
-        recon_BD = sparse_decode(vals_BK, sel, self.W_dec) + self.b_dec
-        l2 = mse(x_BD, recon_BD)
-        loss, terms = l2, {"mse": l2.detach()}
-        if use_aux:
-            with torch.no_grad():
-                aux_pre_BA, idx_BA = pre_BF.masked_fill_(~dead_F, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1, sorted=False)
-            aux_sel = Selection.of(idx_BA, self.cfg.d_sae)
-            aux_BA = torch.relu(Selected.apply(aux_pre_BA, x_in_BD, aux_sel, self.W_enc, self.b_enc, self.b_dec))
-            aux = aux_loss(x_BD - recon_BD.detach(), sparse_decode(aux_BA, aux_sel, self.W_dec))
-            loss = loss + self.cfg.aux_coeff * aux
-            terms["aux"] = aux.detach()
-        fired_F = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_BD.device)
-        fired_F[idx_BK[vals_BK.detach() > 0]] = True
-        l0 = (vals_BK.detach() > 0).sum(-1).float().mean()
-        return StepOutput(loss, recon_BD.detach(), l0, fired_F, terms)
+        dt = compute_dtype(x_BD.device, self.W_enc.dtype)  # bf16 under autocast: the one B x D x F matmul
+        pre_BK, idx_BK, pre_BF = select_topk(x_in_BD.to(dt), self.W_enc.to(dt), self.b_enc.to(dt), self.cfg.k, keep_pre=use_aux)
+        with torch.autocast(x_BD.device.type, enabled=False):  # the S D sparse products: in the weights' dtype
+            sel = Selection.of(idx_BK, self.cfg.d_sae)
+            vals_BK = torch.relu(Selected.apply(pre_BK.to(self.W_enc.dtype), x_in_BD, sel, self.W_enc, self.b_enc, self.b_dec))
+            recon_BD = sparse_decode(vals_BK, sel, self.W_dec) + self.b_dec
+            l2 = mse(x_BD, recon_BD)
+            loss, terms = l2, {"mse": l2.detach(), "aux": torch.zeros((), device=x_BD.device)}
+            if use_aux:
+                aux_pre_BA, idx_BA = dead_topk(pre_BF, dead_F, self.cfg.aux_k)
+                aux_sel = Selection.of(idx_BA, self.cfg.d_sae)
+                aux_BA = torch.relu(Selected.apply(aux_pre_BA.to(self.W_enc.dtype), x_in_BD, aux_sel, self.W_enc, self.b_enc, self.b_dec))
+                aux = aux_loss(x_BD - recon_BD.detach(), sparse_decode(aux_BA, aux_sel, self.W_dec)) * dead_F.any()
+                loss = loss + self.cfg.aux_coeff * aux
+                terms["aux"] = aux.detach()
+        active_BK = vals_BK.detach() > 0
+        fired_F = torch.zeros(self.cfg.d_sae, dtype=torch.int32, device=x_BD.device).index_add_(
+            0, idx_BK.reshape(-1), active_BK.reshape(-1).to(torch.int32)) > 0
+        return StepOutput(loss, recon_BD.detach(), active_BK.sum(-1).float().mean(), fired_F, terms)
 
     def dense_training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
         """Reference: the same loss with dense matrices throughout (for tests)."""
@@ -87,9 +87,8 @@ class TopKSAE(SAE):
         l2 = mse(x_BD, recon_BD)
         loss, terms = l2, {"mse": l2.detach()}
         aux = dense_auxk(x_BD, recon_BD, pre_BF, dead_F, self.W_dec, self.cfg.aux_k, self.cfg.aux_coeff)
-        if aux is not None:
-            loss = loss + self.cfg.aux_coeff * aux
-            terms["aux"] = aux.detach()
+        loss = loss if aux is None else loss + self.cfg.aux_coeff * aux
+        terms["aux"] = torch.zeros((), device=x_BD.device) if aux is None else aux.detach()
         active_BF = f_BF > 0
         return StepOutput(loss, recon_BD.detach(), active_BF.sum(-1).float().mean(), active_BF.any(0), terms)
 
@@ -102,15 +101,27 @@ def aux_loss(e_BD: torch.Tensor, e_hat_BD: torch.Tensor) -> torch.Tensor:
     return mse(e_BD, e_hat_BD) / (e_BD - e_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
 
 
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype matmuls run in on ``device``: autocast's (bf16) where it is on, else ``dtype``."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+
+
+@torch.no_grad()
+def dead_topk(pre_BF: torch.Tensor, dead_F: torch.Tensor, aux_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``min(aux_k, F)`` largest pre-activations of dead latents per token (values, indices;
+    unsorted). Fewer than ``aux_k`` dead: the rest are live latents at ``-inf``, which ReLU
+    zeroes, so the count of dead latents is never read on the host (no synchronisation)."""
+    return pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(aux_k, pre_BF.shape[-1]), dim=-1, sorted=False)
+
+
 def dense_auxk(
     x_BD: torch.Tensor, recon_BD: torch.Tensor, pre_BF: torch.Tensor, dead_F: torch.Tensor | None,
     W_dec_FD: torch.Tensor, aux_k: int, aux_coeff: float,
 ) -> torch.Tensor | None:
     """AuxK loss with dense matrices: the top ``aux_k`` dead latents reconstruct the error of
-    ``recon``; None when nothing is dead or AuxK is off."""
-    n_dead = int(dead_F.sum()) if dead_F is not None else 0
-    if not (n_dead and aux_k and aux_coeff):
+    ``recon`` (0 when none is dead); None when ``dead_F`` is None or AuxK is off."""
+    if dead_F is None or not (aux_k and aux_coeff):
         return None
-    top = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(aux_k, n_dead), dim=-1)
-    z_BF = torch.zeros_like(pre_BF).scatter(-1, top.indices, torch.relu(top.values))
-    return aux_loss(x_BD - recon_BD.detach(), z_BF @ W_dec_FD)
+    mask_BF = torch.zeros_like(pre_BF, dtype=torch.bool).scatter_(-1, dead_topk(pre_BF, dead_F, aux_k)[1], True)
+    z_BF = torch.relu(pre_BF.masked_fill(~(mask_BF & dead_F), 0.0))
+    return aux_loss(x_BD - recon_BD.detach(), z_BF.to(W_dec_FD.dtype) @ W_dec_FD) * dead_F.any()

@@ -31,6 +31,7 @@ Shape letters: B batch, D d_in, F d_sae.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -42,13 +43,13 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from . import checkpoint, make_sae
-from .collective import from_rank0
+from . import checkpoint, collective, make_sae
 from .sae import SAE, SAEConfig, fvu
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_VERSION = 3
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,15 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Steps between checkpoints (0: only at the end)."""
     device: str = "cpu"
+    dtype: str = "float32"
+    """The SAE's compute: ``float32``, or ``bfloat16`` (autocast: matmuls in bf16, weights,
+    optimiser state and losses in fp32)."""
+    tf32: bool = True
+    """fp32 matmuls on CUDA through TF32 tensor cores (10 mantissa bits; no effect on the CPU)."""
 
     def __post_init__(self) -> None:
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
         if self.tokens <= 0:
             raise ValueError(f"tokens must be positive, got {self.tokens}")
         if not 0 <= self.lr_decay_start <= 1 or not 0 <= self.sparsity_warmup <= 1:
@@ -115,6 +123,9 @@ class _Run:
     opt: torch.optim.Adam
     since_fired_F: torch.Tensor
     history: list[dict[str, float]] = field(default_factory=list)
+    since_fired_bound: int = 0
+    """Host-side upper bound on ``since_fired_F.max()``, read back at each recorded step: while
+    it is below ``dead_tokens`` no latent can be dead and AuxK is skipped without a device read."""
     lr_schedule: LambdaLR | None = None
     """Made at the first step of this trainer (the total number of steps known), at its step."""
 
@@ -125,7 +136,7 @@ class Trainer:
     def __init__(
         self, cfg: TrainConfig, experiments: list[Experiment], data: Iterable[torch.Tensor],
         out_dir: str | Path | None = None, on_step: Callable[[int, int], None] | None = None,
-        run_info: Mapping[str, Any] | None = None,
+        run_info: Mapping[str, Any] | None = None, host_group: Any = None,
     ):
         names = [e.name for e in experiments]
         if not experiments or len(set(names)) != len(names):
@@ -152,6 +163,10 @@ class Trainer:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = torch.distributed.get_rank() if distributed else 0
         self.world_size = torch.distributed.get_world_size() if distributed else 1
+        self._host_group = host_group
+        """A gloo group for host-side counts (None: the default group, when it is gloo)."""
+        if distributed and host_group is None and torch.distributed.get_backend() != "gloo":
+            self._host_group = torch.distributed.new_group(backend="gloo")  # every rank makes its trainer: collective
 
     # ---- loop -----------------------------------------------------------------------------
     @property
@@ -164,6 +179,23 @@ class Trainer:
         self (``runs`` hold the SAEs and histories)."""
         first_step = self.step
         batches = self._batches()
+        with self._precision():
+            self._loop(batches)
+        if self.out_dir is not None and self.step > first_step:
+            self.save_checkpoint()
+        return self
+
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        """TF32 for fp32 CUDA matmuls (``cfg.tf32``) while training, put back after."""
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.cfg.tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    def _loop(self, batches: Iterator[torch.Tensor]) -> None:
         while not self.finished:
             x_BD = next(batches, None)
             if x_BD is None:  # the data ran out first
@@ -177,9 +209,6 @@ class Trainer:
                 self.on_step(self.step, self.tokens)
             if self.out_dir is not None and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
-        if self.out_dir is not None and self.step > first_step:
-            self.save_checkpoint()
-        return self
 
     def _batches(self) -> Iterator[torch.Tensor]:
         dev = torch.device(self.cfg.device)
@@ -189,17 +218,21 @@ class Trainer:
             yield x.to(dev, non_blocking=True).float()
 
     def _step(self, x_BD: torch.Tensor) -> None:
+        """One step of every experiment. Nothing in it reads the device from the host, except
+        at recorded steps (every ``log_every``, the first and the last), which read all their
+        metrics in one transfer; under data parallel the token count goes through ``_host_group``."""
         sparsity_scale = self._sparsity_scale()
         n_tokens = self._tokens_all_ranks(x_BD)
         last = self.tokens + n_tokens >= self.cfg.tokens  # the final step is always recorded: the run's closing figures
         record = (self.step + 1) % self.cfg.log_every == 0 or self.step == 0 or last
         for run in self.runs:
             dead_F = run.since_fired_F >= self.cfg.dead_tokens
-            out = run.sae.training_step(x_BD, sparsity_scale, dead_F)
+            with torch.autocast(x_BD.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16"):  # the forward only
+                out = run.sae.training_step(x_BD, sparsity_scale, dead_F if run.since_fired_bound >= self.cfg.dead_tokens else None)
             run.opt.zero_grad(set_to_none=True)
             out.loss.backward()
             if self.world_size > 1:
-                self._average_gradients(run.sae)
+                collective.average_gradients(run.sae.parameters(), self.world_size)
             if run.sae.unit_norm_decoder:
                 run.sae.remove_parallel_gradient()
             if self.cfg.grad_clip is not None:
@@ -212,18 +245,27 @@ class Trainer:
             run.sae.after_step()
             fired_F = out.fired_F
             if self.world_size > 1:
-                self._average_buffers(run.sae)
-                fired_F = self._any_rank(fired_F)
+                collective.average_buffers(run.sae.buffers(), self.world_size)
+                fired_F = collective.any_rank(fired_F)
             run.since_fired_F += n_tokens
-            run.since_fired_F[fired_F] = 0
+            run.since_fired_F.masked_fill_(fired_F, 0)
+            run.since_fired_bound += n_tokens
             if record:
-                run.history.append({
-                    "step": self.step + 1, "tokens": self.tokens + n_tokens, "loss": float(out.loss.detach()),
-                    "fvu": float(fvu(x_BD, out.recon_BD)), "l0": float(out.l0), "dead": float(dead_F.float().mean()),
-                    "lr": lr, **{k: float(v) for k, v in out.terms.items()},
-                })
+                self._record(run, x_BD, out, dead_F, lr, n_tokens)
         self.step += 1
         self.tokens += n_tokens
+
+    def _record(self, run: _Run, x_BD: torch.Tensor, out: Any, dead_F: torch.Tensor, lr: float, n_tokens: int) -> None:
+        """Append this step's metrics to ``run.history``: one device-to-host read for all of them."""
+        names = ["loss", "fvu", "l0", "dead", *out.terms]
+        with torch.no_grad():
+            values = [out.loss.detach(), fvu(x_BD, out.recon_BD), out.l0, dead_F.float().mean(), *out.terms.values()]
+            values.append(run.since_fired_F.max())
+            *metrics, bound = torch.stack([v.reshape(()).to(torch.float64) for v in values]).tolist()
+        run.since_fired_bound = int(bound)
+        named = dict(zip(names, metrics, strict=True))
+        core = {k: named.pop(k) for k in ("loss", "fvu", "l0", "dead")}
+        run.history.append({"step": self.step + 1, "tokens": self.tokens + n_tokens, **core, "lr": lr, **named})
 
     def _lr_schedule(self, run: _Run) -> LambdaLR:
         """``run``'s learning rate schedule, at this trainer's step (0, or a checkpoint's step):
@@ -240,47 +282,14 @@ class Trainer:
 
     @torch.no_grad()
     def _init_b_dec(self, x_BD: torch.Tensor) -> None:
-        mean_D = x_BD.mean(0) if self.world_size == 1 else self._sum_ranks(x_BD.sum(0)) / self._tokens_all_ranks(x_BD)
+        mean_D = x_BD.mean(0) if self.world_size == 1 else collective.sum_ranks(x_BD.sum(0)) / self._tokens_all_ranks(x_BD)
         for run in self.runs:
             run.sae.b_dec.copy_(mean_D)
 
     # ---- data parallel --------------------------------------------------------------------
-    @staticmethod
-    def _sum_ranks(t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-        return t
-
     def _tokens_all_ranks(self, x_BD: torch.Tensor) -> int:
         """Tokens in this step's batches, all ranks together."""
-        if self.world_size == 1:
-            return len(x_BD)
-        return int(self._sum_ranks(torch.tensor(float(len(x_BD)), device=x_BD.device)))
-
-    def _any_rank(self, mask: torch.Tensor) -> torch.Tensor:
-        flags = mask.to(torch.uint8)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return flags.bool()
-
-    def _average_gradients(self, sae: SAE) -> None:
-        """Mean of every parameter's gradient over the ranks, in one flat all-reduce."""
-        params = list(sae.parameters())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p)
-            offset += n
-
-    @torch.no_grad()
-    def _average_buffers(self, sae: SAE) -> None:
-        for buf in sae.buffers():
-            if buf.is_floating_point():
-                torch.distributed.all_reduce(buf)
-                buf /= self.world_size
+        return len(x_BD) if self.world_size == 1 else collective.host_sum(len(x_BD), self._host_group)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -315,7 +324,7 @@ class Trainer:
         optimisers take it onto their own devices): only rank 0's machine needs ``folder``, as
         only rank 0 writes it. A failure to read it is raised on every rank."""
         device = self.cfg.device if self.world_size == 1 else "cpu"
-        return from_rank0(lambda: checkpoint.load(folder, device=device), self.rank, self.world_size)
+        return collective.from_rank0(lambda: checkpoint.load(folder, device=device), self.rank, self.world_size)
 
     @staticmethod
     def _experiment(e: Experiment) -> dict[str, Any]:
@@ -345,6 +354,7 @@ class Trainer:
             run.opt.load_state_dict(saved["opt"])
             run.lr_schedule = None  # rebuilt at the saved step
             run.since_fired_F.copy_(saved["since_fired"])
+            run.since_fired_bound = int(run.since_fired_F.max())
             run.history = list(saved["history"])
         self.step, self.tokens, self.total_steps = state["step"], state["tokens"], state["total_steps"]
         if parallel:
