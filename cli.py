@@ -316,6 +316,7 @@ def groups(
     n_groups: Annotated[int | None, typer.Option("--groups", help="Use exactly this many groups instead.")] = None,
     out: Annotated[str, typer.Option(help="Folder for groups.json and groups_heatmap.png.")] = "groups",
     seed: Annotated[int, typer.Option(help="Seed of the token sample.")] = 0,
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, json_flag("Print the result as JSON.")] = False,
 ) -> None:
     """Group similar layers for Group-SAEs: layer distances, AMAD for every G, the chosen groups (arXiv 2410.21508)."""
@@ -327,7 +328,7 @@ def groups(
 
     chosen_hooks = tuple(h.strip() for h in hooks.split(",") if h.strip()) if hooks else ()
     cfg = GroupsConfig(store=store, hooks=chosen_hooks, tokens=parse_count(tokens), amad_threshold=amad_threshold,
-                       groups=n_groups, seed=seed)
+                       groups=n_groups, seed=seed, device=device)
     result = find_groups(cfg)
     json_path, png_path = save(result, Path(out))
     if as_json:

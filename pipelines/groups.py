@@ -40,6 +40,7 @@ import torch
 import actstore
 from pipelines.files import read_json
 from pipelines.report import plot_heatmap
+from pipelines.runtime import resolve_device
 
 DEFAULT_AMAD_THRESHOLD = 0.2
 """Default largest AMAD for the chosen number of groups (angular distance / pi)."""
@@ -63,6 +64,8 @@ class GroupsConfig:
     """Drop tokens at positions below this (BOS)."""
     seed: int = 0
     batch_size: int = 4096
+    device: str = "auto"
+    """Where the distances are computed (fp64): auto (CUDA when present), cpu, cuda, cuda:N."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hooks", tuple(self.hooks))
@@ -105,9 +108,11 @@ def layer_distances(store: actstore.Store, hooks: list[str], cfg: GroupsConfig) 
     Two passes over the same sample: the means, then the angles of the centred vectors."""
     n_tokens = min(cfg.tokens, store.n_tokens)
     batch = min(cfg.batch_size, n_tokens)
+    device = resolve_device(cfg.device)
 
     def sample():
-        s = actstore.stream(store, hooks, batch, seed=cfg.seed, min_position=cfg.min_position, dtype="float32", stack=True)
+        s = actstore.stream(store, hooks, batch, seed=cfg.seed, min_position=cfg.min_position, dtype="float32", stack=True,
+                            device=str(device))
         seen = 0
         for x_BHD in s:
             take = min(len(x_BHD), n_tokens - seen)
@@ -123,12 +128,12 @@ def layer_distances(store: actstore.Store, hooks: list[str], cfg: GroupsConfig) 
     if not count:
         raise ValueError(f"{store.url}: no tokens left to compare after dropping positions below {cfg.min_position}")
     mean_HD = sum_HD / count
-    angle_HH = torch.zeros(len(hooks), len(hooks), dtype=torch.float64)
+    angle_HH = torch.zeros(len(hooks), len(hooks), dtype=torch.float64, device=device)
     for x_BHD in sample():
         unit_BHD = torch.nn.functional.normalize(x_BHD - mean_HD, dim=-1)
         cos_BHH = (unit_BHD @ unit_BHD.transpose(1, 2)).clamp(-1.0, 1.0)
         angle_HH += torch.arccos(cos_BHH).sum(0)
-    d_HH = (angle_HH / (count * math.pi)).numpy()
+    d_HH = (angle_HH / (count * math.pi)).cpu().numpy()
     np.fill_diagonal(d_HH, 0.0)
     return (d_HH + d_HH.T) / 2, count  # symmetric up to rounding; made exact
 
@@ -207,7 +212,9 @@ class LayerSampled:
         for x_BHD in self.stream:
             n = self.stream.state_dict()["cursor"]["batches"]  # this batch's number, counted from 1
             layer_B = torch.from_numpy(np.random.default_rng([self.seed, n]).integers(0, x_BHD.shape[1], len(x_BHD)))
-            yield x_BHD[torch.arange(len(x_BHD)), layer_B]
+            # to the batch's device without a wait: an async copy of pageable memory is staged, not synchronised
+            layer_B = layer_B.to(x_BHD.device, non_blocking=True)
+            yield x_BHD[torch.arange(len(x_BHD), device=x_BHD.device), layer_B]
 
     def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()
