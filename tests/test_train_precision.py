@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers import sparse_data
-from trainers import ARCHITECTURES, make_sae, sae_config
+from trainers import ARCHITECTURES, make_sae, sae_config, topk
 from trainers.trainer import Experiment, TrainConfig, Trainer, evaluate
 
 D, F = 24, 96
@@ -63,8 +63,14 @@ class WatchedTrainer(Trainer):
             super()._step(x_BD)
 
 
+@pytest.fixture
+def cuda_policy(monkeypatch):
+    """AuxK sized as on CUDA (the dead count never read on the host), here on the CPU."""
+    monkeypatch.setattr(topk, "HOST_COUNT_DEVICES", frozenset())
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_a_step_that_records_nothing_never_waits_for_the_device(arch):
+def test_a_step_that_records_nothing_never_waits_for_the_device(arch, cuda_policy):
     data = sparse_data(64 * 40, seed=1)
     # dead_tokens 64 * 3: latents die within a few steps, so the AuxK path (TopK, BatchTopK) runs watched too
     trainer = WatchedTrainer(TrainConfig(tokens=len(data), lr_warmup_steps=5, log_every=4, dead_tokens=64 * 3),
@@ -125,8 +131,11 @@ def test_topk_under_autocast_runs_its_encoder_matmul_in_bfloat16_and_matches_the
     assert full.loss != a.loss and torch.isclose(full.loss, a.loss, rtol=2e-2)
 
 
+@pytest.mark.parametrize("policy", ["cpu", "cuda"])
 @pytest.mark.parametrize("n_dead", [0, 3, F // 2])
-def test_topk_auxk_with_fewer_dead_latents_than_aux_k_matches_the_dense_reference(n_dead):
+def test_topk_auxk_with_fewer_dead_latents_than_aux_k_matches_the_dense_reference(n_dead, policy, monkeypatch):
+    if policy == "cuda":
+        monkeypatch.setattr(topk, "HOST_COUNT_DEVICES", frozenset())
     torch.manual_seed(1)
     x = torch.randn(32, D)
     fast = make_sae(sae_config("topk", d_in=D, d_sae=F, k=4, aux_k=16))
@@ -139,6 +148,10 @@ def test_topk_auxk_with_fewer_dead_latents_than_aux_k_matches_the_dense_referenc
     b.loss.backward()
     torch.testing.assert_close(a.loss, b.loss)
     assert (float(a.terms["aux"]) > 0) == (n_dead > 0) and float(b.terms["aux"]) == pytest.approx(float(a.terms["aux"]), rel=1e-4)
+    reference = make_sae(fast.cfg)  # the same step where the count is read (the CPU's way): the same loss
+    reference.load_state_dict(ref.state_dict())
+    monkeypatch.setattr(topk, "HOST_COUNT_DEVICES", frozenset({"cpu"}))
+    torch.testing.assert_close(reference.training_step(x, dead_F=dead).loss, a.loss)
     for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name, atol=1e-5, rtol=1e-4)
 

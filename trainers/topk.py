@@ -7,7 +7,9 @@
   ``k_aux`` pre-activations among *dead* latents (not fired for ``dead_tokens``) reconstruct
   it, ``e_hat = W_dec^T z_aux``, and ``alpha ||e - e_hat||^2`` is added, ``alpha = 1/32``. The
   error is normalised by ``||e - mean(e)||^2`` (as reference implementations do) so alpha does
-  not depend on the activations' scale.
+  not depend on the activations' scale. ``k_aux`` is capped at the number of dead latents;
+  on CUDA that count is never read on the host (:data:`HOST_COUNT_DEVICES`): ``k_aux`` latents
+  are taken with the live ones at ``-inf``, which contribute nothing.
 
 Fast path (:mod:`trainers.sparse`): one dense encoder matmul without gradient to pick the
 latents, then gradients and decoding at the ``B K`` selected entries only; checked against
@@ -56,7 +58,8 @@ class TopKSAE(SAE):
         return torch.zeros_like(pre_BF).scatter_(-1, top.indices, torch.relu(top.values))
 
     def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
-        use_aux = dead_F is not None and bool(self.cfg.aux_k and self.cfg.aux_coeff)
+        width = aux_width(dead_F, self.cfg.aux_k) if dead_F is not None and self.cfg.aux_coeff else 0
+        use_aux = width > 0
         x_in_BD = (x_BD - self.b_dec).detach()
         dt = compute_dtype(x_BD.device, self.W_enc.dtype)  # bf16 under autocast: the one B x D x F matmul
         pre_BK, idx_BK, pre_BF = select_topk(x_in_BD.to(dt), self.W_enc.to(dt), self.b_enc.to(dt), self.cfg.k, keep_pre=use_aux)
@@ -67,7 +70,7 @@ class TopKSAE(SAE):
             l2 = mse(x_BD, recon_BD)
             loss, terms = l2, {"mse": l2.detach(), "aux": torch.zeros((), device=x_BD.device)}
             if use_aux:
-                aux_pre_BA, idx_BA = dead_topk(pre_BF, dead_F, self.cfg.aux_k)
+                aux_pre_BA, idx_BA = pre_BF.masked_fill_(~dead_F, float("-inf")).topk(width, dim=-1, sorted=False)
                 aux_sel = Selection.of(idx_BA, self.cfg.d_sae)
                 aux_BA = torch.relu(Selected.apply(aux_pre_BA.to(self.W_enc.dtype), x_in_BD, aux_sel, self.W_enc, self.b_enc, self.b_dec))
                 aux = aux_loss(x_BD - recon_BD.detach(), sparse_decode(aux_BA, aux_sel, self.W_dec)) * dead_F.any()
@@ -106,12 +109,19 @@ def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
 
 
-@torch.no_grad()
-def dead_topk(pre_BF: torch.Tensor, dead_F: torch.Tensor, aux_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``min(aux_k, F)`` largest pre-activations of dead latents per token (values, indices;
-    unsorted). Fewer than ``aux_k`` dead: the rest are live latents at ``-inf``, which ReLU
-    zeroes, so the count of dead latents is never read on the host (no synchronisation)."""
-    return pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(aux_k, pre_BF.shape[-1]), dim=-1, sorted=False)
+HOST_COUNT_DEVICES = frozenset({"cpu"})
+"""Devices where AuxK reads the number of dead latents on the host to take no more than that
+(reading a CPU tensor costs nothing). Elsewhere (CUDA) it takes ``aux_k`` latents, the live
+ones at ``-inf``, which ReLU zeroes, and weights the loss by "any dead" on the device: the same
+loss and gradients, and no step waits for the device."""
+
+
+def aux_width(dead_F: torch.Tensor, aux_k: int) -> int:
+    """How many latents per token AuxK selects (0: skip it): ``min(aux_k, dead)`` where the
+    count is free to read (:data:`HOST_COUNT_DEVICES`), else ``min(aux_k, d_sae)``."""
+    if dead_F.device.type in HOST_COUNT_DEVICES:
+        return min(aux_k, int(dead_F.sum()))
+    return min(aux_k, dead_F.numel())
 
 
 def dense_auxk(
@@ -119,9 +129,13 @@ def dense_auxk(
     W_dec_FD: torch.Tensor, aux_k: int, aux_coeff: float,
 ) -> torch.Tensor | None:
     """AuxK loss with dense matrices: the top ``aux_k`` dead latents reconstruct the error of
-    ``recon`` (0 when none is dead); None when ``dead_F`` is None or AuxK is off."""
-    if dead_F is None or not (aux_k and aux_coeff):
+    ``recon`` (0 when none is dead); None when AuxK is skipped (``dead_F`` None, AuxK off, or
+    no latent dead where the count is read, :func:`aux_width`)."""
+    width = aux_width(dead_F, aux_k) if dead_F is not None and aux_coeff else 0
+    if not width:
         return None
-    mask_BF = torch.zeros_like(pre_BF, dtype=torch.bool).scatter_(-1, dead_topk(pre_BF, dead_F, aux_k)[1], True)
-    z_BF = torch.relu(pre_BF.masked_fill(~(mask_BF & dead_F), 0.0))
+    with torch.no_grad():
+        idx_BA = pre_BF.masked_fill(~dead_F, float("-inf")).topk(width, dim=-1, sorted=False).indices
+    mask_BF = torch.zeros_like(pre_BF, dtype=torch.bool).scatter_(-1, idx_BA, True) & dead_F
+    z_BF = torch.relu(pre_BF.masked_fill(~mask_BF, 0.0))
     return aux_loss(x_BD - recon_BD.detach(), z_BF.to(W_dec_FD.dtype) @ W_dec_FD) * dead_F.any()
