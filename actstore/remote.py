@@ -20,16 +20,20 @@ reaches the caller as one :class:`StoreAccessError` (:func:`storage_call`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import fsspec
+import fsspec.asyn
+from fsspec.asyn import AsyncFileSystem
 from zarr.abc.store import Store as ZarrStore
 from zarr.storage import FsspecStore, LocalStore
 
@@ -45,15 +49,21 @@ def is_local(url: str) -> bool:
 
 S3_POOL_CONNECTIONS = 128
 """Connections per S3 filesystem (botocore's default is 10): a writer has up to 16 objects in flight,
-each a multipart upload of up to ``s3fs.max_concurrency`` (10) parts, and readers batch ranged reads."""
+each a multipart upload of up to ``s3fs.max_concurrency`` (10) parts, and readers batch ranged reads
+(as many in flight as the pool holds: :attr:`Location.max_requests`)."""
+OBJECT_STORE_REQUESTS = 64
+"""Ranged reads in flight per batch on object stores other than S3 (whose pool size is known)."""
 MULTIPART_PART_BYTES = 16 << 20
 """Part size of multipart uploads: shard objects of 32 MiB and more go up in parallel parts."""
 
 
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    return "s3" in (fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,))
+
+
 def multipart_options(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
     """``pipe_file`` options that upload a large object in parallel parts, where the filesystem has them (s3fs)."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
-    return {"chunksize": MULTIPART_PART_BYTES} if "s3" in protocols else {}
+    return {"chunksize": MULTIPART_PART_BYTES} if _is_s3(fs) else {}
 
 
 def _s3_options_from_env(storage_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,6 +86,8 @@ class Location:
     root: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     read_only: bool = True
+    _slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = field(default=None, init=False, repr=False, compare=False)
+    """Requests in flight of :func:`cat_ranges_into` (:attr:`max_requests` of them)."""
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -85,8 +97,24 @@ class Location:
             return LocalStore(self.root, read_only=self.read_only)
         return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=self.read_only)
 
+    @property
+    def remote(self) -> bool:
+        """Whether reads go over the network (each request then waits a round trip)."""
+        return isinstance(self.fs, AsyncFileSystem)
+
+    @property
+    def max_requests(self) -> int:
+        """Requests a reader keeps in flight at once (where round trips are overlapped, :attr:`remote`):
+        on S3 as many as the connection pool holds (``max_pool_connections``), so that no request
+        waits for a connection and none holds one idle."""
+        if _is_s3(self.fs):
+            return int((self.storage_options.get("config_kwargs") or {}).get("max_pool_connections", S3_POOL_CONNECTIONS))
+        return OBJECT_STORE_REQUESTS
+
     def read_json(self, key: str) -> Any:
-        raw = storage_call(lambda: self.fs.cat_file(self.path(key)), self.url)
+        # one GET: s3fs otherwise asks for the size first (a HEAD, one more round trip) to split large objects
+        opts = {"max_concurrency": 1} if _is_s3(self.fs) else {}
+        raw = storage_call(lambda: self.fs.cat_file(self.path(key), **opts), self.url)
         return json.loads(raw)
 
     def write_bytes_atomic(self, key: str, data: bytes) -> None:
@@ -167,8 +195,62 @@ def storage_call(fn: Callable[[], T], what: str) -> T:
     they are) becomes one :class:`StoreAccessError` naming ``what``."""
     try:
         return fn()
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
-        raise
-    except (OSError, TimeoutError, ConnectionError) as e:
-        raise StoreAccessError(f"storage at {what} failed: {e}") from e
+    except BaseException as e:
+        raise_storage_error(e, what)
 
+
+def raise_storage_error(e: BaseException, what: str) -> NoReturn:
+    """Raise ``e`` as :func:`storage_call` reports a failure of storage at ``what``."""
+    if isinstance(e, OSError | TimeoutError | ConnectionError) and not isinstance(
+        e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
+    ):
+        raise StoreAccessError(f"storage at {what} failed: {e}") from e
+    raise e
+
+
+Jobs = Callable[[int, bytes], Sequence[Callable[[], None]]]
+
+
+def cat_ranges_into(loc: Location, paths: Sequence[str], starts: Sequence[int], ends: Sequence[int | None], handle: Jobs,
+                    pool: Executor) -> list[BaseException | None]:
+    """Read byte ranges ``[start, end)`` of objects and hand each to ``handle(i, blob)`` as soon as
+    it arrives; the jobs it returns (decoding its parts) run on ``pool`` (in the calling thread,
+    one read after another, where reads are not remote: local files, memory). Over the network
+    (:attr:`Location.remote`) the location's reads share :attr:`Location.max_requests` slots
+    (whichever batch asked first goes first), each held until the range's jobs are done: the
+    bytes held at once are those of the ranges in flight, not of the whole batch. Returns each
+    range's first failure (None if none); a failure does not stop the other reads, and nothing
+    is still running on return."""
+    if not loc.remote:
+        blobs = storage_call(lambda: loc.fs.cat_ranges(list(paths), list(starts), list(ends), on_error="return"), loc.url)
+        errors: list[BaseException | None] = []
+        for i, blob in enumerate(blobs):
+            try:
+                if isinstance(blob, BaseException):
+                    raise blob
+                for job in handle(i, blob):
+                    job()
+            except Exception as e:
+                errors.append(e)
+            else:
+                errors.append(None)
+        return errors
+
+    async def run_all() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        if loc._slots is None or loc._slots[0] is not loop:  # a semaphore belongs to one event loop (a fork gets a new one)
+            loc._slots = loop, asyncio.Semaphore(loc.max_requests)
+        slots = loc._slots[1]
+
+        async def one(i: int) -> None:
+            async with slots:
+                blob = await loc.fs._cat_file(paths[i], start=starts[i], end=ends[i])
+                done = await asyncio.gather(*(loop.run_in_executor(pool, job) for job in handle(i, blob)), return_exceptions=True)
+            failed = next((r for r in done if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise failed
+
+        return await asyncio.gather(*(one(i) for i in range(len(paths))), return_exceptions=True)
+
+    done = storage_call(lambda: fsspec.asyn.sync(loc.fs.loop, run_all), loc.url)
+    return [r if isinstance(r, BaseException) else None for r in done]

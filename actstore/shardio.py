@@ -4,8 +4,8 @@ zarr-python re-reads a shard's index for every partial read of that shard. Reade
 (``Store.read``, the shuffled stream) read many small token ranges spread over many shards, so
 here each shard index (``n_chunks`` pairs of uint64 offset and length, then a CRC32C, at the
 end of the shard object; zarr v3 sharding spec) is fetched once with a suffix range request and
-cached. Chunks are then fetched with ranged reads, batched through ``fs.cat_ranges`` so remote
-filesystems run them concurrently, and decoded: checksum, then blosc, then raw little-endian bytes.
+cached. Chunks are then fetched with ranged reads, concurrent on object stores (as many in flight as
+the connection pool holds), each decoded as it arrives: checksum, then blosc, then raw little-endian bytes.
 
 Writing mirrors it: each inner chunk is encoded on its own (so a thread pool spreads them over
 cores), then a shard is assembled as chunks in C order followed by its index, and stored as one
@@ -24,21 +24,20 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import crc32c
 import numcodecs
 import numpy as np
-from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from . import mapping
 from .dtypes import numpy_dtype
 from .errors import CorruptChunkError, MissingChunkError, StoreFormatError
 from .layout import shard_key
-from .remote import Location, storage_call
+from .remote import Location, cat_ranges_into, raise_storage_error
 
 _EMPTY = np.uint64(2**64 - 1)  # index entry of an absent chunk
 _BLOSC = numcodecs.Blosc()
@@ -177,15 +176,15 @@ class ArrayLayout:
 class ShardedArrayReader:
     """Read token ranges of one array through cached shard indexes."""
 
-    def __init__(self, loc: Location, layout: ArrayLayout, index_cache_size: int | None = None, max_concurrency: int = 64):
+    def __init__(self, loc: Location, layout: ArrayLayout, index_cache_size: int | None = None):
         self.loc = loc
         self.layout = layout
         self._index_cache: OrderedDict[int, np.ndarray] = OrderedDict()
         # default: every shard's index (16 bytes a chunk: ~6 MB for a 100M-token Gemma-2-2B store), each fetched once
         self._cache_size = index_cache_size or max(1, layout.n_shards)
+        self._pending: dict[int, Future] = {}  # shard -> the fetch of its index under way
         self._lock = threading.Lock()
-        # object stores run a batch of ranged reads concurrently: bound how many are in flight
-        self._concurrency = {"batch_size": max_concurrency} if isinstance(loc.fs, AsyncFileSystem) else {}
+        self.remote = loc.remote  # each read waits a round trip: batched, overlapped, as many as there are connections
         self._local = isinstance(loc.fs, LocalFileSystem) and hasattr(os, "preadv")
         self.verified = np.zeros(layout.n_chunks, dtype=bool)
         """Chunks whose checksums a mapped read has checked (committed chunks do not change)."""
@@ -203,65 +202,68 @@ class ShardedArrayReader:
         return np.frombuffer(body, dtype="<u8").reshape(n, 2)
 
     def shard_indexes(self, shards: Sequence[int]) -> dict[int, np.ndarray]:
-        """Indexes of ``shards``, fetching the uncached ones in one batch of suffix reads."""
+        """Indexes of ``shards``, fetching the uncached ones in one batch of suffix reads (an
+        index another thread is fetching already is waited for, not fetched twice)."""
         with self._lock:
             out = {s: self._index_cache[s] for s in shards if s in self._index_cache}
-        missing = sorted(set(shards) - set(out))
+            waits = {s: self._pending[s] for s in shards if s not in out and s in self._pending}
+            missing = sorted(set(shards) - set(out) - set(waits))
+            mine: Future = Future()
+            for s in missing:
+                self._pending[s] = mine
         if missing:
-            size = self.layout.chunks_per_shard * 16 + 4
-            paths = [self.shard_path(s) for s in missing]
-            blobs = self._cat_ranges(paths, [-size] * len(paths), [None] * len(paths), missing)
-            with self._lock:
-                for s, raw in zip(missing, blobs, strict=True):
-                    index = self._parse_index(s, raw)
-                    out[s] = index
-                    self._index_cache[s] = index
+            got: dict[int, np.ndarray] = {}
+            try:
+                size = self.layout.chunks_per_shard * 16 + 4
+
+                def parse(k: int, raw: bytes) -> list:
+                    return [lambda: got.__setitem__(missing[k], self._parse_index(missing[k], raw))]
+
+                errors = cat_ranges_into(self.loc, [self.shard_path(s) for s in missing], [-size] * len(missing),
+                                         [None] * len(missing), parse, decode_pool())
+                self._raise_first(missing, errors)
+            except BaseException as e:
+                mine.set_exception(e)
+                raise
+            finally:
+                with self._lock:
+                    for s in missing:
+                        del self._pending[s]
+                    self._index_cache.update(got)
                     while len(self._index_cache) > self._cache_size:
                         self._index_cache.popitem(last=False)
+            mine.set_result(got)
+            out.update(got)
+        for s, fut in waits.items():
+            out[s] = fut.result()[s]
         return out
 
-    def _cat_ranges(self, paths: list[str], starts: list, ends: list, shards: Sequence[int]) -> list[bytes]:
-        try:
-            blobs = storage_call(
-                lambda: self.loc.fs.cat_ranges(paths, starts, ends, on_error="return", **self._concurrency), self.loc.url
-            )
-        except FileNotFoundError as e:
-            raise MissingChunkError(f"{self.layout.path}: shard object missing ({e})") from e
-        for shard, blob in zip(shards, blobs, strict=True):
-            if isinstance(blob, FileNotFoundError):
-                raise MissingChunkError(f"{self.layout.path} shard {shard}: shard object is missing")
-            if isinstance(blob, Exception):
-                raise blob
-        return blobs
+    def _raise_first(self, shards: Sequence[int], errors: Sequence[BaseException | None]) -> None:
+        """Raise the first of the ``errors`` of reads from ``shards`` (None: no error), as a reader reports it."""
+        for shard, err in zip(shards, errors, strict=True):
+            if isinstance(err, FileNotFoundError):
+                raise MissingChunkError(f"{self.layout.path} shard {shard}: shard object is missing") from err
+            if err is not None:
+                raise_storage_error(err, self.loc.url)
 
     # ---- chunks ---------------------------------------------------------------------------
-    def _fetch(self, chunks: Sequence[tuple[int, int]]) -> list[memoryview]:
-        """Raw bytes of each chunk. Chunks adjacent in a shard object are fetched as one range,
-        so reading a run of chunks is one large read, not many small ones."""
+    def _ranges(self, chunks: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int, int]], list[list[int]]]:
+        """``(shard, start, end)`` of each chunk, and the runs of chunks (positions in ``chunks``)
+        adjacent in one object: a run is one ranged read (one large read, not many small ones)."""
         indexes = self.shard_indexes(sorted({s for s, _ in chunks}))
-        spans = []  # (shard, start, end) per requested chunk
+        spans = []
         for shard, c in chunks:
             offset, nbytes = indexes[shard][c]
             if offset == _EMPTY and nbytes == _EMPTY:
                 raise MissingChunkError(f"{self.layout.path} shard {shard} chunk {c} is absent")
             spans.append((shard, int(offset), int(offset + nbytes)))
-        order = sorted(range(len(spans)), key=lambda i: spans[i])
-        groups: list[list[int]] = []  # runs of requests served by one ranged read
-        for i in order:
+        groups: list[list[int]] = []
+        for i in sorted(range(len(spans)), key=lambda i: spans[i]):
             if groups and spans[groups[-1][-1]][0] == spans[i][0] and spans[groups[-1][-1]][2] == spans[i][1]:
                 groups[-1].append(i)
             else:
                 groups.append([i])
-        shards = [spans[g[0]][0] for g in groups]
-        blobs = self._cat_ranges(
-            [self.shard_path(s) for s in shards], [spans[g[0]][1] for g in groups], [spans[g[-1]][2] for g in groups], shards
-        )
-        out: list[memoryview] = [memoryview(b"")] * len(chunks)
-        for g, blob in zip(groups, blobs, strict=True):
-            view, base = memoryview(blob), spans[g[0]][1]
-            for i in g:
-                out[i] = view[spans[i][1] - base : spans[i][2] - base]
-        return out
+        return spans, groups
 
     def check_crc(self, shard: int, c: int, body: memoryview | np.ndarray, stored: bytes | bytearray | memoryview | np.ndarray) -> None:
         """Raise :class:`CorruptChunkError` unless the 4 little-endian bytes ``stored`` are the
@@ -291,17 +293,23 @@ class ShardedArrayReader:
 
     def read_chunks_into(self, chunks: Sequence[tuple[int, int]], outs: Sequence[np.ndarray]) -> None:
         """Decode inner chunks ``(shard, chunk_in_shard)`` into ``outs`` (contiguous arrays of the
-        chunk's shape and byte size, any dtype view): one batch of ranged reads, then decoding
-        on all cores. Local files take :meth:`_read_local_into` instead."""
+        chunk's shape and byte size, any dtype view): ranged reads (concurrent on object stores),
+        each decoded on all cores as soon as it arrives (:func:`~actstore.remote.cat_ranges_into`).
+        Local files take :meth:`_read_local_into` instead."""
         if self._local:
             self._read_local_into(chunks, outs)
             return
-        raws = self._fetch(chunks)
-        jobs = [(raws[i], *chunks[i], outs[i]) for i in range(len(chunks))]
-        if len(jobs) == 1:
-            self._decode_into(*jobs[0])
-        else:  # blosc and crc32c release the GIL: decode chunks on all cores
-            list(decode_pool().map(lambda job: self._decode_into(*job), jobs))
+        spans, groups = self._ranges(chunks)
+
+        def jobs(k: int, blob: bytes) -> list:
+            view, base = memoryview(blob), spans[groups[k][0]][1]
+            return [functools.partial(self._decode_into, view[spans[i][1] - base : spans[i][2] - base], *chunks[i], outs[i])
+                    for i in groups[k]]
+
+        shards = [spans[g[0]][0] for g in groups]
+        errors = cat_ranges_into(self.loc, [self.shard_path(s) for s in shards], [spans[g[0]][1] for g in groups],
+                                 [spans[g[-1]][2] for g in groups], jobs, decode_pool())
+        self._raise_first(shards, errors)
 
     def _read_local_into(self, chunks: Sequence[tuple[int, int]], outs: Sequence[np.ndarray]) -> None:
         """Local fast path: each chunk is read with ``pread`` on a pool thread, an uncompressed

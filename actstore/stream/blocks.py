@@ -2,7 +2,15 @@
 and its tokens put in output order, ready to be gathered into batches.
 
 A loader thread reads and decodes the next block (ranged reads, bounded concurrency; chunks
-decoded on all cores) while the current one is served. Uncompressed local chunks are not copied
+decoded on all cores) while the current one is served.
+
+**Remote stores.** Each request waits a round trip (20 ms or more to an S3 region), so a remote
+block's reads go out while the previous block's still arrive (two blocks read at once at most:
+the two buffers ``memory`` pays for), and a thread fetches the shard indexes of the coming
+blocks ahead of them; requests in flight are as many as the store's connections
+(:attr:`actstore.remote.Location.max_requests`), each decoded as it arrives.
+
+**Local stores.** Uncompressed local chunks are not copied
 at all: their shard files are mapped whole, once per stream (``mmap=True``,
 :mod:`actstore.mapped`), each chunk's checksum verified and its pages faulted in the first time a
 block needs it, and batches are gathered straight from the page cache; the hooks of a stacked
@@ -21,8 +29,9 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +45,7 @@ from ..mapped import MappedArrays, fits, keeps_pages
 from ..mapping import unit_for
 from ..prefetch import BufferPool
 from ..reader import Store
+from ..shardio import ShardedArrayReader
 from .config import Filters, StreamConfig
 from .plan import Cursor, Pieces, Plan, block_order, passes
 
@@ -72,6 +82,9 @@ class StreamArrays:
         if filters.needs_tokens:
             paths.append(TOKENS)
         gathered = tuple(p for p in paths if p not in (POSITIONS, TOKENS))
+        if store.loc.remote and len(paths) > 1:  # each array's metadata is a round trip: overlap them
+            with ThreadPoolExecutor(len(paths), thread_name_prefix="actstore-open") as pool:
+                list(pool.map(store.array_reader, paths))
         mapped = frozenset(p for p in gathered if cfg.mmap and fits([store.array_reader(p)]))
         combined = (stacked and len(gathered) > 1 and set(gathered) <= mapped and not fp8
                     and fits([store.array_reader(p) for p in gathered]))
@@ -97,6 +110,16 @@ class Source:
     index_T: torch.Tensor
     per_token: int = 1
     """Rows per token: the hooks of a combined stacked source (:data:`STACK`), in hook order."""
+
+
+@dataclass
+class _Loading:
+    """A block being read: its buffer, its pieces sorted by chunk, its mapped arrays and the reads under way."""
+
+    buf: dict[str, np.ndarray]
+    pieces: Pieces
+    maps: dict[str, MappedArrays]
+    pending: dict[str, Future]
 
 
 @dataclass
@@ -147,27 +170,68 @@ class BlockLoader:
         """The blocks from the cursor's on, each in a buffer from ``pool``; the pages of the
         ``retired`` (served) blocks are released before the next is read."""
         c = self.cfg
-        io = ThreadPoolExecutor(max_workers=min(8, len(self.arrays.paths)), thread_name_prefix="actstore-stream-io")
+        remote = [r for r in map(self.store.array_reader, self.arrays.paths) if r.remote]
+        # remote: the next block's reads go out while this one's arrive, so its round trip is not
+        # waited for (two blocks read at once at most: the pool's two buffers bound them)
+        depth = 2 if remote else 1
+        io = ThreadPoolExecutor(max_workers=min(8, len(self.arrays.paths)) * depth, thread_name_prefix="actstore-stream-io")
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="actstore-stream-index") if remote else None
+        loading: deque[tuple[_Loading, tuple[int, int, int], int]] = deque()  # started, not handed out, oldest first
         boundary = start.offset  # where the next batch starts, in the next block's output order
+
+        def hand_out(keep: int) -> Iterator[Block]:
+            """The oldest blocks being read, finished, until ``keep`` are left."""
+            nonlocal boundary
+            while len(loading) > keep:
+                ld, key, first = loading.popleft()
+                try:
+                    blk = self._finish(ld, key, first, boundary)
+                except BaseException:
+                    pool.release(ld.buf)
+                    raise
+                boundary = (boundary - len(blk.order_T)) % c.batch_size
+                yield blk
+
         try:
             for p in passes(plan, self.store.config, c.seed, c.epochs, c.rank, c.world_size, c.follow, start):
                 if c.follow and p.epoch == 0:
+                    yield from hand_out(0)
                     self._wait_for(p.shards, stop)
                 first = start.block if (p.epoch, p.segment) == (start.epoch, start.segment) else 0
+                if ahead is not None:
+                    ahead.submit(self._fetch_indexes, remote, p.blocks[first:], stop)
                 for b in range(first, len(p.blocks)):
                     buf = pool.acquire()
                     self.release(retired)
                     retired.clear()
                     key = (p.epoch, p.segment, b)
                     try:
-                        blk = self._load(buf, p.blocks[b], key, io, start.offset if key == start.block_key else 0, boundary)
+                        loading.append((self._start(buf, p.blocks[b], io), key, start.offset if key == start.block_key else 0))
                     except BaseException:
                         pool.release(buf)
                         raise
-                    boundary = (boundary - len(blk.order_T)) % c.batch_size
-                    yield blk
-        finally:
+                    yield from hand_out(depth - 1)
+            yield from hand_out(0)
+        finally:  # reads still under way write into buffers a later iteration may reuse: wait for them
+            wait([f for ld, _, _ in loading for f in ld.pending.values() if not f.cancel()])
             io.shutdown(wait=False)
+            if ahead is not None:
+                ahead.shutdown(wait=False, cancel_futures=True)
+
+    def _fetch_indexes(self, readers: Sequence[ShardedArrayReader], blocks: Sequence[Pieces], stop: threading.Event) -> None:
+        """Fetch the shard indexes of remote arrays block by block, ahead of the loads: a block
+        whose indexes were not cached would wait one more round trip before its chunks are asked
+        for. The first block's are shared with its load (one fetch, :meth:`ShardedArrayReader.shard_indexes`);
+        a failure is left for the load to report."""
+        for pieces in blocks:
+            shards = np.unique(pieces.chunk_K // self._cps).tolist()
+            for reader in readers:
+                if stop.is_set():
+                    return
+                try:
+                    reader.shard_indexes(shards)
+                except Exception:
+                    return
 
     def release(self, blocks: Sequence[Block]) -> None:
         """Drop the page-table entries of served blocks' chunks, unless the mapped arrays fit
@@ -202,12 +266,9 @@ class BlockLoader:
                 self._maps[key] = MappedArrays([self.store.array_reader(p) for p in paths])
         return {k: self._maps[k] for k in keys}
 
-    def _load(
-        self, buf: dict[str, np.ndarray], pieces: Pieces, key: tuple[int, int, int], io: ThreadPoolExecutor,
-        first: int, boundary: int,
-    ) -> Block:
-        """Read (or map) a block and put its tokens in output order (:func:`~actstore.stream.plan.block_order`)."""
-        ct, cps, arrays, filters = self._ct, self._cps, self.arrays, self.filters
+    def _start(self, buf: dict[str, np.ndarray], pieces: Pieces, io: ThreadPoolExecutor) -> _Loading:
+        """Start reading (or mapping) a block's chunks on the ``io`` threads."""
+        ct, cps, arrays = self._ct, self._cps, self.arrays
         pieces = pieces[np.argsort(pieces.chunk_K, kind="stable")]  # block rows in store order
         ids = [(int(g) // cps, int(g) % cps) for g in pieces.chunk_K]
 
@@ -221,11 +282,16 @@ class BlockLoader:
             reader.read_chunks_into(ids, [buf[path][k * ct : (k + 1) * ct] for k in range(len(ids))])
             return None
 
+        return _Loading(buf, pieces, maps, {p: io.submit(fetch, p) for p in separate + ([STACK] if arrays.combined else [])})
+
+    def _finish(self, loading: _Loading, key: tuple[int, int, int], first: int, boundary: int) -> Block:
+        """Wait for a block's chunks and put its tokens in output order (:func:`~actstore.stream.plan.block_order`)."""
+        ct, filters, buf, pieces = self._ct, self.filters, loading.buf, loading.pieces
+
         def order(rows_T: np.ndarray, counts_K: np.ndarray) -> np.ndarray:
             c = self.cfg
             return block_order(rows_T, counts_K, len(pieces) * ct, c.seed, key, c.rank, first, boundary, c.batch_size)
 
-        pending = {p: io.submit(fetch, p) for p in separate + ([STACK] if arrays.combined else [])}
         # piece k sits in buffer rows k * ct + [lo_k, hi_k)
         counts_K = pieces.hi_K - pieces.lo_K
         first_K = np.arange(len(pieces)) * ct + pieces.lo_K
@@ -233,14 +299,14 @@ class BlockLoader:
         rows_T = np.repeat(first_K - offsets_K, counts_K) + np.arange(int(counts_K.sum()))
         if not filters.on:  # the order needs no data: work it out while the chunks are read
             order_T = order(rows_T, counts_K)
-        fetched = {p: f.result() for p, f in pending.items()}  # re-raises failures
+        fetched = {p: f.result() for p, f in loading.pending.items()}  # re-raises failures
         if filters.on:
             keep_T = filters.keep(len(rows_T), buf[POSITIONS][rows_T] if filters.needs_positions else None,
                                   buf[TOKENS][rows_T] if filters.needs_tokens else None)
             piece_T = np.repeat(np.arange(len(pieces)), counts_K)
             counts_K = np.bincount(piece_T[keep_T], minlength=len(pieces))
             order_T = order(rows_T[keep_T], counts_K)
-        return Block(key, buf, order_T, pieces.chunk_K, self._sources(fetched, maps, buf, order_T, len(ids)))
+        return Block(key, buf, order_T, pieces.chunk_K, self._sources(fetched, loading.maps, buf, order_T, len(pieces)))
 
     def _sources(
         self, fetched: dict[str, np.ndarray | None], maps: dict[str, MappedArrays], buf: dict[str, np.ndarray],
