@@ -47,6 +47,27 @@ KERNEL_ENV = "ACTSTORE_SPARSE_KERNEL"
 """Environment variable choosing the backend: ``auto`` (default), ``torch`` or ``triton``."""
 
 
+_triton_failed: str | None = None
+"""Why the Triton kernels failed in ``auto`` mode (then torch's are used for the rest of the process)."""
+
+
+def _triton_or_torch(ctx, run_triton):  # type: ignore[no-untyped-def]
+    """``run_triton()``, or None after switching ``ctx`` and every later call to torch's kernels
+    when it fails where ``auto`` chose Triton (a kernel that does not compile on this GPU or
+    Triton version); a forced ``triton`` backend raises instead."""
+    global _triton_failed
+    try:
+        return run_triton()
+    except Exception as e:
+        if os.environ.get(KERNEL_ENV, "auto").strip().lower() == "triton":
+            raise
+        _triton_failed = f"{type(e).__name__}: {e}"
+        warnings.warn(f"Triton sparse kernels failed ({_triton_failed.splitlines()[0][:300]}); "
+                      f"using torch's sparse kernels from now on ({KERNEL_ENV}=torch avoids trying)", RuntimeWarning, stacklevel=2)
+        ctx.backend = "torch"
+        return None
+
+
 def kernel_backend(*tensors: torch.Tensor) -> Literal["torch", "triton"]:
     """The backend for products on ``tensors``, as :data:`KERNEL_ENV` asks: ``auto`` takes
     Triton for CUDA tensors when it imports, else torch; ``triton`` on CPU tensors only under
@@ -55,7 +76,7 @@ def kernel_backend(*tensors: torch.Tensor) -> Literal["torch", "triton"]:
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"{KERNEL_ENV}={choice!r} is not a backend; set it to auto, torch or triton")
     on_cuda = all(t.is_cuda for t in tensors)
-    if choice == "torch" or (choice == "auto" and not (on_cuda and triton_kernels.UNAVAILABLE is None)):
+    if choice == "torch" or (choice == "auto" and not (on_cuda and triton_kernels.UNAVAILABLE is None and _triton_failed is None)):
         return "torch"
     if triton_kernels.UNAVAILABLE is not None:
         raise ValueError(f"{KERNEL_ENV}=triton but {triton_kernels.UNAVAILABLE}")
@@ -152,9 +173,12 @@ class Selected(torch.autograd.Function):
         dtype = W_enc_DF.dtype
         g_BK = g_BK.to(dtype)
         grad_W = db_F = None
+        fused = None
         if ctx.backend == "triton" and need_W:  # dW_enc_FD and db_enc_F in one pass over the selections
-            grad_W_FD, db_F = triton_kernels.latent_sum(g_BK, sel.order_S, sel.token_S, sel.crow_F1, x_in_BD, dtype, with_sums=True)
-            grad_W = grad_W_FD.T  # [F, D] storage, see trainers.sae
+            fused = _triton_or_torch(ctx, lambda: triton_kernels.latent_sum(
+                g_BK, sel.order_S, sel.token_S, sel.crow_F1, x_in_BD, dtype, with_sums=True))
+        if fused is not None:
+            grad_W, db_F = fused[0].T, fused[1]  # [F, D] storage, see trainers.sae
         elif need_W:
             grad_W = sel.latent_outer(g_BK, x_in_BD.to(dtype)).T
         if db_F is None and (need_b or need_b_dec):
@@ -174,7 +198,9 @@ class SparseDecode(torch.autograd.Function):
         ctx.sel = sel
         ctx.backend = kernel_backend(vals_BK, W_dec_FD)
         if ctx.backend == "triton":
-            return triton_kernels.gather_decode(vals_BK, sel.idx_BK, W_dec_FD, W_dec_FD.dtype)
+            out_BD = _triton_or_torch(ctx, lambda: triton_kernels.gather_decode(vals_BK, sel.idx_BK, W_dec_FD, W_dec_FD.dtype))
+            if out_BD is not None:
+                return out_BD
         return torch.sparse.mm(sel.token_major(vals_BK.to(W_dec_FD.dtype)), W_dec_FD)
 
     @staticmethod
@@ -184,11 +210,15 @@ class SparseDecode(torch.autograd.Function):
         g_BD = g_BD.to(W_dec_FD.dtype).contiguous()
         grad_vals = grad_W = None
         if ctx.backend == "triton":
-            if ctx.needs_input_grad[0]:
-                grad_vals = triton_kernels.sampled_dot(g_BD, sel.idx_BK, W_dec_FD, vals_BK.dtype)
-            if ctx.needs_input_grad[2]:
-                grad_W, _ = triton_kernels.latent_sum(vals_BK, sel.order_S, sel.token_S, sel.crow_F1, g_BD, W_dec_FD.dtype)
-            return grad_vals, None, grad_W
+            def both() -> tuple:
+                gv = triton_kernels.sampled_dot(g_BD, sel.idx_BK, W_dec_FD, vals_BK.dtype) if ctx.needs_input_grad[0] else None
+                gW = (triton_kernels.latent_sum(vals_BK, sel.order_S, sel.token_S, sel.crow_F1, g_BD, W_dec_FD.dtype)[0]
+                      if ctx.needs_input_grad[2] else None)
+                return gv, None, gW
+
+            grads = _triton_or_torch(ctx, both)
+            if grads is not None:
+                return grads
         if ctx.needs_input_grad[0]:
             pattern = sel.token_major(torch.zeros_like(vals_BK, dtype=W_dec_FD.dtype))
             grad_vals = torch.sparse.sampled_addmm(pattern, g_BD, W_dec_FD.T, beta=0.0).values().view_as(vals_BK).to(vals_BK.dtype)
