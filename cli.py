@@ -221,8 +221,9 @@ def train_sae(
     groups: Annotated[str | None, typer.Option(help="groups.json from actstore groups: one Group-SAE run per group (out/group<i>).")] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="With --groups: also train one SAE per member layer (same settings and tokens) and compare.")] = False,
     tokens: Annotated[str, typer.Option(help="Training tokens: 500k, 5M...")] = "5M",
-    arch: Annotated[str, typer.Option(help="Comma list of topk, batchtopk, relu, gated, jumprelu.")] = "topk",
-    k: Annotated[str, typer.Option(help="Comma list of k (topk, batchtopk).")] = "32",
+    arch: Annotated[str, typer.Option(help="Comma list of topk, batchtopk, matryoshka, relu, gated, jumprelu.")] = "topk",
+    k: Annotated[str, typer.Option(help="Comma list of k (topk, batchtopk, matryoshka).")] = "32",
+    widths: Annotated[str | None, typer.Option(help="Matryoshka: comma list of nested level widths ending at d_sae (default d_sae/8, /4, /2, d_sae).")] = None,
     expansion: Annotated[str, typer.Option(help="Comma list of d_sae / d_in.")] = "8",
     lr: Annotated[str, typer.Option(help="Comma list of learning rates.")] = "2e-4",
     l1_coeff: Annotated[str | None, typer.Option(help="Comma list of L1 coefficients (relu, gated).")] = None,
@@ -259,7 +260,7 @@ def train_sae(
     archs = tuple(a.strip() for a in arch.split(",") if a.strip())
     sparsity: dict[str, tuple[float, ...]] = {}
     for name in archs:
-        if name in ("topk", "batchtopk"):
+        if name in ("topk", "batchtopk", "matryoshka"):
             sparsity[name] = parse_list(k, int)
         elif name in ("relu", "gated") and l1_coeff:
             sparsity[name] = parse_list(l1_coeff)
@@ -268,7 +269,7 @@ def train_sae(
     cfg = TrainSAEConfig(
         store=store, hook=layers[0] if layers else "", group=tuple(layers) if len(layers) > 1 else (), out=out,
         tokens=parse_count(tokens), archs=archs, expansions=parse_list(expansion, int),
-        lrs=parse_list(lr), sparsity=sparsity, sweep=read_sweep(sweep) if sweep else (), batch_size=batch_size,
+        lrs=parse_list(lr), sparsity=sparsity, matryoshka_widths=parse_list(widths, int) if widths else (), sweep=read_sweep(sweep) if sweep else (), batch_size=batch_size,
         seed=seed, memory=memory, normalize=normalize, min_position=min_position, checkpoint_every=checkpoint_every,
         eval_tokens=0 if eval_tokens.strip() == "0" else parse_count(eval_tokens), device=device, dtype=dtype, tf32=tf32,
         progress=progress and not as_json,

@@ -55,7 +55,7 @@ from trainers.trainer import Experiment, TrainConfig, Trainer, evaluate  # noqa:
 
 CONTEXT = 256
 MIN_POSITION = 1
-ARCHS = ("topk", "batchtopk", "relu", "gated", "jumprelu")
+ARCHS = ("topk", "batchtopk", "matryoshka", "relu", "gated", "jumprelu")
 # The sparsity setting of each architecture, the same number for both libraries (both define
 # these penalties the same way: summed over latents, averaged over tokens, MSE summed over D;
 # inputs scaled to E||x||^2 = D over the served tokens). Chosen for L0 of a few hundred here.
@@ -73,6 +73,10 @@ def saelens_sae(arch: str, d_in: int, d_sae: int, k: int, warmup_steps: int):
         return sl.TopKTrainingSAE(sl.TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
     if arch == "batchtopk":
         return sl.BatchTopKTrainingSAE(sl.BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    if arch == "matryoshka":  # the same nested widths as ours (actstore's default levels)
+        widths = list(sae_config("matryoshka", d_in=d_in, d_sae=d_sae, k=k).widths)
+        return sl.MatryoshkaBatchTopKTrainingSAE(sl.MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=d_in, d_sae=d_sae, k=k, matryoshka_widths=widths))
     if arch == "relu":
         return sl.StandardTrainingSAE(sl.StandardTrainingSAEConfig(
             d_in=d_in, d_sae=d_sae, l1_coefficient=SPARSITY["relu"], l1_warm_up_steps=warmup_steps))
@@ -88,7 +92,7 @@ def saelens_sae(arch: str, d_in: int, d_sae: int, k: int, warmup_steps: int):
 
 def actstore_config(arch: str, d_in: int, d_sae: int, k: int, coeff_scale: float = 1.0):
     fields = {
-        "topk": {"k": k}, "batchtopk": {"k": k}, "relu": {"l1_coeff": SPARSITY["relu"] * coeff_scale},
+        "topk": {"k": k}, "batchtopk": {"k": k}, "matryoshka": {"k": k}, "relu": {"l1_coeff": SPARSITY["relu"] * coeff_scale},
         "gated": {"l1_coeff": SPARSITY["gated"] * coeff_scale},
         "jumprelu": {"l0_coeff": SPARSITY["jumprelu"] * coeff_scale, "bandwidth": JUMPRELU_BANDWIDTH,
                      "init_threshold": JUMPRELU_INIT_THRESHOLD},

@@ -1,8 +1,8 @@
 """``actstore train-sae``: train several SAEs on one hook of a store, each batch read once.
 
 Experiments come from comma lists (the cross product of architectures, expansions, learning
-rates and each architecture's sparsity setting: ``k`` for topk/batchtopk, ``l1_coeff`` for
-relu/gated, ``l0_coeff`` for jumprelu) or from a sweep file (a JSON list of objects with
+rates and each architecture's sparsity setting: ``k`` for topk/batchtopk/matryoshka, ``l1_coeff`` for
+relu/gated, ``l0_coeff`` for jumprelu; ``matryoshka_widths`` for every matryoshka experiment) or from a sweep file (a JSON list of objects with
 ``arch``, ``expansion`` or ``d_sae``, ``lr``, optional ``name``, and the architecture's own
 settings). Activations are streamed shuffled (``actstore.stream``), scaled to
 ``E||x||^2 = D`` (the scale is folded back into the saved weights), with positions below
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 100
 """Learning-rate warm-up; runs shorter than 1,000 steps warm up over their first tenth."""
-SPARSITY_KEY = {"topk": "k", "batchtopk": "k", "relu": "l1_coeff", "gated": "l1_coeff", "jumprelu": "l0_coeff"}
+SPARSITY_KEY = {"topk": "k", "batchtopk": "k", "matryoshka": "k", "relu": "l1_coeff", "gated": "l1_coeff", "jumprelu": "l0_coeff"}
 SWEEP_KEYS = {"name", "arch", "expansion", "d_sae", "lr"}
 SUMMARY_FILE = "summary.json"
 """Written last: a run folder with it holds a finished run."""
@@ -81,6 +81,8 @@ class TrainSAEConfig:
     lrs: tuple[float, ...] = (2e-4,)
     sparsity: dict[str, tuple[float, ...]] = field(default_factory=dict)
     """Per architecture, the values of its sparsity setting (defaults: the config's)."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """Nested level widths of the ``matryoshka`` experiments (empty: d_sae/8, /4, /2, d_sae)."""
     sweep: tuple[dict[str, Any], ...] = ()
     """Experiments from a sweep file; replaces the comma lists when given."""
     batch_size: int = 4096
@@ -138,6 +140,8 @@ def experiments(cfg: TrainSAEConfig, d_in: int) -> list[Experiment]:
             key = SPARSITY_KEY[arch]
             for value in cfg.sparsity.get(arch, (None,)):
                 fields = {} if value is None else {key: int(value) if key == "k" else float(value)}
+                if arch == "matryoshka" and cfg.matryoshka_widths:
+                    fields["widths"] = cfg.matryoshka_widths
                 sae = sae_config(arch, d_in=d_in, d_sae=d_in * expansion, seed=cfg.seed, **fields)
                 out.append(Experiment(_name(sae, lr), sae, lr))
     names = [e.name for e in out]

@@ -69,6 +69,24 @@ def test_bfloat16_training_is_its_own_run_and_float32_runs_keep_their_identity(s
     assert "dtype" not in run_identity_of(tmp_path, store)  # fp32 (the default) adds nothing: old runs resume
 
 
+def test_matryoshka_trains_from_the_cli_and_loads_in_saelens(store, tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    out = tmp_path / "run"
+    res = run_cli(*small_run(store, out, "--arch", "matryoshka", "--widths", "12,24,96"))
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(res.stdout)["experiments"]
+    assert row["name"] == "matryoshka-96-k4-lr0.0002" and 0 < row["eval_fvu"] < 1.5
+    cfg = json.loads((out / row["name"] / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["actstore"]["settings"]["widths"] == [12, 24, 96]
+    theirs = sae_lens.SAE.load_from_disk(str(out / row["name"]))
+    from trainers.saelens_format import load_saelens
+
+    mine, _ = load_saelens(out / row["name"])
+    x = torch.from_numpy(actstore.open_store(store).read(HOOK, 0, 64).astype("float32"))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), mine.encode(x), atol=1e-5, rtol=1e-4)
+
+
 def run_identity_of(tmp_path, store) -> dict:
     from pipelines.train import TrainSAEConfig, experiments, run_identity
 
@@ -153,6 +171,8 @@ def test_a_store_too_small_to_hold_out_says_so(tmp_path, caplog):
         (["--arch", "sparse-magic"], "unknown --arch"),
         (["--sweep", "SWEEP"], "unknown setting"),
         (["--dtype", "float16"], "unknown --dtype 'float16'; choose from float32, bfloat16"),
+        (["--arch", "matryoshka", "--widths", "8,4,384"], "Matryoshka widths must be positive and increasing"),
+        (["--arch", "matryoshka", "--widths", "8,64"], "the last Matryoshka width must be the SAE width d_sae \\(384\\)"),
     ],
 )
 def test_train_sae_bad_input_is_one_line_exit_2(store, tmp_path, extra, message):

@@ -44,6 +44,7 @@ def configs() -> dict:
         "relu": sae_config("relu", d_in=D, d_sae=F, l1_coeff=1.0),
         "topk": sae_config("topk", d_in=D, d_sae=F, k=4, aux_k=16),
         "batchtopk": sae_config("batchtopk", d_in=D, d_sae=F, k=4, aux_k=16),
+        "matryoshka": sae_config("matryoshka", d_in=D, d_sae=F, k=4, aux_k=16, widths=(8, 32, F)),
         "gated": sae_config("gated", d_in=D, d_sae=F, l1_coeff=1.0),
         "jumprelu": sae_config("jumprelu", d_in=D, d_sae=F, l0_coeff=0.1, bandwidth=0.1, init_threshold=0.3),
     }
@@ -78,7 +79,7 @@ def test_a_step_that_records_nothing_never_waits_for_the_device(arch, cuda_polic
     trainer.watch = SyncWatch()
     trainer.fit()
     assert trainer.step == 40 and trainer.watch.seen == [], sorted(set(trainer.watch.seen))
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk", "matryoshka"):
         assert any(h["dead"] > 0 and h["aux"] > 0 for h in trainer.runs[0].history), "the AuxK path never ran"
 
 

@@ -23,6 +23,7 @@ def configs():
         "relu": sae_config("relu", d_in=D, d_sae=F, l1_coeff=1.0),
         "topk": sae_config("topk", d_in=D, d_sae=F, k=4, aux_k=16),
         "batchtopk": sae_config("batchtopk", d_in=D, d_sae=F, k=4, aux_k=16),
+        "matryoshka": sae_config("matryoshka", d_in=D, d_sae=F, k=4, aux_k=16, widths=(8, 32, F)),
         "gated": sae_config("gated", d_in=D, d_sae=F, l1_coeff=1.0),
         "jumprelu": sae_config("jumprelu", d_in=D, d_sae=F, l0_coeff=0.1, bandwidth=0.1, init_threshold=0.3),
     }
@@ -164,6 +165,36 @@ def test_gated_loss_and_gradients_match_eq9_with_the_decoder_norm_penalty():
     assert not sae.unit_norm_decoder
 
 
+def test_matryoshka_loss_is_batchtopk_plus_each_nested_prefix_reconstructing_alone():
+    torch.manual_seed(2)
+    x = torch.randn(48, D)
+    sae = make_sae(configs()["matryoshka"])
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[::5] = True
+    got = sae.training_step(x, dead_F=dead)
+    # reference: the BatchTopK latents by hand, then one dense decode per prefix of the latents
+    acts = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    top = acts.flatten().topk(4 * len(x))
+    f = torch.zeros_like(acts).flatten().scatter(0, top.indices, top.values).view_as(acts)
+    levels = [((x - (f[:, :m] @ sae.W_dec[:m] + sae.b_dec)) ** 2).sum(-1).mean() for m in (8, 32, F)]
+    aux = got.terms["aux"]
+    torch.testing.assert_close(got.loss, sum(levels) + sae.cfg.aux_coeff * aux)
+    torch.testing.assert_close(got.terms["mse_8"], levels[0])
+    torch.testing.assert_close(got.terms["mse_32"], levels[1])
+    torch.testing.assert_close(got.terms["mse"], levels[2])
+    assert float(aux) > 0 and "mse_96" not in got.terms
+
+
+@pytest.mark.parametrize("widths, message", [((8, 4, F), "increasing"), ((8, 32), f"end the list with {F}"), ((0, F), "positive")])
+def test_matryoshka_widths_must_nest_up_to_the_sae_width(widths, message):
+    with pytest.raises(ValueError, match=message):
+        sae_config("matryoshka", d_in=D, d_sae=F, widths=widths)
+    assert sae_config("matryoshka", d_in=D, d_sae=F).widths == (F // 8, F // 4, F // 2, F)
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_each_architecture_learns_a_sparse_code(arch):
     cfg = configs()[arch]
@@ -187,7 +218,7 @@ def test_saved_sae_loads_in_saelens_with_the_same_outputs(tmp_path, arch):
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         sae.threshold.fill_(0.2)
     scale = 0.5  # trained on 0.5 * x: the saved SAE must take raw x
     save_saelens(sae, tmp_path / arch, HookInfo("blocks.3.hook_resid_post", "smollm2-135m", 256), scale=scale)

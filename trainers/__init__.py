@@ -1,6 +1,7 @@
 """SAE architectures and the training loop; trainers take any iterator of activation tensors.
 
-One file per architecture (``relu``, ``topk``, ``batchtopk``, ``gated``, ``jumprelu``), each a
+One file per architecture (``relu``, ``topk``, ``batchtopk``, ``gated``, ``jumprelu``,
+``matryoshka``), each a
 config dataclass and an :class:`~trainers.sae.SAE` subclass; :mod:`trainers.trainer` fits
 several SAEs on each batch read once; :mod:`trainers.saelens_format` saves and loads SAELens'
 ``cfg.json`` + ``sae_weights.safetensors``.
@@ -14,6 +15,7 @@ from typing import Any
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .gated import GatedConfig, GatedSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
+from .matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from .relu import ReLUConfig, ReLUSAE
 from .sae import SAE, SAEConfig, StepOutput, fvu
 from .topk import TopKConfig, TopKSAE
@@ -24,6 +26,7 @@ ARCHITECTURES: dict[str, tuple[type[SAEConfig], type[SAE]]] = {
     "batchtopk": (BatchTopKConfig, BatchTopKSAE),
     "gated": (GatedConfig, GatedSAE),
     "jumprelu": (JumpReLUConfig, JumpReLUSAE),
+    "matryoshka": (MatryoshkaConfig, MatryoshkaSAE),
 }
 
 

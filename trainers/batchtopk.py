@@ -63,6 +63,9 @@ class BatchTopKSAE(SAE):
         recon_BD = self.decode(f_BF)
         l2 = mse(x_BD, recon_BD)
         loss, terms = l2, {"mse": l2.detach()}
+        for name, term in self.extra_losses(x_BD, f_BF).items():  # Matryoshka's inner levels
+            loss = loss + term
+            terms[name] = term.detach()
         aux = dense_auxk(x_BD, recon_BD, pre_BF, dead_F, self.W_dec, self.cfg.aux_k, self.cfg.aux_coeff)
         loss = loss if aux is None else loss + self.cfg.aux_coeff * aux
         terms["aux"] = torch.zeros((), device=x_BD.device) if aux is None else aux.detach()
@@ -73,6 +76,10 @@ class BatchTopKSAE(SAE):
         active_BF = f_BF.detach() > 0
         terms["threshold"] = self.threshold.detach().float()
         return StepOutput(loss, recon_BD.detach(), active_BF.sum(-1).float().mean(), active_BF.any(0), terms)
+
+    def extra_losses(self, x_BD: torch.Tensor, f_BF: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reconstruction terms added to the loss by subclasses (none here), by name."""
+        return {}
 
     @torch.no_grad()
     def saelens_state(self, scale: float = 1.0) -> dict[str, torch.Tensor]:

@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from . import ARCHITECTURES, SAE, make_sae, sae_config
 
+SAVED_AS_JUMPRELU = frozenset({"batchtopk", "matryoshka"})
+"""Trained with a batch-level TopK, used (and loaded back) as a JumpReLU with the learned threshold."""
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_FORMAT = "6.0.0"  # the SAELens config format these files follow
@@ -78,7 +80,7 @@ def load_saelens(path: str | Path) -> tuple[SAE, HookInfo]:
     arch = cfg.get("architecture", "standard")
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     ours = cfg.get("actstore", {})
-    if ours.get("arch") in ARCHITECTURES and ours["arch"] != "batchtopk":
+    if ours.get("arch") in ARCHITECTURES and ours["arch"] not in SAVED_AS_JUMPRELU:
         sae = make_sae(sae_config(ours["arch"], d_in=d_in, d_sae=d_sae, **ours.get("settings", {})))
     elif arch == "standard":
         sae = make_sae(sae_config("relu", d_in=d_in, d_sae=d_sae))
