@@ -151,7 +151,7 @@ def harvest(
     model: Annotated[str, typer.Option(help="Alias (smollm2-135m, gemma-2-2b, gemma-2-9b, llama-3.2-1b, llama-3.1-8b), local folder or HF id.")],
     out: Annotated[str, typer.Option(help="Store path or URL (s3://bucket/prefix).")],
     layers: Annotated[str, typer.Option(help="Blocks to capture: 0-25, 3,7,11, mixes, or all.")] = "all",
-    sites: Annotated[str, typer.Option(help="Comma list of resid_post, resid_pre, mlp_out, attn_out.")] = "resid_post",
+    sites: Annotated[str, typer.Option(help="Comma list of resid_post, resid_pre, attn_out, mlp_in, mlp_out.")] = "resid_post",
     dataset: DatasetOpt = "builtin:python-docs",
     split: Annotated[str, typer.Option(help="Split of an HF dataset, or of the built-in corpus (train, test: every tenth docstring, all).")] = "train",
     text_column: Annotated[str, typer.Option(help="Column holding the text (rows with input_ids are used as token ids).")] = "text",

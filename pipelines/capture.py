@@ -6,6 +6,9 @@ Hook names follow TransformerLens: ``blocks.{L}.hook_{site}`` with site one of
   sqrt(d_model) inside the embedding, so this is the scaled value the block sees);
 - ``attn_out``: what the attention sub-block adds to the residual stream (for Gemma-2, after its
   ``post_attention_layernorm``);
+- ``mlp_in``: what the MLP itself reads: the residual after attention through the pre-MLP norm
+  (Llama's ``post_attention_layernorm``, Gemma-2's ``pre_feedforward_layernorm``), the input a
+  transcoder maps to ``mlp_out`` (both recorded in one pass);
 - ``mlp_out``: what the MLP sub-block adds (for Gemma-2, after ``post_feedforward_layernorm``);
 - ``resid_post``: the output of block L.
 
@@ -27,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|attn_out|mlp_out|resid_post)$")
+SITES = ("resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post")
+"""In the order a block computes them."""
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(" + "|".join(SITES) + r")$")
 
 
 def hook_name(layer: int, site: str) -> str:
@@ -61,6 +65,8 @@ def module_for(layers: nn.ModuleList, point: HookPoint) -> tuple[nn.Module, str]
         return block, "post"
     if point.site == "attn_out":
         return (block.post_attention_layernorm if _sandwich_norms(block) else block.self_attn), "post"
+    if point.site == "mlp_in":
+        return block.mlp, "pre"
     return (block.post_feedforward_layernorm if _sandwich_norms(block) else block.mlp), "post"
 
 
@@ -122,8 +128,7 @@ class ActivationCapture:
             else:
                 self._handles.append(module.register_forward_hook(self._record_output(point.name)))
         # stop right after the last point in execution order (registered last, so it runs after the recorders)
-        order = {"resid_pre": 0, "attn_out": 1, "mlp_out": 2, "resid_post": 3}
-        last = max(self.points, key=lambda p: (p.layer, order[p.site]))
+        last = max(self.points, key=lambda p: (p.layer, SITES.index(p.site)))
         module, phase = self._module_for(last)
         if phase == "pre":
             self._handles.append(module.register_forward_pre_hook(self._stop, with_kwargs=True))

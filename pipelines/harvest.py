@@ -80,7 +80,7 @@ class HarvestConfig:
     layers: tuple[int, ...]
     """Blocks to capture."""
     sites: tuple[str, ...] = ("resid_post",)
-    """Hook sites per layer: resid_pre, attn_out, mlp_out, resid_post."""
+    """Hook sites per layer: resid_pre, attn_out, mlp_in, mlp_out, resid_post (:mod:`pipelines.capture`)."""
     text: TextConfig = TextConfig()
     """Text source and packing."""
     tokens: int = 1_000_000

@@ -11,7 +11,7 @@ The teacher ``p_base`` is the same model with its adapters disabled and nothing 
 copy of the weights serves both passes. The paper's settings are the defaults: AdamW, learning
 rate 5e-5, gradient norm clipped at 1.0, LoRA rank 64 and alpha 32, all overridable.
 "After" means the blocks whose whole computation follows the first splice: ``L + 1`` on for
-a splice in block ``L`` (``resid_post``, ``attn_out``, ``mlp_out``), ``L`` on for
+a splice in block ``L`` (``resid_post``, ``attn_out``, ``mlp_in``, ``mlp_out``), ``L`` on for
 ``resid_pre`` of block ``L``.
 
 Before and after training, on held-out windows (:mod:`pipelines.evaluate`): CE clean, CE with

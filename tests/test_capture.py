@@ -37,6 +37,40 @@ def test_every_site_matches_hidden_states_and_adds_up(model):
         torch.testing.assert_close(post, parts, rtol=1e-6, atol=1e-5)
 
 
+def test_mlp_in_is_what_the_mlp_reads_the_residual_after_attention_through_its_norm(model):
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
+    layers = model.get_decoder().layers
+    d = model.config.hidden_size
+    hooks = [hook_name(layer, site) for layer in range(len(layers)) for site in ("resid_pre", "attn_out", "mlp_in")]
+    with ActivationCapture(model, hooks) as cap:
+        acts = cap.run(ids)
+    seen = {}  # an independent forward hook on each MLP, in a full forward pass
+    handles = [block.mlp.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, args[0].detach()))
+               for i, block in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    gemma = hasattr(layers[0], "pre_feedforward_layernorm")
+    for layer, block in enumerate(layers):
+        got = acts[hook_name(layer, "mlp_in")]
+        torch.testing.assert_close(got, seen[layer].reshape(-1, d), rtol=0, atol=0)
+        norm = block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm  # the pre-MLP norm
+        with torch.no_grad():
+            want = norm(acts[hook_name(layer, "resid_pre")] + acts[hook_name(layer, "attn_out")])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_capturing_mlp_in_stops_before_that_mlp_runs(model):
+    ran = []
+    model.get_decoder().layers[0].mlp.register_forward_hook(lambda *_: ran.append("mlp0"))
+    with ActivationCapture(model, ["blocks.0.hook_mlp_in"]) as cap:
+        acts = cap.run(torch.randint(0, 49152, (1, 8)))
+    assert list(acts) == ["blocks.0.hook_mlp_in"] and ran == []
+
+
 def test_gemma2_layer0_resid_pre_is_the_scaled_embedding(tiny_gemma2):
     model = AutoModelForCausalLM.from_pretrained(tiny_gemma2, dtype=torch.float32).eval()
     ids = torch.randint(0, 49152, (1, 16))

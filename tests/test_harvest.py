@@ -73,10 +73,13 @@ def test_stored_activations_equal_an_independent_forward_pass(request, tmp_path,
     assert (tokens[:, 0] == 1).all(), "BOS at position 0"
     np.testing.assert_array_equal(store.positions(), np.tile(np.arange(64), 16))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    mlp_in = {}  # what each MLP reads, from forward hooks on the MLPs themselves
+    for i, block in enumerate(model.get_decoder().layers):
+        block.mlp.register_forward_hook(lambda m, args, out, i=i: mlp_in.__setitem__(i, args[0].detach()))
     with torch.no_grad():
         hidden = model(torch.from_numpy(tokens.astype(np.int64)), output_hidden_states=True).hidden_states
     for layer in range(4):
-        ref = {"resid_pre": hidden[layer], "resid_post": hidden[layer + 1] if layer < 3 else None}
+        ref = {"resid_pre": hidden[layer], "resid_post": hidden[layer + 1] if layer < 3 else None, "mlp_in": mlp_in[layer]}
         for site, want in ref.items():
             if want is None:
                 continue

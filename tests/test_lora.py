@@ -45,7 +45,7 @@ def one_line_error(run, *fragments):
 
 
 # ---- splicing and eval ---------------------------------------------------------------------
-@pytest.mark.parametrize("site", ["resid_post", "resid_pre", "attn_out", "mlp_out"])
+@pytest.mark.parametrize("site", ["resid_post", "resid_pre", "attn_out", "mlp_in", "mlp_out"])
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_a_perfect_sae_changes_nothing(tmp_path, tiny_llama, tiny_gemma2, arch, site):
     model = tiny_llama if arch == "llama" else tiny_gemma2
