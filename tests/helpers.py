@@ -149,3 +149,59 @@ def assert_same_arrays(url_a: str | Path, url_b: str | Path) -> None:
     for spec in array_specs(a.config):
         x, y = a.zarr_array(spec.path)[:], b.zarr_array(spec.path)[:]
         assert x.tobytes() == y.tobytes(), spec.path
+
+
+def arch_configs(d_in: int, d_sae: int) -> dict[str, Any]:
+    """One small config of every SAE architecture, as the trainer tests use them."""
+    from trainers import sae_config
+
+    return {
+        "relu": sae_config("relu", d_in=d_in, d_sae=d_sae, l1_coeff=1.0),
+        "topk": sae_config("topk", d_in=d_in, d_sae=d_sae, k=4, aux_k=16),
+        "batchtopk": sae_config("batchtopk", d_in=d_in, d_sae=d_sae, k=4, aux_k=16),
+        "matryoshka": sae_config("matryoshka", d_in=d_in, d_sae=d_sae, k=4, aux_k=16, widths=(8, 32, d_sae)),
+        "gated": sae_config("gated", d_in=d_in, d_sae=d_sae, l1_coeff=1.0),
+        "jumprelu": sae_config("jumprelu", d_in=d_in, d_sae=d_sae, l0_coeff=0.1, bandwidth=0.1, init_threshold=0.3),
+    }
+
+
+def twin_saes(cfg: Any, random_biases: bool = False) -> tuple[Any, Any]:
+    """Two SAEs of ``cfg`` with the same weights (a fast path and its dense reference);
+    ``random_biases``: normal ``b_enc`` and ``b_dec`` instead of zeros."""
+    import torch
+
+    from trainers import make_sae
+
+    fast = make_sae(cfg)
+    if random_biases:
+        with torch.no_grad():
+            fast.b_enc.normal_()
+            fast.b_dec.normal_()
+    ref = make_sae(cfg)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def check_topk_sparse_step(d_in: int, d_sae: int, recon_tol: dict | None = None) -> None:
+    """A TopK SAE's fast training step (:mod:`trainers.sparse`, whichever backend is active)
+    against its dense reference on one batch, a third of the latents dead (AuxK on): loss,
+    reconstruction (``recon_tol``: assert_close's tolerances, default its own), fired latents,
+    L0 and every parameter's gradient."""
+    import torch
+
+    from trainers import sae_config
+
+    torch.manual_seed(0)
+    x_BD = torch.randn(64, d_in)
+    fast, ref = twin_saes(sae_config("topk", d_in=d_in, d_sae=d_sae, k=5, aux_k=7), random_biases=True)
+    dead_F = torch.zeros(d_sae, dtype=torch.bool)
+    dead_F[::3] = True
+    a, b = fast.training_step(x_BD, dead_F=dead_F), ref.dense_training_step(x_BD, dead_F=dead_F)
+    assert float(a.terms["aux"]) > 0
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(a.recon_BD, b.recon_BD, **(recon_tol or {}))
+    assert torch.equal(a.fired_F, b.fired_F) and float(a.l0) == float(b.l0)
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name, atol=1e-5, rtol=1e-4)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import check_topk_sparse_step
 from trainers import make_sae, sae_config, sparse, triton_kernels
 from trainers.kernel_check import check_against_dense
 from trainers.sparse import KERNEL_ENV, Selected, Selection, kernel_backend
@@ -120,29 +121,9 @@ def check_topk_training_step_with_auxk():
             fn = getattr(triton_kernels, name)
             setattr(triton_kernels, name, lambda *a, _fn=fn, _name=name, **kw: calls.add(_name) or _fn(*a, **kw))
             undo.callback(setattr, triton_kernels, name, fn)
-        check_topk_step(D, F)
+        check_topk_sparse_step(D, F, TOL)
     assert calls == {"gather_decode", "sampled_dot", "latent_sum"}, calls
 
-
-def check_topk_step(D: int, F: int) -> None:
-    torch.manual_seed(0)
-    x_BD = torch.randn(64, D)
-    fast = make_sae(sae_config("topk", d_in=D, d_sae=F, k=5, aux_k=7))
-    with torch.no_grad():
-        fast.b_enc.normal_()
-        fast.b_dec.normal_()
-    ref = make_sae(fast.cfg)
-    ref.load_state_dict(fast.state_dict())
-    dead_F = torch.zeros(F, dtype=torch.bool)
-    dead_F[::3] = True
-    a, b = fast.training_step(x_BD, dead_F=dead_F), ref.dense_training_step(x_BD, dead_F=dead_F)
-    assert "aux" in a.terms
-    a.loss.backward()
-    b.loss.backward()
-    torch.testing.assert_close(a.loss, b.loss)
-    torch.testing.assert_close(a.recon_BD, b.recon_BD, **TOL)
-    for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
 
 
 def check_against_dense_reports_triton():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import sparse_data
+from tests.helpers import arch_configs, sparse_data, twin_saes
 from trainers import ARCHITECTURES, make_sae, sae_config, topk
 from trainers.trainer import Experiment, TrainConfig, Trainer, evaluate
 
@@ -40,14 +40,7 @@ class SyncWatch(TorchDispatchMode):
 
 
 def configs() -> dict:
-    return {
-        "relu": sae_config("relu", d_in=D, d_sae=F, l1_coeff=1.0),
-        "topk": sae_config("topk", d_in=D, d_sae=F, k=4, aux_k=16),
-        "batchtopk": sae_config("batchtopk", d_in=D, d_sae=F, k=4, aux_k=16),
-        "matryoshka": sae_config("matryoshka", d_in=D, d_sae=F, k=4, aux_k=16, widths=(8, 32, F)),
-        "gated": sae_config("gated", d_in=D, d_sae=F, l1_coeff=1.0),
-        "jumprelu": sae_config("jumprelu", d_in=D, d_sae=F, l0_coeff=0.1, bandwidth=0.1, init_threshold=0.3),
-    }
+    return arch_configs(D, F)
 
 
 class WatchedTrainer(Trainer):
@@ -113,9 +106,7 @@ def test_bfloat16_trains_as_well_as_float32_with_fp32_master_weights(arch):
 def test_topk_under_autocast_runs_its_encoder_matmul_in_bfloat16_and_matches_the_dense_reference():
     torch.manual_seed(0)
     x = torch.randn(64, D)
-    fast = make_sae(sae_config("topk", d_in=D, d_sae=F, k=5, aux_k=7))
-    ref = make_sae(fast.cfg)
-    ref.load_state_dict(fast.state_dict())
+    fast, ref = twin_saes(sae_config("topk", d_in=D, d_sae=F, k=5, aux_k=7))
     dead = torch.zeros(F, dtype=torch.bool)
     dead[::3] = True
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -139,9 +130,7 @@ def test_topk_auxk_with_fewer_dead_latents_than_aux_k_matches_the_dense_referenc
         monkeypatch.setattr(topk, "HOST_COUNT_DEVICES", frozenset())
     torch.manual_seed(1)
     x = torch.randn(32, D)
-    fast = make_sae(sae_config("topk", d_in=D, d_sae=F, k=4, aux_k=16))
-    ref = make_sae(fast.cfg)
-    ref.load_state_dict(fast.state_dict())
+    fast, ref = twin_saes(sae_config("topk", d_in=D, d_sae=F, k=4, aux_k=16))
     dead = torch.zeros(F, dtype=torch.bool)
     dead[torch.randperm(F)[:n_dead]] = True
     a, b = fast.training_step(x, dead_F=dead), ref.dense_training_step(x, dead_F=dead)

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 import actstore
-from tests.helpers import folder_bytes, make_config, make_data, sparse_data, write_shards
+from tests.helpers import (
+    arch_configs,
+    check_topk_sparse_step,
+    folder_bytes,
+    make_config,
+    make_data,
+    sparse_data,
+    write_shards,
+)
 from trainers import ARCHITECTURES, make_sae, sae_config, sparse
 from trainers.saelens_format import HookInfo, load_saelens, save_saelens
 from trainers.sparse import Selected, Selection, select_topk, sparse_decode
@@ -19,35 +27,11 @@ D, F = 24, 96
 
 
 def configs():
-    return {
-        "relu": sae_config("relu", d_in=D, d_sae=F, l1_coeff=1.0),
-        "topk": sae_config("topk", d_in=D, d_sae=F, k=4, aux_k=16),
-        "batchtopk": sae_config("batchtopk", d_in=D, d_sae=F, k=4, aux_k=16),
-        "matryoshka": sae_config("matryoshka", d_in=D, d_sae=F, k=4, aux_k=16, widths=(8, 32, F)),
-        "gated": sae_config("gated", d_in=D, d_sae=F, l1_coeff=1.0),
-        "jumprelu": sae_config("jumprelu", d_in=D, d_sae=F, l0_coeff=0.1, bandwidth=0.1, init_threshold=0.3),
-    }
+    return arch_configs(D, F)
 
 
 def test_topk_sparse_path_matches_the_dense_reference_values_and_gradients():
-    torch.manual_seed(0)
-    x = torch.randn(64, D)
-    fast = make_sae(sae_config("topk", d_in=D, d_sae=F, k=5, aux_k=7))
-    with torch.no_grad():
-        fast.b_enc.normal_()
-        fast.b_dec.normal_()
-    ref = make_sae(fast.cfg)
-    ref.load_state_dict(fast.state_dict())
-    dead = torch.zeros(F, dtype=torch.bool)
-    dead[::3] = True
-    a, b = fast.training_step(x, dead_F=dead), ref.dense_training_step(x, dead_F=dead)
-    a.loss.backward()
-    b.loss.backward()
-    torch.testing.assert_close(a.loss, b.loss)
-    torch.testing.assert_close(a.recon_BD, b.recon_BD)
-    assert torch.equal(a.fired_F, b.fired_F) and float(a.l0) == float(b.l0)
-    for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, msg=name, atol=1e-5, rtol=1e-4)
+    check_topk_sparse_step(D, F)
 
 
 def test_sparse_kernels_match_dense_values_and_gradients():
