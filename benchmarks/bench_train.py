@@ -43,6 +43,7 @@ from rich.table import Table  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_store import capture, store_config, write_capture  # noqa: E402
+from gpu_train import matmul_rate  # noqa: E402
 from report import write_json  # noqa: E402
 
 import actstore  # noqa: E402
@@ -160,16 +161,6 @@ def fvu_at_l0(points: list[dict[str, float]], l0: float) -> float:
     return a["fvu"] * (l0 / a["l0"]) ** slope
 
 
-def encoder_bound(batch_size: int, d_in: int, d_sae: int, repeats: int = 5) -> float:
-    """Tokens/s if a training step cost nothing but one fp32 ``[B, D] @ [D, F]`` matmul."""
-    x, w = torch.randn(batch_size, d_in), torch.randn(d_in, d_sae)
-    x @ w
-    t = time.perf_counter()
-    for _ in range(repeats):
-        x @ w
-    return batch_size * repeats / (time.perf_counter() - t)
-
-
 def make_batches(root: Path, args) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """Capture, store, and stream the activations; (train batches, held-out batches, d_in)."""
     lm = load_model(smollm2.NAME, device="cpu")
@@ -211,7 +202,7 @@ def main() -> None:
         root = Path(tmp)
         batches, held, d_in = make_batches(root, args)
         d_sae = d_in * args.expansion
-        bound = encoder_bound(args.batch_size, d_in, d_sae)
+        bound = matmul_rate(torch.device("cpu"), args.batch_size, d_in, d_sae, torch.float32, repeats=5)  # one fp32 encoder matmul a step
         n_train = sum(len(b) for b in batches)
         console.print(f"{n_train:,} training tokens ({len(batches)} batches of {args.batch_size}, {args.epochs} epochs "
                       f"of {args.hook}), {sum(len(b) for b in held):,} held-out tokens; d_in {d_in}, d_sae {d_sae}, "
