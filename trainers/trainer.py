@@ -227,7 +227,7 @@ class Trainer:
         record = (self.step + 1) % self.cfg.log_every == 0 or self.step == 0 or last
         for run in self.runs:
             dead_F = run.since_fired_F >= self.cfg.dead_tokens
-            with torch.autocast(x_BD.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16"):  # the forward only
+            with torch.autocast(x_BD.device.type, dtype=COMPUTE_DTYPES[self.cfg.dtype], enabled=self.cfg.dtype != "float32"):  # the forward only
                 out = run.sae.training_step(x_BD, sparsity_scale, dead_F if run.since_fired_bound >= self.cfg.dead_tokens else None)
             run.opt.zero_grad(set_to_none=True)
             out.loss.backward()
