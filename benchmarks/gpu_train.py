@@ -14,8 +14,11 @@ Everything takes the device as a parameter; ``gpu_smoke.py --reduced`` runs it o
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -106,6 +109,10 @@ def rows(folder: Path, device: torch.device, reduced: bool) -> list[tuple[str, s
         bf16 = train_rate(device, batch, d_in, d_sae, k, "bfloat16", steps)
         aux = train_rate(device, batch, d_in, d_sae, k, "bfloat16", steps, auxk=True)
         label = f"TopK {d_sae // 1024}k latents, k {k}, batch {batch}"
+        if "triton" in backends(device):  # the backend auto does not take, side by side
+            with kernel_env("triton"):
+                out.append((f"{label}: bf16 training, Triton kernels (tokens/s)",
+                            f"{train_rate(device, batch, d_in, d_sae, k, 'bfloat16', steps):,.0f}", ""))
         out += [(f"{label}: fp32 (TF32) training (tokens/s)", f"{fp32:,.0f}", ">= 1,000,000" if d_sae == 16384 else ""),
                 (f"{label}: bf16 training (tokens/s)", f"{bf16:,.0f}", ""),
                 (f"{label}: bf16 training, AuxK every step (tokens/s)", f"{aux:,.0f}", ""),
@@ -116,8 +123,33 @@ def rows(folder: Path, device: torch.device, reduced: bool) -> list[tuple[str, s
         rate = stream_rate(folder, device, d_in, shard, 4 if reduced else 16, batch, codec)
         out.append((f"stream into {device.type} memory, local {codec} store, d {d_in} bf16 (tokens/s)", f"{rate:,.0f}",
                     ">= 1,000,000"))
-    check = check_against_dense(device, d_in=d_in, d_sae=widths[0], k=k, batch=batch)
-    worst = max(float(v) for key, v in check.items() if key.startswith("rel_err"))
-    out.append((f"TopK sparse step vs fp64 dense reference on {device.type} ({check['backend']}), worst rel. error",
-                f"{worst:.1e}", "< 1e-3"))
+    for backend in backends(device):
+        with kernel_env(backend):
+            check = check_against_dense(device, d_in=d_in, d_sae=widths[0], k=k, batch=batch)
+        worst = max(float(v) for key, v in check.items() if key.startswith("rel_err"))
+        out.append((f"TopK sparse step vs fp64 dense reference on {device.type} ({check['backend']}), worst rel. error",
+                    f"{worst:.1e}", "< 1e-3"))
     return out
+
+
+def backends(device: torch.device) -> list[str]:
+    """The sparse backends to check on ``device``: torch's, and Triton's where it can run."""
+    from trainers import triton_kernels
+
+    return ["torch"] + (["triton"] if device.type == "cuda" and triton_kernels.UNAVAILABLE is None else [])
+
+
+@contextlib.contextmanager
+def kernel_env(backend: str) -> Iterator[None]:
+    """``ACTSTORE_SPARSE_KERNEL=backend`` while open."""
+    from trainers.sparse import KERNEL_ENV
+
+    saved = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = backend
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(KERNEL_ENV)
+        else:
+            os.environ[KERNEL_ENV] = saved

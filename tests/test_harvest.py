@@ -304,3 +304,14 @@ def test_bad_inputs(tmp_path, tiny_llama):
 
     env = {**ENV, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}
     assert_user_error(cli(*cli_harvest_args(tiny_llama, "s3://bucket/store", tokens="512"), env=env), "cannot read s3://bucket/store")
+
+
+def test_shards_in_flight_default_scales_with_cores_and_bad_values_are_refused():
+    from pipelines.harvest import auto_shards_in_flight
+
+    assert [auto_shards_in_flight(c) for c in (1, 2, 8, 12, 16, 64)] == [2, 2, 2, 3, 4, 4]
+    assert 2 <= auto_shards_in_flight() <= 4
+    assert small_harvest("m", "o").shards_in_flight == 0  # automatic unless asked
+    assert small_harvest("m", "o", shards_in_flight=3).shards_in_flight == 3
+    with pytest.raises(ValueError, match="--shards-in-flight must be 0 \\(automatic\\) or more, got -1"):
+        small_harvest("m", "o", shards_in_flight=-1)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tests.helpers import check_topk_sparse_step
-from trainers import make_sae, sae_config, sparse, triton_kernels
+from trainers import sparse, triton_kernels
 from trainers.kernel_check import check_against_dense
 from trainers.sparse import KERNEL_ENV, Selected, Selection, kernel_backend
 
@@ -220,32 +220,3 @@ def _run_checks() -> dict[str, str]:
 
 if __name__ == "__main__":
     print(json.dumps(_run_checks()))
-
-
-def test_a_triton_kernel_that_fails_in_auto_mode_falls_back_to_torch_once_and_says_so(monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("no compiler for this GPU")
-
-    torch.manual_seed(3)
-    x = torch.randn(32, 24)
-    sae = make_sae(sae_config("topk", d_in=24, d_sae=96, k=4))
-    want = sae.training_step(x)
-    want.loss.backward()
-    want_grads = [p.grad.clone() for p in sae.parameters()]
-    sae.zero_grad()
-    monkeypatch.setattr(sparse, "_triton_failed", None)
-    monkeypatch.setattr(sparse, "kernel_backend", lambda *tensors: "torch" if sparse._triton_failed else "triton")
-    for name in ("gather_decode", "sampled_dot", "latent_sum"):
-        monkeypatch.setattr(triton_kernels, name, broken)
-    monkeypatch.setenv(KERNEL_ENV, "auto")
-    with pytest.warns(RuntimeWarning, match="Triton sparse kernels failed .*no compiler for this GPU.*using torch's"):
-        got = sae.training_step(x)
-        got.loss.backward()
-    torch.testing.assert_close(got.loss, want.loss)
-    for p, g in zip(sae.parameters(), want_grads, strict=True):
-        torch.testing.assert_close(p.grad, g)
-    assert "no compiler" in sparse._triton_failed
-    monkeypatch.setattr(sparse, "_triton_failed", None)
-    monkeypatch.setenv(KERNEL_ENV, "triton")  # forced: the failure is the caller's to see
-    with pytest.raises(RuntimeError, match="no compiler"):
-        sae.training_step(x)

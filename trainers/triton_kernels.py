@@ -15,7 +15,9 @@ Three kernels cover them, each doing ``S D`` work (``S = B K``) and never formin
   each output row has one writer and a fixed summation order, so no atomics and the result
   is deterministic. Latents never selected get zero rows.
 
-Every kernel reads any float dtype, accumulates in fp32 and writes the caller's dtype.
+Every kernel reads any float dtype, accumulates in fp32 and writes the caller's dtype. On the one
+GPU measured (an H200) they train slower than torch's CSR kernels (:mod:`trainers.sparse` has the
+figures), so they run only when ``ACTSTORE_SPARSE_KERNEL=triton`` asks for them.
 Importing this module never fails: without triton :data:`UNAVAILABLE` says why and the kernels
 are absent. ``TRITON_INTERPRET=1`` in the environment before this module is imported runs the
 kernels on CPU tensors (Triton's interpreter; how the tests check them), see :data:`INTERPRETED`.
