@@ -220,14 +220,17 @@ def train_sae(
     hook: Annotated[str | None, typer.Option(help="Hook to train on, e.g. blocks.12.hook_resid_post; a comma list trains Group-SAEs on those layers.")] = None,
     groups: Annotated[str | None, typer.Option(help="groups.json from actstore groups: one Group-SAE run per group (out/group<i>).")] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="With --groups: also train one SAE per member layer (same settings and tokens) and compare.")] = False,
+    hook_in: Annotated[str | None, typer.Option(help="Transcoders: the hook they read, e.g. blocks.6.hook_mlp_in (with --hook-out).")] = None,
+    hook_out: Annotated[str | None, typer.Option(help="Transcoders: the hook they reproduce, e.g. blocks.6.hook_mlp_out (with --hook-in).")] = None,
     tokens: Annotated[str, typer.Option(help="Training tokens: 500k, 5M...")] = "5M",
-    arch: Annotated[str, typer.Option(help="Comma list of topk, batchtopk, matryoshka, relu, gated, jumprelu.")] = "topk",
-    k: Annotated[str, typer.Option(help="Comma list of k (topk, batchtopk, matryoshka).")] = "32",
+    arch: Annotated[str, typer.Option(help="Comma list of topk, batchtopk, matryoshka, relu, gated, jumprelu; with --hook-in/--hook-out: "
+                                           "topk-transcoder, batchtopk-transcoder, jumprelu-transcoder and their -skip-transcoder forms.")] = "topk",
+    k: Annotated[str, typer.Option(help="Comma list of k (topk, batchtopk, matryoshka and their transcoders).")] = "32",
     widths: Annotated[str | None, typer.Option(help="Matryoshka: comma list of nested level widths ending at d_sae (default d_sae/8, /4, /2, d_sae).")] = None,
     expansion: Annotated[str, typer.Option(help="Comma list of d_sae / d_in.")] = "8",
     lr: Annotated[str, typer.Option(help="Comma list of learning rates.")] = "2e-4",
     l1_coeff: Annotated[str | None, typer.Option(help="Comma list of L1 coefficients (relu, gated).")] = None,
-    l0_coeff: Annotated[str | None, typer.Option(help="Comma list of L0 coefficients (jumprelu).")] = None,
+    l0_coeff: Annotated[str | None, typer.Option(help="Comma list of L0 coefficients (jumprelu, jumprelu transcoders).")] = None,
     sweep: Annotated[str | None, typer.Option(help="JSON file: a list of experiments (replaces the comma lists).")] = None,
     batch_size: Annotated[int, typer.Option(help="Tokens per batch.")] = 4096,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: only at the end); rerun to resume.")] = 500,
@@ -254,20 +257,26 @@ def train_sae(
     from pipelines.train import TrainSAEConfig, read_sweep, train_groups
     from pipelines.train import train_sae as run_train
 
-    if (hook is None) == (groups is None):
+    if (hook_in is None) != (hook_out is None):
+        raise ValueError("transcoders need both --hook-in (what they read) and --hook-out (what they reproduce)")
+    if hook_in is not None and (hook is not None or groups is not None):
+        raise ValueError("give --hook-in and --hook-out for transcoders, or --hook / --groups for SAEs, not both")
+    if hook_in is None and (hook is None) == (groups is None):
         raise ValueError("give --hook (one hook, or a comma list for one Group-SAE) or --groups groups.json, not both")
-    layers = [h.strip() for h in hook.split(",") if h.strip()] if hook else []
+    layers = [h.strip() for h in (hook_in or hook).split(",") if h.strip()] if (hook_in or hook) else []
     archs = tuple(a.strip() for a in arch.split(",") if a.strip())
     sparsity: dict[str, tuple[float, ...]] = {}
     for name in archs:
-        if name in ("topk", "batchtopk", "matryoshka"):
+        base = name.removesuffix("-skip-transcoder").removesuffix("-transcoder")
+        if base in ("topk", "batchtopk", "matryoshka"):
             sparsity[name] = parse_list(k, int)
-        elif name in ("relu", "gated") and l1_coeff:
+        elif base in ("relu", "gated") and l1_coeff:
             sparsity[name] = parse_list(l1_coeff)
-        elif name == "jumprelu" and l0_coeff:
+        elif base == "jumprelu" and l0_coeff:
             sparsity[name] = parse_list(l0_coeff)
     cfg = TrainSAEConfig(
         store=store, hook=layers[0] if layers else "", group=tuple(layers) if len(layers) > 1 else (), out=out,
+        hook_out=hook_out.strip() if hook_out else None,
         tokens=parse_count(tokens), archs=archs, expansions=parse_list(expansion, int),
         lrs=parse_list(lr), sparsity=sparsity, matryoshka_widths=parse_list(widths, int) if widths else (), sweep=read_sweep(sweep) if sweep else (), batch_size=batch_size,
         seed=seed, memory=memory, normalize=normalize, min_position=min_position, checkpoint_every=checkpoint_every,
@@ -302,7 +311,8 @@ def train_sae(
         return
     if finished:
         typer.echo(FINISHED.format(out=out))
-    show([train_table(named, f"groups of {groups}" if groups else ", ".join(layers))])
+    what = f"groups of {groups}" if groups else f"{layers[0]} -> {hook_out}" if hook_out else ", ".join(layers)
+    show([train_table(named, what)])
     if not finished:
         typer.echo(f"SAEs (SAELens format), summary.json and plots in {out}")
 

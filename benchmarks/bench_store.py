@@ -46,10 +46,11 @@ class Capture:
     acts: dict[str, np.ndarray]
 
 
-def capture(lm, layers: list[int], n_tokens: int, context_size: int = 256, batch_size: int = 8) -> Capture:
-    """``hook_resid_post`` of ``layers`` over the first ``n_tokens`` tokens of the built-in corpus."""
+def capture(lm, layers: list[int], n_tokens: int, context_size: int = 256, batch_size: int = 8,
+            sites: tuple[str, ...] = ("resid_post",)) -> Capture:
+    """``sites`` (default ``hook_resid_post``) of ``layers`` over the first ``n_tokens`` tokens of the built-in corpus."""
     windows = np.stack(list(itertools.islice(token_windows(TextConfig(context_size=context_size), lm.tokenizer), n_tokens // context_size)))
-    hooks = [hook_name(layer, "resid_post") for layer in layers]
+    hooks = [hook_name(layer, site) for layer in layers for site in sites]
     parts: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
     with ActivationCapture(lm.model, hooks) as cap:
         for i in range(0, len(windows), batch_size):

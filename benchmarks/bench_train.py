@@ -21,7 +21,14 @@ FVU ratio actstore / SAELens (goal: at most 1.02), and training tokens/s of each
 ``fit``, same machine, same threads, interleaved in one run; goal for TopK: at least 4x), with
 the bound one fp32 encoder matmul puts on a step.
 
-    python benchmarks/bench_train.py [--archs topk,relu] [--epochs 2] [--capture-tokens 131072]
+Transcoders (``--archs transcoder``): SAELens has no transcoder trainer, so actstore's
+``topk-transcoder`` (layer ``--layer``'s ``mlp_in`` to its ``mlp_out``, both normalised, same
+batches) is compared with :class:`DenseTranscoder`, a TopK transcoder written here from Dunefsky
+et al. 2024 (arXiv 2406.11944, §3.1) with dense matrices, plain Adam, the same schedule and the same
+initial weights: held-out FVU of ``mlp_out`` (goal: ratio at most 1.02) and tokens/s; and
+``topk-skip-transcoder`` at the same k, whose FVU must be below the plain transcoder's.
+
+    python benchmarks/bench_train.py [--archs topk,relu,transcoder] [--epochs 2] [--capture-tokens 131072]
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from trainers.trainer import Experiment, TrainConfig, Trainer, evaluate  # noqa:
 
 CONTEXT = 256
 MIN_POSITION = 1
-ARCHS = ("topk", "batchtopk", "matryoshka", "relu", "gated", "jumprelu")
+ARCHS = ("topk", "batchtopk", "matryoshka", "relu", "gated", "jumprelu", "transcoder")
 # The sparsity setting of each architecture, the same number for both libraries (both define
 # these penalties the same way: summed over latents, averaged over tokens, MSE summed over D;
 # inputs scaled to E||x||^2 = D over the served tokens). Chosen for L0 of a few hundred here.
@@ -177,6 +184,104 @@ def make_batches(root: Path, args) -> tuple[list[torch.Tensor], list[torch.Tenso
     return batches, held, lm.d_model
 
 
+class DenseTranscoder(torch.nn.Module):
+    """The benchmark's own TopK transcoder (Dunefsky et al. 2024 §3.1; the TopK of Gao et al. 2024,
+    arXiv 2406.04093 §2.3): ``y_hat = ReLU(TopK(x @ W_enc + b_enc)) @ W_dec + b_dec``, dense
+    matrices throughout, decoder rows renormalised after each step; no AuxK."""
+
+    def __init__(self, start, k: int):
+        super().__init__()
+        self.k = k
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):  # actstore's initial weights, copied
+            self.register_parameter(name, torch.nn.Parameter(getattr(start, name).detach().clone().contiguous()))
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        pre_BF = x_BD @ self.W_enc + self.b_enc
+        top = pre_BF.topk(self.k, dim=-1)
+        f_BF = torch.zeros_like(pre_BF).scatter(-1, top.indices, torch.relu(top.values))
+        return f_BF @ self.W_dec + self.b_dec
+
+
+def held_out_fvu(predict, held: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """``sum ||y - y_hat||^2 / sum ||y - mean(y)||^2`` over the held-out pairs."""
+    with torch.no_grad():
+        y_NO = torch.cat([y for _, y in held])
+        y_hat_NO = torch.cat([predict(x) for x, _ in held])
+    return float((y_NO - y_hat_NO).pow(2).sum() / (y_NO - y_NO.mean(0)).pow(2).sum())
+
+
+def train_dense_transcoder(pairs: list[tuple[torch.Tensor, torch.Tensor]], args, cfg) -> tuple[DenseTranscoder, float]:
+    """:class:`DenseTranscoder` from actstore's initial weights (``b_dec`` at the first batch's
+    target mean, as actstore's trainer starts), Adam, gradient clipped to norm 1, the learning
+    rate warmed up over ``warmup_steps`` and decayed linearly over the last 20% of the steps."""
+    start = make_sae(cfg)
+    start.b_dec.data.copy_(pairs[0][1].mean(0))
+    model = DenseTranscoder(start, cfg.k)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps, decay_from = len(pairs), int(len(pairs) * 0.8)
+    t = time.perf_counter()
+    for step, (x_BD, y_BO) in enumerate(pairs):
+        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+        if step >= decay_from:
+            lr *= (steps - step) / (steps - decay_from)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = (y_BO - model(x_BD)).pow(2).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.W_dec /= model.W_dec.norm(dim=1, keepdim=True)
+    return model, sum(len(x) for x, _ in pairs) / (time.perf_counter() - t)
+
+
+def make_pairs(root: Path, args) -> tuple[list, list, int, str, str]:
+    """``mlp_in`` and ``mlp_out`` of ``--layer`` captured, stored and streamed together:
+    (train pairs, held-out pairs, d_model, hook in, hook out)."""
+    lm = load_model(smollm2.NAME, device="cpu")
+    cap = capture(lm, [args.layer], args.capture_tokens, context_size=CONTEXT, sites=("mlp_in", "mlp_out"))
+    hook_in, hook_out = cap.acts
+    cfg = store_config(lm, cap, CONTEXT, codec="none", chunk_tokens=2048, shard_tokens=args.shard_tokens)
+    store = write_capture(f"{root}/pairs", cap, cfg)
+    train_shards, eval_shards = split_shards(store, args.eval_tokens)
+    stream = actstore.stream(store, [hook_in, hook_out], args.batch_size, seed=0, epochs=args.epochs, shards=train_shards,
+                             min_position=MIN_POSITION, normalize="expected_norm", drop_last=True, stack=False)
+    pairs = [(b[hook_in].float().clone(), b[hook_out].float().clone()) for b in stream]
+    held = list(zip(*(held_out_batches(store, h, eval_shards, args.batch_size, MIN_POSITION, stream.scales[h])
+                      for h in (hook_in, hook_out)), strict=True))
+    return pairs, held, lm.d_model, hook_in, hook_out
+
+
+def transcoder_rows(root: Path, args, console: Console) -> list[dict]:
+    """actstore's TopK transcoder and skip-transcoder against :class:`DenseTranscoder`, same pairs."""
+    pairs, held, d, hook_in, hook_out = make_pairs(root, args)
+    console.print(f"transcoders: {sum(len(x) for x, _ in pairs):,} training pairs of {hook_in} -> {hook_out}, "
+                  f"{sum(len(x) for x, _ in held):,} held out")
+    cfgs = {name: sae_config("topk-transcoder", d_in=d, d_sae=d * args.expansion, k=args.k, d_out=d, skip=skip)
+            for name, skip in (("topk-transcoder", False), ("topk-skip-transcoder", True))}
+    steps = len(pairs)
+    train = TrainConfig(tokens=sum(len(x) for x, _ in pairs), lr_warmup_steps=args.warmup_steps, lr_decay_start=0.8,
+                        sparsity_warmup=min(1.0, args.warmup_steps / steps), dead_tokens=args.dead_steps * args.batch_size,
+                        log_every=10**9)
+    ours = {}
+    for name, cfg in cfgs.items():
+        trainer = Trainer(train, [Experiment(name, cfg, args.lr)], pairs)
+        t = time.perf_counter()
+        trainer.fit()
+        rate = trainer.tokens / (time.perf_counter() - t)
+        result = evaluate(trainer.runs[0].sae, held)
+        ours[name] = {**result, "tokens_per_s": rate}
+    reference, ref_rate = train_dense_transcoder(pairs, args, cfgs["topk-transcoder"])
+    ref_fvu = held_out_fvu(reference, held)
+    plain, skip = ours["topk-transcoder"], ours["topk-skip-transcoder"]
+    return [{"arch": "topk-transcoder", "hooks": f"{hook_in} -> {hook_out}", "actstore_fvu": plain["fvu"], "reference_fvu": ref_fvu,
+             "fvu_ratio": plain["fvu"] / ref_fvu, "l0": plain["l0"], "actstore_tokens_per_s": plain["tokens_per_s"],
+             "reference_tokens_per_s": ref_rate, "speedup": plain["tokens_per_s"] / ref_rate},
+            {"arch": "topk-skip-transcoder", "hooks": f"{hook_in} -> {hook_out}", "actstore_fvu": skip["fvu"], "l0": skip["l0"],
+             "fvu_vs_plain": skip["fvu"] / plain["fvu"], "actstore_tokens_per_s": skip["tokens_per_s"]}]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", default=",".join(ARCHS))
@@ -193,13 +298,18 @@ def main() -> None:
     p.add_argument("--dead-steps", type=int, default=20, help="steps without firing before a latent counts as dead")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
-    archs = [a for a in args.archs.split(",") if a]
+    archs = [a for a in args.archs.split(",") if a and a != "transcoder"]
+    with_transcoders = "transcoder" in args.archs.split(",")
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     console = Console(width=150)
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
+        coder_rows = transcoder_rows(root, args, console) if with_transcoders else []
+        if not archs:
+            show_transcoders(console, coder_rows, args)
+            return
         batches, held, d_in = make_batches(root, args)
         d_sae = d_in * args.expansion
         bound = matmul_rate(torch.device("cpu"), args.batch_size, d_in, d_sae, torch.float32, repeats=5)  # one fp32 encoder matmul a step
@@ -239,10 +349,32 @@ def main() -> None:
                       f"{r['saelens_tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x")
     console.print(table)
     console.print("goals: FVU ratio <= 1.02 for every architecture; TopK speedup >= 4x; TopK actstore >= half the bound")
+    show_transcoders(console, coder_rows, args, headline_rows=rows, bound=bound)
+
+
+def show_transcoders(console: Console, coder_rows: list[dict], args, headline_rows: list[dict] | None = None,
+                     bound: float | None = None) -> None:
+    """The transcoder table, then the JSON (SAE rows' headline too when given)."""
+    rows = headline_rows or []
+    if coder_rows:
+        plain, skip = coder_rows
+        table = Table(title=f"Transcoders {plain['hooks']}: actstore vs a dense reference (held-out FVU of the output, L0, tokens/s)")
+        for col in ("arch", "FVU actstore", "FVU reference", "FVU ratio", "L0", "tok/s actstore", "tok/s reference", "speedup"):
+            table.add_column(col, justify="left" if col == "arch" else "right")
+        table.add_row(plain["arch"], f"{plain['actstore_fvu']:.4f}", f"{plain['reference_fvu']:.4f}", f"{plain['fvu_ratio']:.3f}",
+                      f"{plain['l0']:.1f}", f"{plain['actstore_tokens_per_s']:,.0f}", f"{plain['reference_tokens_per_s']:,.0f}",
+                      f"{plain['speedup']:.2f}x")
+        table.add_row(skip["arch"], f"{skip['actstore_fvu']:.4f}", "", f"{skip['fvu_vs_plain']:.3f} of plain", f"{skip['l0']:.1f}",
+                      f"{skip['actstore_tokens_per_s']:,.0f}", "", "")
+        console.print(table)
+        console.print("goals: transcoder FVU ratio <= 1.02; skip-transcoder FVU below the plain one's at the same L0")
     headline = [(f"held-out FVU actstore / SAELens at equal L0, {r['arch']}", f"{r['fvu_ratio']:.3f}", "<= 1.02") for r in rows]
     headline += [(f"training speed actstore / SAELens, {r['arch']}", f"{r['speedup']:.1f}x", ">= 4x" if r["arch"] == "topk" else "")
                  for r in rows]
-    write_json(args.json, headline, encoder_bound_tokens_per_s=bound, rows=rows)
+    if coder_rows:
+        headline += [("held-out FVU of mlp_out, TopK transcoder actstore / dense reference", f"{coder_rows[0]['fvu_ratio']:.3f}", "<= 1.02"),
+                     ("held-out FVU, skip-transcoder / transcoder at the same k", f"{coder_rows[1]['fvu_vs_plain']:.3f}", "< 1")]
+    write_json(args.json, headline, encoder_bound_tokens_per_s=bound, rows=rows, transcoder_rows=coder_rows)
 
 
 if __name__ == "__main__":

@@ -324,7 +324,7 @@ def _save(result: LoRAResult, cfg: LoRAConfig, model: nn.Module, saes: list[Load
     model.save_pretrained(str(out), save_embedding_layers=False)
     (out / "README.md").write_text(  # in place of peft's empty model-card template
         f"# LoRA adapter trained around frozen SAEs by actstore\n\n"
-        f"Model `{cfg.model}`, SAEs {', '.join(f'`{s.source}` at `{s.hook}`' for s in saes)}; rank {cfg.rank}, "
+        f"Model `{cfg.model}`, SAEs {', '.join(f'`{s.source}` at `{s.label}`' for s in saes)}; rank {cfg.rank}, "
         f"alpha {cfg.alpha:g}, blocks {list(result.layers)}, {result.tokens:,} training tokens.\n\n"
         f"CE on held-out text: clean {result.before.ce_clean:.4f}; with the SAEs {result.before.ce_spliced:.4f} before, "
         f"{result.after.ce_spliced:.4f} after: {result.ce_gap_closed:.1%} of the gap closed. Figures in `{ADAPTER_INFO}`.\n\n"
@@ -333,7 +333,7 @@ def _save(result: LoRAResult, cfg: LoRAConfig, model: nn.Module, saes: list[Load
     plot_lora_curve(out / "lora_curve.png", trainer.curve, result)
     info = {
         "model": {"name": cfg.model, "identity": model_identity(cfg.model), **model_shape(model.get_base_model())},
-        "saes": [{"source": s.source, "hook": s.hook} for s in saes],
+        "saes": [{"source": s.source, "hook": s.hook, **({"hook_out": s.hook_out} if s.hook_out else {})} for s in saes],
         "layers": list(result.layers), "steps": result.steps, "tokens": result.tokens,
         "text_ran_out": trainer.exhausted, "settings": {k: v for k, v in cfg.settings().items() if k != "model"},
         "before": result.before.to_json(), "after": result.after.to_json(), "ce_gap_closed": result.ce_gap_closed,

@@ -4,14 +4,16 @@ An SAE spec (``--sae``) is one of
 
 - a folder in SAELens' format (``cfg.json`` + ``sae_weights.safetensors``): what ``actstore
   train-sae`` writes and what SAELens' ``SAE.save_model`` writes (``SAE.load_from_disk`` reads
-  the same folders), read by :func:`trainers.saelens_format.load_saelens`;
+  the same folders), read by :func:`trainers.saelens_format.load_saelens`; a transcoder's folder
+  (SAELens' transcoder format) names the hook it writes as ``metadata.hook_name_out``;
 - a Gemma Scope ``params.npz`` (or a folder holding one), the hook read from the release's
   ``layer_N`` folder name (:mod:`trainers.gemma_scope`);
 - ``saelens:<release>/<sae_id>``: a released SAE fetched by SAELens' ``SAE.from_pretrained``
   (needs the hub), written to a temporary SAELens folder and read as above.
 
 :func:`check_saes` then checks them against the model: the hook exists in the model, the SAE's
-``d_in`` is the hook's width, and no two SAEs read the same hook.
+``d_in`` is the hook's width (a transcoder's ``d_out`` its output hook's), and no two SAEs
+write the same hook.
 """
 
 from __future__ import annotations
@@ -37,13 +39,25 @@ class LoadedSAE:
 
     sae: SAE
     hook: str
-    """TransformerLens-style hook name, e.g. ``blocks.12.hook_resid_post``."""
+    """TransformerLens-style hook name, e.g. ``blocks.12.hook_resid_post``: where it reads."""
     source: str
     """The spec it was loaded from."""
+    hook_out: str | None = None
+    """Where a transcoder writes (its output replaces that activation); None for an SAE."""
 
     @property
     def point(self) -> HookPoint:
         return HookPoint.parse(self.hook)
+
+    @property
+    def writes(self) -> str:
+        """The hook whose activation this SAE replaces."""
+        return self.hook_out or self.hook
+
+    @property
+    def label(self) -> str:
+        """``hook`` for an SAE, ``hook -> hook_out`` for a transcoder (report rows)."""
+        return f"{self.hook} -> {self.hook_out}" if self.hook_out else self.hook
 
 
 def _from_pretrained(spec: str) -> LoadedSAE:
@@ -84,7 +98,7 @@ def load_sae(spec: str) -> LoadedSAE:
             sae, info = load_saelens(path)
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}/{CONFIG_FILE} is not an SAELens config (missing or bad field {e})") from None
-        return LoadedSAE(sae, info.hook_name, spec)
+        return LoadedSAE(sae, info.hook_name, spec, info.hook_name_out)
     raise FileNotFoundError(f"SAE {spec} does not exist; give {SPEC_HELP}")
 
 
@@ -133,16 +147,20 @@ def check_saes(saes: list[LoadedSAE], n_layers: int, d_model: int, model_name: s
         raise ValueError(f"no SAE given; pass --sae with {SPEC_HELP}")
     seen: dict[str, str] = {}
     for s in saes:
-        try:
-            point = s.point
-        except ValueError as e:
-            raise ValueError(f"SAE {s.source} reads {s.hook!r}, a hook actstore cannot splice: {e}") from None
-        if point.layer >= n_layers:
-            raise ValueError(f"SAE {s.source} reads {s.hook}, but {model_name} has {n_layers} layers (0-{n_layers - 1}); "
-                             "is this SAE for another model?")
-        if s.sae.cfg.d_in != d_model:
-            raise ValueError(f"SAE {s.source} has d_in {s.sae.cfg.d_in}, but {s.hook} of {model_name} is {d_model} wide; "
-                             "is this SAE for another model?")
-        if s.hook in seen:
-            raise ValueError(f"SAEs {seen[s.hook]} and {s.source} both read {s.hook}; splice one SAE per hook")
-        seen[s.hook] = s.source
+        ends = [("reads", s.hook, s.sae.cfg.d_in, "d_in")]
+        if s.hook_out:
+            ends.append(("writes", s.hook_out, getattr(s.sae.cfg, "width_out", s.sae.cfg.d_in), "d_out"))
+        for verb, hook, width, name in ends:
+            try:
+                point = HookPoint.parse(hook)
+            except ValueError as e:
+                raise ValueError(f"SAE {s.source} {verb} {hook!r}, a hook actstore cannot splice: {e}") from None
+            if point.layer >= n_layers:
+                raise ValueError(f"SAE {s.source} {verb} {hook}, but {model_name} has {n_layers} layers (0-{n_layers - 1}); "
+                                 "is this SAE for another model?")
+            if width != d_model:
+                raise ValueError(f"SAE {s.source} has {name} {width}, but {hook} of {model_name} is {d_model} wide; "
+                                 "is this SAE for another model?")
+        if s.writes in seen:
+            raise ValueError(f"SAEs {seen[s.writes]} and {s.source} both replace {s.writes}; splice one SAE per hook")
+        seen[s.writes] = s.source

@@ -7,6 +7,11 @@ beginning-of-sequence token keep their own activation: BOS activations are outli
 is trained on (actstore's streams drop position 0), and every evaluation of spliced SAEs leaves
 them alone. Several SAEs splice at once, each reading what the earlier splices left.
 
+A transcoder (``LoadedSAE.hook_out``; :mod:`trainers.transcoder`) replaces the activation it
+writes, an MLP's output, by its prediction from the live activation it reads, the MLP's input
+(``mlp_in``) of the same pass, recorded by a second hook that changes nothing. Its FVU is that of
+the replaced output.
+
 :class:`Splicer` installs one forward hook per SAE on the module that produces the hook's
 activation (:func:`pipelines.capture.module_for`) and switches between
 
@@ -32,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .capture import decoder_layers, module_for
+from .capture import HookPoint, decoder_layers, module_for
 from .saes import LoadedSAE
 
 Mode = Literal["clean", "sae", "zero"]
@@ -82,14 +87,20 @@ class Splicer:
         self.bos_token_id = bos_token_id
         self._mode: Mode = "clean"
         self._measure = False
-        self.stats: dict[str, SpliceStats] = {s.hook: SpliceStats() for s in self.saes}
+        self.stats: dict[str, SpliceStats] = {s.label: SpliceStats() for s in self.saes}
         self._keep_BT: torch.Tensor | None = None
+        self._read: dict[str, torch.Tensor] = {}
+        """Each transcoder's input of the current pass, by its label."""
         layers = decoder_layers(model)
         device = next(model.parameters()).device
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for s in self.saes:
             s.sae.to(device).eval().requires_grad_(False)
-            module, phase = module_for(layers, s.point)
+            if s.hook_out:  # read the input as it passes, replace the output
+                module, phase = module_for(layers, s.point)
+                self._handles.append(module.register_forward_pre_hook(self._read_pre(s), with_kwargs=True) if phase == "pre"
+                                     else module.register_forward_hook(self._read_post(s)))
+            module, phase = module_for(layers, HookPoint.parse(s.writes))
             if phase == "pre":
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(s), with_kwargs=True))
             else:
@@ -114,7 +125,7 @@ class Splicer:
             self._mode, self._measure = old
 
     def reset_stats(self) -> None:
-        self.stats = {s.hook: SpliceStats() for s in self.saes}
+        self.stats = {s.label: SpliceStats() for s in self.saes}
 
     # ---- the replacement -------------------------------------------------------------------
     def _replace(self, s: LoadedSAE, x_BTD: torch.Tensor) -> torch.Tensor | None:
@@ -126,11 +137,19 @@ class Splicer:
         if self._mode == "zero":
             return x_BTD.masked_fill(~keep_BT1, 0.0)
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1]).float()
-        f_NF = s.sae.encode(x_ND)
-        recon_ND = s.sae.decode(f_NF)
+        if s.hook_out:  # a transcoder: from what it read in this pass
+            read_BTD = self._read.pop(s.label, None)
+            if read_BTD is None or read_BTD.shape[:-1] != x_BTD.shape[:-1]:
+                raise RuntimeError(f"transcoder {s.source}: {s.hook} was not seen before {s.hook_out} in this pass")
+            read_ND = read_BTD.reshape(-1, read_BTD.shape[-1]).float()
+            f_NF = s.sae.encode(read_ND)
+            recon_ND = s.sae.add_skip(read_ND, s.sae.decode(f_NF))
+        else:
+            f_NF = s.sae.encode(x_ND)
+            recon_ND = s.sae.decode(f_NF)
         if self._measure:
             spliced_N = ~self._keep_BT.reshape(-1)
-            self.stats[s.hook].add(x_ND[spliced_N], f_NF[spliced_N], recon_ND[spliced_N])
+            self.stats[s.label].add(x_ND[spliced_N], f_NF[spliced_N], recon_ND[spliced_N])
         return torch.where(keep_BT1, x_BTD, recon_ND.view(x_BTD.shape).to(x_BTD.dtype))
 
     def _post_hook(self, s: LoadedSAE):
@@ -150,6 +169,20 @@ class Splicer:
                 return None if new_BTD is None else ((new_BTD, *args[1:]), kwargs)
             new_BTD = self._replace(s, kwargs["hidden_states"])
             return None if new_BTD is None else (args, {**kwargs, "hidden_states": new_BTD})
+
+        return hook
+
+    def _read_post(self, s: LoadedSAE):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._mode == "sae":
+                self._read[s.label] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def _read_pre(self, s: LoadedSAE):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._mode == "sae":
+                self._read[s.label] = args[0] if args else kwargs["hidden_states"]
 
         return hook
 

@@ -30,6 +30,13 @@ scaled by its own normalisation; it is saved once per member layer (``<experimen
 that layer's scale folded in, so each folder is an ordinary SAELens SAE of its hook) and
 evaluated on every member layer's held-out tokens. :func:`train_groups` trains one such run
 per group of a ``groups.json`` (``<out>/group<i>/``).
+
+Transcoders (:mod:`trainers.transcoder`): with ``hook_out`` the experiments (``topk-transcoder``,
+``batchtopk-transcoder``, ``jumprelu-transcoder``; ``<sparsity>-skip-transcoder`` for the same
+with the skip path) read ``hook`` and reproduce ``hook_out`` of the same tokens, both streamed
+together (:class:`Paired`), each normalised by its own scale (both folded back on save); the
+held-out FVU is ``hook_out``'s. Saved in SAELens' transcoder format, ``hook_name_out`` in the
+metadata.
 """
 
 from __future__ import annotations
@@ -55,12 +62,15 @@ from pipelines.tracking import WandbLog
 from trainers import ARCHITECTURES, sae_config
 from trainers.saelens_format import HookInfo, save_saelens
 from trainers.trainer import COMPUTE_DTYPES, Experiment, TrainConfig, Trainer, evaluate
+from trainers.transcoder import is_transcoder
 
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 100
 """Learning-rate warm-up; runs shorter than 1,000 steps warm up over their first tenth."""
-SPARSITY_KEY = {"topk": "k", "batchtopk": "k", "matryoshka": "k", "relu": "l1_coeff", "gated": "l1_coeff", "jumprelu": "l0_coeff"}
+SPARSITY_KEY = {"topk": "k", "batchtopk": "k", "matryoshka": "k", "relu": "l1_coeff", "gated": "l1_coeff", "jumprelu": "l0_coeff",
+                "topk-transcoder": "k", "batchtopk-transcoder": "k", "jumprelu-transcoder": "l0_coeff"}
+SKIP_SUFFIX, TRANSCODER_SUFFIX = "-skip-transcoder", "-transcoder"
 SWEEP_KEYS = {"name", "arch", "expansion", "d_sae", "lr"}
 SUMMARY_FILE = "summary.json"
 """Written last: a run folder with it holds a finished run."""
@@ -76,6 +86,8 @@ class TrainSAEConfig:
     tokens: int
     group: tuple[str, ...] = ()
     """Several hooks of one width: train Group-SAEs on them (``hook`` is then ignored)."""
+    hook_out: str | None = None
+    """Transcoders: the hook they reproduce (``hook`` is what they read); every experiment is then a transcoder."""
     archs: tuple[str, ...] = ("topk",)
     expansions: tuple[int, ...] = (8,)
     lrs: tuple[float, ...] = (2e-4,)
@@ -108,24 +120,55 @@ class TrainSAEConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group", tuple(self.group))
-        unknown = [a for a in self.archs if a not in ARCHITECTURES]
+        unknown = [a for a in self.archs if resolve_arch(a)[0] not in ARCHITECTURES]
         if unknown:
-            raise ValueError(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(ARCHITECTURES)}")
+            raise ValueError(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(arch_names())}")
+        archs = [resolve_arch(a)[0] for a in self.archs] if not self.sweep else [
+            resolve_arch(str(e.get("arch", "topk")))[0] for e in self.sweep]
+        coders = sorted({a for a in archs if is_transcoder(a)})
+        plain = sorted({a for a in archs if not is_transcoder(a)})
+        if self.hook_out is not None:
+            if self.group:
+                raise ValueError("transcoders map one hook to another: give --hook-in and --hook-out, not a group of hooks")
+            if self.hook_out == self.hook:
+                raise ValueError(f"--hook-in and --hook-out are both {self.hook}; a transcoder maps one hook to another "
+                                 "(an MLP's input to its output: blocks.N.hook_mlp_in to blocks.N.hook_mlp_out)")
+            if plain:
+                raise ValueError(f"--hook-out trains transcoders, but {', '.join(plain)} {'is an SAE' if len(plain) == 1 else 'are SAEs'}; "
+                                 f"use {', '.join(a + TRANSCODER_SUFFIX for a in ('topk', 'batchtopk', 'jumprelu'))}")
+        elif coders:
+            raise ValueError(f"{', '.join(coders)} {'needs' if len(coders) == 1 else 'need'} --hook-in and --hook-out "
+                             "(what it reads and what it reproduces, e.g. blocks.6.hook_mlp_in and blocks.6.hook_mlp_out)")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"unknown --dtype {self.dtype!r}; choose from {', '.join(COMPUTE_DTYPES)}")
         if self.tokens <= 0 or self.batch_size <= 0 or self.eval_tokens < 0:
             raise ValueError("tokens and batch size must be positive, eval tokens >= 0")
 
 
-def experiments(cfg: TrainSAEConfig, d_in: int) -> list[Experiment]:
-    """The run's experiments (see the module docstring)."""
+def resolve_arch(name: str) -> tuple[str, dict[str, Any]]:
+    """An ``--arch`` name as (architecture, settings it implies): ``<sparsity>-skip-transcoder``
+    is ``<sparsity>-transcoder`` with ``skip``."""
+    if name.endswith(SKIP_SUFFIX):
+        return name.removesuffix(SKIP_SUFFIX) + TRANSCODER_SUFFIX, {"skip": True}
+    return name, {}
+
+
+def arch_names() -> list[str]:
+    """Every name ``--arch`` takes."""
+    return [*ARCHITECTURES, *(a.removesuffix(TRANSCODER_SUFFIX) + SKIP_SUFFIX for a in ARCHITECTURES if is_transcoder(a))]
+
+
+def experiments(cfg: TrainSAEConfig, d_in: int, d_out: int | None = None) -> list[Experiment]:
+    """The run's experiments (see the module docstring); ``d_out``: the transcoders' output width."""
     out = []
+    coder = {"d_out": d_out} if d_out is not None else {}
     if cfg.sweep:
         for i, spec in enumerate(cfg.sweep):
             spec = dict(spec)
-            arch = spec.pop("arch", "topk")
+            arch, implied = resolve_arch(str(spec.pop("arch", "topk")))
             if arch not in ARCHITECTURES:
-                raise ValueError(f"sweep entry {i}: unknown arch {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+                raise ValueError(f"sweep entry {i}: unknown arch {arch!r}; choose from {', '.join(arch_names())}")
+            spec = {**implied, **(coder if is_transcoder(arch) else {}), **spec}
             d_sae = int(spec.pop("d_sae", 0)) or d_in * int(spec.pop("expansion", 8))
             spec.pop("expansion", None)
             lr = float(spec.pop("lr", 2e-4))
@@ -136,10 +179,13 @@ def experiments(cfg: TrainSAEConfig, d_in: int) -> list[Experiment]:
                 raise ValueError(f"sweep entry {i}: {e}") from None
             out.append(Experiment(name or _name(sae, lr), sae, lr))
     else:
-        for arch, expansion, lr in itertools.product(cfg.archs, cfg.expansions, cfg.lrs):
+        for name, expansion, lr in itertools.product(cfg.archs, cfg.expansions, cfg.lrs):
+            arch, implied = resolve_arch(name)
             key = SPARSITY_KEY[arch]
-            for value in cfg.sparsity.get(arch, (None,)):
-                fields = {} if value is None else {key: int(value) if key == "k" else float(value)}
+            for value in cfg.sparsity.get(name, cfg.sparsity.get(arch, (None,))):
+                fields = {**implied, **(coder if is_transcoder(arch) else {})}
+                if value is not None:
+                    fields[key] = int(value) if key == "k" else float(value)
                 if arch == "matryoshka" and cfg.matryoshka_widths:
                     fields["widths"] = cfg.matryoshka_widths
                 sae = sae_config(arch, d_in=d_in, d_sae=d_in * expansion, seed=cfg.seed, **fields)
@@ -153,7 +199,8 @@ def experiments(cfg: TrainSAEConfig, d_in: int) -> list[Experiment]:
 def _name(sae, lr: float) -> str:
     key = SPARSITY_KEY[sae.arch]
     value = getattr(sae, key)
-    return f"{sae.arch}-{sae.d_sae}-{key.split('_')[0]}{value:g}-lr{lr:g}"
+    arch = sae.arch.removesuffix(TRANSCODER_SUFFIX) + SKIP_SUFFIX if getattr(sae, "skip", False) else sae.arch
+    return f"{arch}-{sae.d_sae}-{key.split('_')[0]}{value:g}-lr{lr:g}"
 
 
 @dataclass
@@ -171,15 +218,15 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
     """Run ``cfg``; see the module docstring. Under ``torchrun`` every rank runs this; rank 0
     writes the outputs and evaluates."""
     store = actstore.open_store(cfg.store)
-    hooks = list(cfg.group) or [cfg.hook]
+    hooks = list(cfg.group) or [cfg.hook, *([cfg.hook_out] if cfg.hook_out else [])]
     for hook in hooks:
         if hook not in store.hooks:
             raise KeyError(f"hook {hook!r} is not in {store.url}; it has {', '.join(store.hooks)}")
     widths = {h: store.config.width(h) for h in hooks}
-    if len(set(widths.values())) > 1:
+    if cfg.group and len(set(widths.values())) > 1:
         raise ValueError("a group's layers must share one width: " + ", ".join(f"{h} ({w})" for h, w in widths.items()))
     d_in = widths[hooks[0]]
-    exps = experiments(cfg, d_in)
+    exps = experiments(cfg, d_in, widths[cfg.hook_out] if cfg.hook_out else None)
     out = Path(cfg.out)
     with join_ranks(cfg.device) as ranks:
         identity = run_identity(cfg, store, hooks, exps, ranks.world_size)
@@ -195,12 +242,13 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         else:
             train_shards, eval_shards = split_shards(store, cfg.eval_tokens)
         stream = actstore.stream(
-            store, hooks if cfg.group else cfg.hook, cfg.batch_size, seed=cfg.seed, epochs=None, memory=cfg.memory,
+            store, hooks if len(hooks) > 1 else cfg.hook, cfg.batch_size, seed=cfg.seed, epochs=None, memory=cfg.memory,
+            stack=not cfg.hook_out,  # a transcoder's pair as a dict: the two widths may differ
             shards=train_shards, min_position=cfg.min_position, normalize="expected_norm" if cfg.normalize else "none",
             scales=saved.get("scales"), rank=ranks.rank, world_size=ranks.world_size,
             device=str(ranks.device),  # batches land on the training device: pinned, non-blocking, converted there
         )
-        data = LayerSampled(stream, cfg.seed) if cfg.group else stream
+        data = LayerSampled(stream, cfg.seed) if cfg.group else Paired(stream, cfg.hook, cfg.hook_out) if cfg.hook_out else stream
         scales = {h: stream.scales.get(h, 1.0) for h in hooks}
         steps = math.ceil(cfg.tokens / (cfg.batch_size * ranks.world_size))
         train = TrainConfig(tokens=cfg.tokens, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
@@ -232,8 +280,11 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         return TrainResult(out, rows, rate, ranks.rank)
     meta = store.config
     per_layer: dict[str, dict[str, dict[str, float]]] = {run.exp.name: {} for run in trainer.runs}
-    for hook in hooks if eval_shards else ():
-        held_out = list(held_out_batches(store, hook, eval_shards, cfg.batch_size, cfg.min_position, scales[hook]))  # read once, evaluated by every SAE
+    for hook in (hooks if not cfg.hook_out else [cfg.hook_out]) if eval_shards else ():
+        held_out: list[Any] = list(held_out_batches(store, hook, eval_shards, cfg.batch_size, cfg.min_position, scales[hook]))  # read once, evaluated by every SAE
+        if cfg.hook_out:  # (input, target) pairs: the same tokens of both hooks
+            held_out = list(zip(held_out_batches(store, cfg.hook, eval_shards, cfg.batch_size, cfg.min_position, scales[cfg.hook]),
+                                held_out, strict=True))
         for run in trainer.runs:
             per_layer[run.exp.name][hook] = evaluate(run.sae, held_out, train.device)
     for run, row in zip(trainer.runs, rows, strict=True):
@@ -246,11 +297,16 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         extra = {"store": store.url, "tokens": trainer.tokens, "summary": row}
         if cfg.group:
             extra["group"] = hooks
-        for hook in hooks:
+        if cfg.hook_out:
+            extra["hook_out"] = cfg.hook_out
+            info = HookInfo(cfg.hook, meta.model.name, meta.context_size, meta.prepend_bos, hook_name_out=cfg.hook_out)
+            save_saelens(run.sae, out / run.exp.name, info, scale=scales[cfg.hook], extra=extra, scale_out=scales[cfg.hook_out])
+        for hook in hooks if not cfg.hook_out else ():
             info = HookInfo(hook, meta.model.name, meta.context_size, meta.prepend_bos)
             save_saelens(run.sae, out / run.exp.name / hook if cfg.group else out / run.exp.name, info, scale=scales[hook], extra=extra)
     plot_training(out, {run.exp.name: run.history for run in trainer.runs})
     summary = {"store": store.url, "hook": cfg.hook if not cfg.group else None, "group": hooks if cfg.group else None,
+               **({"hook_out": cfg.hook_out} if cfg.hook_out else {}),
                "tokens": trainer.tokens, "scales": scales, "world_size": ranks.world_size, "experiments": rows,
                RUN_KEY: run_record(identity)}
     write_json_atomic(out / SUMMARY_FILE, summary)  # last: its presence marks the run finished
@@ -313,6 +369,26 @@ def split_shards(store: actstore.Store, eval_tokens: int) -> tuple[list[int], li
                     "(eval tokens); harvest more, or ask for fewer to silence this", store.url, len(shards),
                     f"{store.config.tokens_in(held):,}", f"{eval_tokens:,}")
     return shards[: len(shards) - len(held)], held
+
+
+class Paired:
+    """``(x_BD, y_BO)`` batches of a transcoder (``hook_in``'s and ``hook_out``'s activations of the
+    same tokens) from a stream of both hooks as a dict; its position is the stream's, so a
+    resumed run reads on from where it stopped."""
+
+    def __init__(self, stream: actstore.Stream, hook_in: str, hook_out: str):
+        self.stream, self.hook_in, self.hook_out = stream, hook_in, hook_out
+        self.scales = stream.scales
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.stream:
+            yield batch[self.hook_in], batch[self.hook_out]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
 
 
 def held_out_batches(store: actstore.Store, hook: str, shards: list[int], batch_size: int, min_position: int,

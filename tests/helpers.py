@@ -162,6 +162,11 @@ def arch_configs(d_in: int, d_sae: int) -> dict[str, Any]:
         "matryoshka": sae_config("matryoshka", d_in=d_in, d_sae=d_sae, k=4, aux_k=16, widths=(8, 32, d_sae)),
         "gated": sae_config("gated", d_in=d_in, d_sae=d_sae, l1_coeff=1.0),
         "jumprelu": sae_config("jumprelu", d_in=d_in, d_sae=d_sae, l0_coeff=0.1, bandwidth=0.1, init_threshold=0.3),
+        # transcoders reproducing their own input here (pairs: tests/test_transcoders.py)
+        "topk-transcoder": sae_config("topk-transcoder", d_in=d_in, d_sae=d_sae, k=4, aux_k=16, skip=True),
+        "batchtopk-transcoder": sae_config("batchtopk-transcoder", d_in=d_in, d_sae=d_sae, k=4, aux_k=16),
+        "jumprelu-transcoder": sae_config("jumprelu-transcoder", d_in=d_in, d_sae=d_sae, l0_coeff=0.1, bandwidth=0.1,
+                                          init_threshold=0.3, skip=True),
     }
 
 

@@ -58,6 +58,53 @@ def test_a_perfect_sae_changes_nothing(tmp_path, tiny_llama, tiny_gemma2, arch, 
     assert r.loss_recovered == pytest.approx(1.0, abs=1e-3)
 
 
+def linear_transcoder(seed: int = 0):
+    """A skip-transcoder whose latents never fire: it predicts ``mlp_in @ L^T + c`` (L, c random)."""
+    tc = make_sae(sae_config("jumprelu-transcoder", d_in=D, d_sae=2 * D, d_out=D, skip=True, seed=seed))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        tc.b_enc.fill_(-1e4)
+        tc.W_skip.copy_(0.2 * torch.randn(D, D, generator=gen))
+        tc.b_dec.copy_(0.1 * torch.randn(D, generator=gen))
+    return tc
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_a_transcoder_replaces_the_mlp_output_from_the_live_mlp_input(tmp_path, tiny_llama, tiny_gemma2, arch):
+    model_dir = tiny_llama if arch == "llama" else tiny_gemma2
+    tc = linear_transcoder()
+    save_saelens(tc, tmp_path / "tc", HookInfo("blocks.2.hook_mlp_in", "tiny", 32, hook_name_out="blocks.2.hook_mlp_out"))
+    r = evaluate(EvalConfig(model=str(model_dir), saes=(str(tmp_path / "tc"),), text=TEXT, tokens=256, model_dtype="float32",
+                            progress=False))
+    assert r.splices[0].hook == "blocks.2.hook_mlp_in -> blocks.2.hook_mlp_out" and r.splices[0].l0 == 0
+    # the reference: plain hooks, the MLP's input kept by a pre-hook, the output site overwritten at every position but 0
+    lm = load_model(str(model_dir), model_dtype="float32", device="cpu")
+    block = lm.model.model.layers[2]
+    out_module = block.post_feedforward_layernorm if arch == "gemma2" else block.mlp
+    seen = {}
+    handles = [block.mlp.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0])),
+               out_module.register_forward_hook(lambda m, args, out: torch.cat(
+                   [out[:, :1], seen["x"][:, 1:] @ tc.W_skip.T.detach() + tc.b_dec.detach()], 1))]
+    ids_BT = torch.from_numpy(np.stack(take_windows(TEXT, lm.tokenizer, 256)))
+    with torch.no_grad():
+        logits = lm.model(ids_BT).logits
+    for h in handles:
+        h.remove()
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids_BT[:, 1:].reshape(-1))
+    assert r.ce_spliced == pytest.approx(float(ce), abs=1e-5)
+    assert abs(r.ce_spliced - r.ce_clean) > 1e-3  # it did replace something
+
+
+def test_transcoders_that_do_not_fit_the_model_are_one_line_errors(tmp_path, tiny_llama):
+    wide = make_sae(sae_config("topk-transcoder", d_in=D, d_sae=128, d_out=2 * D, k=4))
+    save_saelens(wide, tmp_path / "wide", HookInfo("blocks.1.hook_mlp_in", "tiny", 32, hook_name_out="blocks.1.hook_mlp_out"))
+    save_saelens(linear_transcoder(), tmp_path / "tc", HookInfo("blocks.1.hook_mlp_in", "tiny", 32, hook_name_out="blocks.1.hook_mlp_out"))
+    sae_dir = save_sae(tmp_path / "sae", "blocks.1.hook_mlp_out")
+    base = ["eval", "--model", str(tiny_llama), "--tokens", "64", "--model-dtype", "float32", "--no-progress"]
+    one_line_error(run_cli(*base, "--sae", str(tmp_path / "wide")), "has d_out 128, but blocks.1.hook_mlp_out", "is 64 wide")
+    one_line_error(run_cli(*base, "--sae", sae_dir, "--sae", str(tmp_path / "tc")), "both replace blocks.1.hook_mlp_out")
+
+
 def test_spliced_figures_match_a_plain_reference(tmp_path, tiny_llama):
     sae_dir = save_sae(tmp_path / "sae", "blocks.1.hook_resid_post")
     r = evaluate(EvalConfig(model=str(tiny_llama), saes=(sae_dir,), text=TEXT, tokens=128, batch_size=3,
@@ -117,7 +164,7 @@ def test_eval_cli_json_and_bad_input(tmp_path, tiny_llama, tiny_gemma2):
     z = save_sae(tmp_path / "z", "blocks.1.attn.hook_z")
     one_line_error(run_cli("eval", "--model", str(tiny_llama), "--sae", z), "cannot splice")
     one_line_error(run_cli("eval", "--model", str(tiny_llama), "--sae", str(tmp_path / "nothing")), "does not exist")
-    one_line_error(run_cli("eval", "--model", str(tiny_llama), "--sae", sae_dir, "--sae", sae_dir), "both read")
+    one_line_error(run_cli("eval", "--model", str(tiny_llama), "--sae", sae_dir, "--sae", sae_dir), "both replace")
     one_line_error(run_cli("eval", "--model", str(tiny_llama), "--sae", "saelens:no-such-release/x"), "cannot fetch")
 
 
@@ -201,6 +248,16 @@ def test_lora_adapts_the_blocks_after_the_sae_and_closes_part_of_the_gap(tmp_pat
     assert again.ce_spliced == pytest.approx(result.after.ce_spliced, rel=1e-6)
     assert again.kl == pytest.approx(result.after.kl, rel=1e-5)
     assert again.ce_adapted == pytest.approx(result.after.ce_adapted, rel=1e-6)
+
+
+def test_lora_adapts_around_a_transcoder(tmp_path, tiny_llama):
+    save_saelens(linear_transcoder(), tmp_path / "tc", HookInfo("blocks.1.hook_mlp_in", "tiny", 32, hook_name_out="blocks.1.hook_mlp_out"))
+    result = train_lora(lora_cfg(tiny_llama, str(tmp_path / "tc"), tmp_path / "lora"))
+    assert result.layers == (2, 3) and result.steps == 8
+    assert result.after.kl < result.before.kl and result.ce_gap_closed > 0
+    assert result.before.splices[0].hook == "blocks.1.hook_mlp_in -> blocks.1.hook_mlp_out"
+    info = json.loads((tmp_path / "lora" / "lora.json").read_text())
+    assert info["saes"] == [{"source": str(tmp_path / "tc"), "hook": "blocks.1.hook_mlp_in", "hook_out": "blocks.1.hook_mlp_out"}]
 
 
 def test_the_teacher_is_the_base_model(tmp_path, tiny_llama):

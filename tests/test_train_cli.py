@@ -8,6 +8,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,3 +236,63 @@ def test_wandb_offline_run_is_written_under_the_output_folder(store, tmp_path):
     (record,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     data = record.read_bytes()
     assert b"topk-96-k4-lr0.0002/fvu" in data and b"topk-96-k4-lr0.0002/eval_fvu" in data
+
+
+def transcoder_run(store, out, *extra):
+    return ["train-sae", "--store", store, "--hook-in", HOOKS[0], "--hook-out", HOOKS[2], "--out", str(out), "--tokens", "3k",
+            "--k", "4", "--expansion", "2", "--batch-size", "256", "--eval-tokens", "1k", "--json", *extra]
+
+
+def test_transcoders_train_from_the_cli_in_saelens_transcoder_format(store, tmp_path):
+    from trainers.saelens_format import load_saelens
+
+    out = tmp_path / "tc"
+    args = transcoder_run(store, out, "--arch", "topk-transcoder,topk-skip-transcoder,jumprelu-transcoder")
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    rows = {r["name"]: r for r in json.loads(res.stdout)["experiments"]}
+    assert sorted(rows) == ["jumprelu-transcoder-96-l00.001-lr0.0002", "topk-skip-transcoder-96-k4-lr0.0002",
+                            "topk-transcoder-96-k4-lr0.0002"]
+    for name, row in rows.items():
+        # the store's hooks are independent noise: the FVU is only checked to be there (learning: tests/test_transcoders.py)
+        assert np.isfinite(row["eval_fvu"]) and row["eval_fvu"] > 0 and row["eval_tokens"] > 0
+        cfg = json.loads((out / name / "cfg.json").read_text())
+        assert cfg["d_out"] == 48 and cfg["apply_b_dec_to_input"] is False
+        assert cfg["metadata"]["hook_name"] == HOOKS[0] and cfg["metadata"]["hook_name_out"] == HOOKS[2]
+        assert cfg["architecture"] == {"topk-transcoder": "topk_transcoder", "topk-skip-transcoder": "topk_skip_transcoder",
+                                       "jumprelu-transcoder": "jumprelu_transcoder"}[name.split("-96")[0]]
+        sae, hook = load_saelens(out / name)
+        assert hook.hook_name_out == HOOKS[2] and sae.cfg.d_out == 48
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["hook"] == HOOKS[0] and summary["hook_out"] == HOOKS[2]
+    sae_lens = pytest.importorskip("sae_lens")
+    theirs = sae_lens.SAE.load_from_disk(str(out / "jumprelu-transcoder-96-l00.001-lr0.0002"))
+    ours, _ = load_saelens(out / "jumprelu-transcoder-96-l00.001-lr0.0002")
+    x = torch.randn(20, 48) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), atol=1e-4, rtol=1e-4)
+    files = folder_bytes(out)
+    again = run_cli(*args)
+    assert again.returncode == 0 and json.loads(again.stdout)["finished_before"] and folder_bytes(out) == files
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a[:a.index("--hook-out")] + a[a.index("--hook-out") + 2:], "need both --hook-in .* and --hook-out"),
+        (lambda a: [*a, "--hook", HOOKS[0]], "for transcoders, or --hook / --groups for SAEs, not both"),
+        (lambda a: [HOOKS[0] if x == HOOKS[2] else x for x in a], "both blocks.0.hook_resid_post; a transcoder maps one hook to another"),
+        (lambda a: [*a, "--arch", "topk,topk-transcoder"], "topk is an SAE; use topk-transcoder"),
+        (lambda a: [*a, "--arch", "topk-transcoder"][:1] + ["--store", a[2], "--hook", HOOKS[0], "--out", a[8], "--arch",
+                                                            "topk-transcoder"], "topk-transcoder needs --hook-in and --hook-out"),
+        (lambda a: ["blocks.1.hook_mlp_in" if x == HOOKS[2] else x for x in a], "'blocks.1.hook_mlp_in' is not in"),
+        (lambda a: [*a, "--arch", "relu-transcoder"], "unknown --arch relu-transcoder"),
+    ],
+)
+def test_transcoder_bad_input_is_one_line_exit_2(store, tmp_path, change, message):
+    import re
+
+    res = run_cli(*change(transcoder_run(store, tmp_path / "o", "--arch", "topk-transcoder")))
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert re.search(message, res.stderr), res.stderr

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.helpers import arch_configs, sparse_data, twin_saes
 from trainers import ARCHITECTURES, make_sae, sae_config, topk
 from trainers.trainer import Experiment, TrainConfig, Trainer, evaluate
+from trainers.transcoder import is_transcoder
 
 D, F = 24, 96
 
@@ -48,13 +49,13 @@ class WatchedTrainer(Trainer):
 
     watch: SyncWatch
 
-    def _step(self, x_BD: torch.Tensor) -> None:
+    def _step(self, x_BD: torch.Tensor, y_BO: torch.Tensor | None = None) -> None:
         n = self.step + 1
         if n % self.cfg.log_every and self.step and self.tokens + len(x_BD) < self.cfg.tokens:
             with self.watch:
-                super()._step(x_BD)
+                super()._step(x_BD, y_BO)
         else:
-            super()._step(x_BD)
+            super()._step(x_BD, y_BO)
 
 
 @pytest.fixture
@@ -66,13 +67,16 @@ def cuda_policy(monkeypatch):
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_a_step_that_records_nothing_never_waits_for_the_device(arch, cuda_policy):
     data = sparse_data(64 * 40, seed=1)
+    batches = data.split(64)
+    if is_transcoder(arch):  # (input, target) pairs, the transcoders' path through the trainer
+        batches = [(x, 0.5 * x.roll(1, dims=1)) for x in batches]
     # dead_tokens 64 * 3: latents die within a few steps, so the AuxK path (TopK, BatchTopK) runs watched too
     trainer = WatchedTrainer(TrainConfig(tokens=len(data), lr_warmup_steps=5, log_every=4, dead_tokens=64 * 3),
-                             [Experiment(arch, configs()[arch], lr=1e-2)], data.split(64))
+                             [Experiment(arch, configs()[arch], lr=1e-2)], batches)
     trainer.watch = SyncWatch()
     trainer.fit()
     assert trainer.step == 40 and trainer.watch.seen == [], sorted(set(trainer.watch.seen))
-    if arch in ("topk", "batchtopk", "matryoshka"):
+    if arch in ("topk", "batchtopk", "matryoshka", "topk-transcoder", "batchtopk-transcoder"):
         assert any(h["dead"] > 0 and h["aux"] > 0 for h in trainer.runs[0].history), "the AuxK path never ran"
 
 

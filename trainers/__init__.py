@@ -1,7 +1,7 @@
 """SAE architectures and the training loop; trainers take any iterator of activation tensors.
 
 One file per architecture (``relu``, ``topk``, ``batchtopk``, ``gated``, ``jumprelu``,
-``matryoshka``), each a
+``matryoshka``, and the transcoders of :mod:`trainers.transcoder`), each a
 config dataclass and an :class:`~trainers.sae.SAE` subclass; :mod:`trainers.trainer` fits
 several SAEs on each batch read once; :mod:`trainers.saelens_format` saves and loads SAELens'
 ``cfg.json`` + ``sae_weights.safetensors``.
@@ -19,6 +19,7 @@ from .matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from .relu import ReLUConfig, ReLUSAE
 from .sae import SAE, SAEConfig, StepOutput, fvu
 from .topk import TopKConfig, TopKSAE
+from .transcoder import TRANSCODERS
 
 ARCHITECTURES: dict[str, tuple[type[SAEConfig], type[SAE]]] = {
     "relu": (ReLUConfig, ReLUSAE),
@@ -27,6 +28,7 @@ ARCHITECTURES: dict[str, tuple[type[SAEConfig], type[SAE]]] = {
     "gated": (GatedConfig, GatedSAE),
     "jumprelu": (JumpReLUConfig, JumpReLUSAE),
     "matryoshka": (MatryoshkaConfig, MatryoshkaSAE),
+    **TRANSCODERS,
 }
 
 

@@ -55,18 +55,21 @@ class BatchTopKSAE(SAE):
         pre_BF = self.pre_acts(x_BD)
         return pre_BF * (pre_BF > self.threshold.to(pre_BF.dtype))
 
-    def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
+    def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None,
+                      target_BO: torch.Tensor | None = None) -> StepOutput:
+        """``target_BO``: what the decoder must reproduce (a transcoder's output; ``x`` when None)."""
+        y_BO = x_BD if target_BO is None else target_BO
         pre_BF = self.pre_acts(x_BD)
         acts_BF = torch.relu(pre_BF)
         top = acts_BF.flatten().topk(self.cfg.k * len(x_BD), sorted=False)
         f_BF = torch.zeros_like(acts_BF).flatten().scatter(0, top.indices, top.values).view_as(acts_BF)
-        recon_BD = self.decode(f_BF)
-        l2 = mse(x_BD, recon_BD)
+        recon_BD = self.add_skip(x_BD, self.decode(f_BF))
+        l2 = mse(y_BO, recon_BD)
         loss, terms = l2, {"mse": l2.detach()}
-        for name, term in self.extra_losses(x_BD, f_BF).items():  # Matryoshka's inner levels
+        for name, term in self.extra_losses(y_BO, f_BF).items():  # Matryoshka's inner levels
             loss = loss + term
             terms[name] = term.detach()
-        aux = dense_auxk(x_BD, recon_BD, pre_BF, dead_F, self.W_dec, self.cfg.aux_k, self.cfg.aux_coeff)
+        aux = dense_auxk(y_BO, recon_BD, pre_BF, dead_F, self.W_dec, self.cfg.aux_k, self.cfg.aux_coeff)
         loss = loss if aux is None else loss + self.cfg.aux_coeff * aux
         terms["aux"] = torch.zeros((), device=x_BD.device) if aux is None else aux.detach()
         with torch.no_grad():  # running mean of the smallest kept activation; kept on the device (no host sync)

@@ -138,12 +138,14 @@ class JumpReLUSAE(SAE):
         pre_BF = self.pre_acts(x_BD)
         return pre_BF * (pre_BF > self.threshold)
 
-    def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
+    def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None,
+                      target_BO: torch.Tensor | None = None) -> StepOutput:
+        """``target_BO``: what the decoder must reproduce (a transcoder's output; ``x`` when None)."""
         pre_BF = self.pre_acts(x_BD)
         theta_F = self.threshold
         f_BF = _JumpReLU.apply(pre_BF, theta_F, self.cfg.bandwidth)
-        recon_BD = self.decode(f_BF)
-        l2 = mse(x_BD, recon_BD)
+        recon_BD = self.add_skip(x_BD, self.decode(f_BF))
+        l2 = mse(x_BD if target_BO is None else target_BO, recon_BD)
         l0 = _Step.apply(pre_BF, theta_F, self.cfg.bandwidth).sum(-1).mean()
         penalty = l0 if self.cfg.target_l0 is None else (l0 / self.cfg.target_l0 - 1) ** 2
         loss = l2 + sparsity_scale * self.cfg.l0_coeff * penalty

@@ -8,6 +8,11 @@ arXiv 2406.04093 §2.1)::
     f    = act(pre)                           # architecture-specific, sparse
     x_hat = f @ W_dec + b_dec                 # [B, D]
 
+A transcoder (:mod:`trainers.transcoder`; Dunefsky et al. 2024, arXiv 2406.11944) reads one
+activation and writes another (an MLP's input ``x`` and output ``y``, widths D and O): its
+encoder reads ``x`` itself (:attr:`SAE.center_input` off), its decoder writes ``y_hat [B, O]``,
+and a skip-transcoder adds ``x @ W_skip^T`` (Paulo et al. 2025, arXiv 2501.18823).
+
 Each architecture (``relu``, ``topk``, ``batchtopk``, ``gated``, ``jumprelu``) overrides
 :meth:`SAE.encode` and :meth:`SAE.training_step`, which returns a :class:`StepOutput`: the
 loss to minimise and detached metrics. Metrics (Gao et al. 2024 §2.2 for FVU):
@@ -87,6 +92,8 @@ class SAE(nn.Module):
     unit_norm_decoder: ClassVar[bool] = False
     """Whether decoder rows are kept at unit norm (and gradients along them removed)."""
     saelens_architecture: ClassVar[str] = "standard"
+    center_input: ClassVar[bool] = True
+    """The encoder reads ``x - b_dec`` (an SAE); transcoders read ``x``, their ``b_dec`` being the output's."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -106,8 +113,17 @@ class SAE(nn.Module):
         return self.W_enc_FD.T
 
     # ---- inference ------------------------------------------------------------------------
+    def sae_in(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """What the encoder multiplies: ``x - b_dec`` for an SAE, ``x`` for a transcoder."""
+        return x_BD - self.b_dec if self.center_input else x_BD
+
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.b_enc, x_BD - self.b_dec, self.W_enc)
+        return torch.addmm(self.b_enc, self.sae_in(x_BD), self.W_enc)
+
+    def add_skip(self, x_BD: torch.Tensor, recon_BO: torch.Tensor) -> torch.Tensor:
+        """``recon`` plus what a skip connection adds from the input (nothing here; see
+        :class:`trainers.transcoder.Transcoding`)."""
+        return recon_BO
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Latents ``f [B, F]`` (dense)."""
@@ -117,8 +133,8 @@ class SAE(nn.Module):
         return torch.addmm(self.b_dec, f_BF, self.W_dec)
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """Reconstruction of ``x``."""
-        return self.decode(self.encode(x_BD))
+        """Reconstruction of ``x`` (a transcoder's prediction of its output)."""
+        return self.add_skip(x_BD, self.decode(self.encode(x_BD)))
 
     # ---- training -------------------------------------------------------------------------
     def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:

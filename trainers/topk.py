@@ -57,23 +57,27 @@ class TopKSAE(SAE):
         top = pre_BF.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(pre_BF).scatter_(-1, top.indices, torch.relu(top.values))
 
-    def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
+    def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None,
+                      target_BO: torch.Tensor | None = None) -> StepOutput:
+        """``target_BO``: what the decoder must reproduce (a transcoder's output; ``x`` when None)."""
+        y_BO = x_BD if target_BO is None else target_BO
         width = aux_width(dead_F, self.cfg.aux_k) if dead_F is not None and self.cfg.aux_coeff else 0
         use_aux = width > 0
-        x_in_BD = (x_BD - self.b_dec).detach()
+        x_in_BD = self.sae_in(x_BD).detach()
+        b_in_D = self.b_dec if self.center_input else None  # the encoder's input bias, differentiated through x_in
         dt = compute_dtype(x_BD.device, self.W_enc.dtype)  # bf16 under autocast: the one B x D x F matmul
         pre_BK, idx_BK, pre_BF = select_topk(x_in_BD.to(dt), self.W_enc.to(dt), self.b_enc.to(dt), self.cfg.k, keep_pre=use_aux)
         with torch.autocast(x_BD.device.type, enabled=False):  # the S D sparse products: in the weights' dtype
             sel = Selection.of(idx_BK, self.cfg.d_sae)
-            vals_BK = torch.relu(Selected.apply(pre_BK.to(self.W_enc.dtype), x_in_BD, sel, self.W_enc, self.b_enc, self.b_dec))
-            recon_BD = sparse_decode(vals_BK, sel, self.W_dec) + self.b_dec
-            l2 = mse(x_BD, recon_BD)
+            vals_BK = torch.relu(Selected.apply(pre_BK.to(self.W_enc.dtype), x_in_BD, sel, self.W_enc, self.b_enc, b_in_D))
+            recon_BD = self.add_skip(x_BD, sparse_decode(vals_BK, sel, self.W_dec) + self.b_dec)
+            l2 = mse(y_BO, recon_BD)
             loss, terms = l2, {"mse": l2.detach(), "aux": torch.zeros((), device=x_BD.device)}
             if use_aux:
                 aux_pre_BA, idx_BA = pre_BF.masked_fill_(~dead_F, float("-inf")).topk(width, dim=-1, sorted=False)
                 aux_sel = Selection.of(idx_BA, self.cfg.d_sae)
-                aux_BA = torch.relu(Selected.apply(aux_pre_BA.to(self.W_enc.dtype), x_in_BD, aux_sel, self.W_enc, self.b_enc, self.b_dec))
-                aux = aux_loss(x_BD - recon_BD.detach(), sparse_decode(aux_BA, aux_sel, self.W_dec)) * dead_F.any()
+                aux_BA = torch.relu(Selected.apply(aux_pre_BA.to(self.W_enc.dtype), x_in_BD, aux_sel, self.W_enc, self.b_enc, b_in_D))
+                aux = aux_loss(y_BO - recon_BD.detach(), sparse_decode(aux_BA, aux_sel, self.W_dec)) * dead_F.any()
                 loss = loss + self.cfg.aux_coeff * aux
                 terms["aux"] = aux.detach()
         active_BK = vals_BK.detach() > 0
@@ -81,15 +85,17 @@ class TopKSAE(SAE):
             0, idx_BK.reshape(-1), active_BK.reshape(-1).to(torch.int32)) > 0
         return StepOutput(loss, recon_BD.detach(), active_BK.sum(-1).float().mean(), fired_F, terms)
 
-    def dense_training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None) -> StepOutput:
+    def dense_training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None,
+                            target_BO: torch.Tensor | None = None) -> StepOutput:
         """Reference: the same loss with dense matrices throughout (for tests)."""
+        y_BO = x_BD if target_BO is None else target_BO
         pre_BF = self.pre_acts(x_BD)
         top = pre_BF.topk(self.cfg.k, dim=-1)
         f_BF = torch.zeros_like(pre_BF).scatter(-1, top.indices, torch.relu(top.values))
-        recon_BD = self.decode(f_BF)
-        l2 = mse(x_BD, recon_BD)
+        recon_BD = self.add_skip(x_BD, self.decode(f_BF))
+        l2 = mse(y_BO, recon_BD)
         loss, terms = l2, {"mse": l2.detach()}
-        aux = dense_auxk(x_BD, recon_BD, pre_BF, dead_F, self.W_dec, self.cfg.aux_k, self.cfg.aux_coeff)
+        aux = dense_auxk(y_BO, recon_BD, pre_BF, dead_F, self.W_dec, self.cfg.aux_k, self.cfg.aux_coeff)
         loss = loss if aux is None else loss + self.cfg.aux_coeff * aux
         terms["aux"] = torch.zeros((), device=x_BD.device) if aux is None else aux.detach()
         active_BF = f_BF > 0

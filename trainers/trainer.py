@@ -11,6 +11,9 @@ removed before the step, rows renormalised after). A latent is dead once it has 
 ``dead_tokens`` tokens (Gao et al. 2024 §2.4 use 10M); dead masks feed the AuxK losses.
 ``b_dec`` starts at the mean of the first batch (a cheap stand-in for the geometric median).
 
+Batches are ``[B, D]`` tensors, or ``(x_BD, y_BO)`` pairs for transcoders (:mod:`trainers.transcoder`):
+the SAEs read ``x`` and reproduce ``y``; FVU and ``b_dec``'s start are then ``y``'s.
+
 Checkpoints (:mod:`trainers.checkpoint`: safetensors + JSON, never pickle) hold every SAE's
 weights, optimiser state and dead-latent counters, the step, the data source's position when it
 has ``state_dict()`` (``actstore.stream`` does), and ``run_info``, the caller's JSON record of
@@ -26,7 +29,7 @@ threshold) averaged after it, a latent counts as fired when it fired on any rank
 single-process step on the ranks' batches put together. Rank 0 writes and reads the checkpoint
 (sending what it read to every rank, so only its machine needs the folder), holding
 every rank's data position; recorded metrics are rank 0's batch.
-Shape letters: B batch, D d_in, F d_sae.
+Shape letters: B batch, D d_in, O d_out (a transcoder's target), F d_sae.
 """
 
 from __future__ import annotations
@@ -131,7 +134,8 @@ class _Run:
 
 
 class Trainer:
-    """Fit ``experiments`` on ``data`` (an iterable of ``[B, D]`` tensors); see the module docstring."""
+    """Fit ``experiments`` on ``data`` (an iterable of ``[B, D]`` tensors or ``(x_BD, y_BO)``
+    pairs); see the module docstring."""
 
     def __init__(
         self, cfg: TrainConfig, experiments: list[Experiment], data: Iterable[torch.Tensor],
@@ -195,29 +199,32 @@ class Trainer:
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
-    def _loop(self, batches: Iterator[torch.Tensor]) -> None:
+    def _loop(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         while not self.finished:
-            x_BD = next(batches, None)
+            x_BD, y_BO = next(batches, (None, None))
             if x_BD is None:  # the data ran out first
                 break
             if self.total_steps is None:
                 self.total_steps = max(1, math.ceil(self.cfg.tokens / (len(x_BD) * self.world_size)))
             if self.step == 0:
-                self._init_b_dec(x_BD)
-            self._step(x_BD)
+                self._init_b_dec(x_BD if y_BO is None else y_BO)
+            self._step(x_BD, y_BO)
             if self.on_step is not None:
                 self.on_step(self.step, self.tokens)
             if self.out_dir is not None and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
 
-    def _batches(self) -> Iterator[torch.Tensor]:
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``(x_BD, y_BO or None)`` on the device, float32."""
         dev = torch.device(self.cfg.device)
-        for x in self.data:
-            if x.ndim != 2:
-                raise ValueError(f"trainer batches must be [B, D] tensors, got shape {tuple(x.shape)}")
-            yield x.to(dev, non_blocking=True).float()
+        for batch in self.data:
+            x, y = batch if isinstance(batch, tuple | list) else (batch, None)
+            if x.ndim != 2 or (y is not None and (y.ndim != 2 or len(y) != len(x))):
+                shapes = [tuple(t.shape) for t in (x, y) if t is not None]
+                raise ValueError(f"trainer batches must be [B, D] tensors or ([B, D], [B, O]) pairs, got shapes {shapes}")
+            yield x.to(dev, non_blocking=True).float(), None if y is None else y.to(dev, non_blocking=True).float()
 
-    def _step(self, x_BD: torch.Tensor) -> None:
+    def _step(self, x_BD: torch.Tensor, y_BO: torch.Tensor | None = None) -> None:
         """One step of every experiment. Nothing in it reads the device from the host, except
         at recorded steps (every ``log_every``, the first and the last), which read all their
         metrics in one transfer; under data parallel the token count goes through ``_host_group``."""
@@ -228,7 +235,9 @@ class Trainer:
         for run in self.runs:
             dead_F = run.since_fired_F >= self.cfg.dead_tokens
             with torch.autocast(x_BD.device.type, dtype=COMPUTE_DTYPES[self.cfg.dtype], enabled=self.cfg.dtype != "float32"):  # the forward only
-                out = run.sae.training_step(x_BD, sparsity_scale, dead_F if run.since_fired_bound >= self.cfg.dead_tokens else None)
+                dead = dead_F if run.since_fired_bound >= self.cfg.dead_tokens else None
+                out = (run.sae.training_step(x_BD, sparsity_scale, dead) if y_BO is None else
+                       run.sae.training_step(x_BD, sparsity_scale, dead, target_BO=y_BO))
             run.opt.zero_grad(set_to_none=True)
             out.loss.backward()
             if self.world_size > 1:
@@ -251,12 +260,13 @@ class Trainer:
             run.since_fired_F.masked_fill_(fired_F, 0)
             run.since_fired_bound += n_tokens
             if record:
-                self._record(run, x_BD, out, dead_F, lr, n_tokens)
+                self._record(run, x_BD if y_BO is None else y_BO, out, dead_F, lr, n_tokens)
         self.step += 1
         self.tokens += n_tokens
 
     def _record(self, run: _Run, x_BD: torch.Tensor, out: Any, dead_F: torch.Tensor, lr: float, n_tokens: int) -> None:
-        """Append this step's metrics to ``run.history``: one device-to-host read for all of them."""
+        """Append this step's metrics to ``run.history``: one device-to-host read for all of them
+        (``x_BD``: what the SAEs reproduce, a transcoder's target)."""
         names = ["loss", "fvu", "l0", "dead", *out.terms]
         with torch.no_grad():
             values = [out.loss.detach(), fvu(x_BD, out.recon_BD), out.l0, dead_F.float().mean(), *out.terms.values()]
@@ -364,18 +374,20 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, batches: Iterable[torch.Tensor], device: str = "cpu") -> dict[str, float]:
-    """Held-out FVU (pooled over all tokens), mean L0 and the fraction of latents never active."""
+def evaluate(sae: SAE, batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]], device: str = "cpu") -> dict[str, float]:
+    """Held-out FVU (pooled over all tokens), mean L0 and the fraction of latents never active;
+    for ``(x, y)`` pairs (a transcoder's), the FVU of ``y``."""
     resid = total = l0 = n = 0.0
     sum_D = sum_sq = None
     fired_F = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
-    for x in batches:
-        x_BD = x.to(device).float()
+    for batch in batches:
+        x, y = batch if isinstance(batch, tuple | list) else (batch, batch)
+        x_BD, y_BO = x.to(device).float(), y.to(device).float()
         f_BF = sae.encode(x_BD)
-        recon_BD = sae.decode(f_BF)
-        resid += float((x_BD - recon_BD).pow(2).sum())
-        sum_D = x_BD.sum(0) if sum_D is None else sum_D + x_BD.sum(0)
-        sum_sq = float(x_BD.pow(2).sum()) + (sum_sq or 0.0)
+        recon_BO = sae.add_skip(x_BD, sae.decode(f_BF))
+        resid += float((y_BO - recon_BO).pow(2).sum())
+        sum_D = y_BO.sum(0) if sum_D is None else sum_D + y_BO.sum(0)
+        sum_sq = float(y_BO.pow(2).sum()) + (sum_sq or 0.0)
         active_BF = f_BF != 0
         l0 += float(active_BF.sum())
         fired_F |= active_BF.any(0)
