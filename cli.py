@@ -224,8 +224,8 @@ def train_sae(
     hook_out: Annotated[str | None, typer.Option(help="Transcoders: the hook they reproduce, e.g. blocks.6.hook_mlp_out (with --hook-in).")] = None,
     tokens: Annotated[str, typer.Option(help="Training tokens: 500k, 5M...")] = "5M",
     arch: Annotated[str, typer.Option(help="Comma list of topk, batchtopk, matryoshka, relu, gated, jumprelu; with --hook-in/--hook-out: "
-                                           "topk-transcoder, batchtopk-transcoder, jumprelu-transcoder and their -skip-transcoder forms.")] = "topk",
-    k: Annotated[str, typer.Option(help="Comma list of k (topk, batchtopk, matryoshka and their transcoders).")] = "32",
+                                           "topk-transcoder, batchtopk-transcoder, jumprelu-transcoder and their -skip-transcoder forms; with --hook a,b,...: crosscoder.")] = "topk",
+    k: Annotated[str, typer.Option(help="Comma list of k (topk, batchtopk, matryoshka, crosscoder and the transcoders).")] = "32",
     widths: Annotated[str | None, typer.Option(help="Matryoshka: comma list of nested level widths ending at d_sae (default d_sae/8, /4, /2, d_sae).")] = None,
     expansion: Annotated[str, typer.Option(help="Comma list of d_sae / d_in.")] = "8",
     lr: Annotated[str, typer.Option(help="Comma list of learning rates.")] = "2e-4",
@@ -268,7 +268,7 @@ def train_sae(
     sparsity: dict[str, tuple[float, ...]] = {}
     for name in archs:
         base = name.removesuffix("-skip-transcoder").removesuffix("-transcoder")
-        if base in ("topk", "batchtopk", "matryoshka"):
+        if base in ("topk", "batchtopk", "matryoshka", "crosscoder"):
             sparsity[name] = parse_list(k, int)
         elif base in ("relu", "gated") and l1_coeff:
             sparsity[name] = parse_list(l1_coeff)

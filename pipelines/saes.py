@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainers import SAE
+from trainers.crosscoder import is_crosscoder_folder
 from trainers.gemma_scope import hook_from_path, load_gemma_scope
 from trainers.saelens_format import CONFIG_FILE, WEIGHTS_FILE, HookInfo, load_saelens, save_saelens
 
@@ -93,6 +94,9 @@ def load_sae(spec: str) -> LoadedSAE:
             raise ValueError(f"cannot tell the hook of {path} (no layer_N folder in its path); "
                              "import it first: actstore import-sae PARAMS --hook blocks.N.hook_resid_post --out DIR")
         return LoadedSAE(load_gemma_scope(path), hook, spec)
+    if path.is_dir() and is_crosscoder_folder(path):
+        raise ValueError(f"{path} holds a crosscoder: eval and lora splice SAEs and transcoders, not crosscoders yet; "
+                         "read it in Python with trainers.crosscoder.load_crosscoder")
     if path.is_dir():
         try:
             sae, info = load_saelens(path)

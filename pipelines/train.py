@@ -37,6 +37,12 @@ with the skip path) read ``hook`` and reproduce ``hook_out`` of the same tokens,
 together (:class:`Paired`), each normalised by its own scale (both folded back on save); the
 held-out FVU is ``hook_out``'s. Saved in SAELens' transcoder format, ``hook_name_out`` in the
 metadata.
+
+Crosscoders (:mod:`trainers.crosscoder`): ``--arch crosscoder`` with several hooks of one width
+(``hook`` as a comma list: ``group``) trains one dictionary on all of them at once, each token's
+layers side by side (each normalised by its own scale), ``d_sae`` = one layer's width times the
+expansion; the held-out FVU is reported per layer, with the number of latents shared by two
+layers or more. Saved as :func:`trainers.crosscoder.save_crosscoder` lays out.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from pipelines.runs import RUN_KEY, open_run, run_record
 from pipelines.runtime import join_ranks, progress_bar
 from pipelines.tracking import WandbLog
 from trainers import ARCHITECTURES, sae_config
+from trainers.crosscoder import flatten_layers, layer_fvus, save_crosscoder, shared_latents
 from trainers.saelens_format import HookInfo, save_saelens
 from trainers.trainer import COMPUTE_DTYPES, Experiment, TrainConfig, Trainer, evaluate
 from trainers.transcoder import is_transcoder
@@ -69,7 +76,7 @@ log = logging.getLogger(__name__)
 WARMUP_STEPS = 100
 """Learning-rate warm-up; runs shorter than 1,000 steps warm up over their first tenth."""
 SPARSITY_KEY = {"topk": "k", "batchtopk": "k", "matryoshka": "k", "relu": "l1_coeff", "gated": "l1_coeff", "jumprelu": "l0_coeff",
-                "topk-transcoder": "k", "batchtopk-transcoder": "k", "jumprelu-transcoder": "l0_coeff"}
+                "topk-transcoder": "k", "batchtopk-transcoder": "k", "jumprelu-transcoder": "l0_coeff", "crosscoder": "k"}
 SKIP_SUFFIX, TRANSCODER_SUFFIX = "-skip-transcoder", "-transcoder"
 SWEEP_KEYS = {"name", "arch", "expansion", "d_sae", "lr"}
 SUMMARY_FILE = "summary.json"
@@ -139,6 +146,12 @@ class TrainSAEConfig:
         elif coders:
             raise ValueError(f"{', '.join(coders)} {'needs' if len(coders) == 1 else 'need'} --hook-in and --hook-out "
                              "(what it reads and what it reproduces, e.g. blocks.6.hook_mlp_in and blocks.6.hook_mlp_out)")
+        if "crosscoder" in archs:
+            others = sorted(set(archs) - {"crosscoder"})
+            if others:
+                raise ValueError(f"a crosscoder run trains crosscoders only; train {', '.join(others)} in a run of its own")
+            if len(self.group) < 2:
+                raise ValueError("a crosscoder reads several layers: give --hook as a comma list of 2 or more hooks of one width")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"unknown --dtype {self.dtype!r}; choose from {', '.join(COMPUTE_DTYPES)}")
         if self.tokens <= 0 or self.batch_size <= 0 or self.eval_tokens < 0:
@@ -158,10 +171,19 @@ def arch_names() -> list[str]:
     return [*ARCHITECTURES, *(a.removesuffix(TRANSCODER_SUFFIX) + SKIP_SUFFIX for a in ARCHITECTURES if is_transcoder(a))]
 
 
+def is_crosscoder_run(cfg: TrainSAEConfig) -> bool:
+    return bool(cfg.group) and all(resolve_arch(str(a))[0] == "crosscoder" for a in
+                                   ([e.get("arch", "topk") for e in cfg.sweep] if cfg.sweep else cfg.archs))
+
+
 def experiments(cfg: TrainSAEConfig, d_in: int, d_out: int | None = None) -> list[Experiment]:
-    """The run's experiments (see the module docstring); ``d_out``: the transcoders' output width."""
+    """The run's experiments (see the module docstring); ``d_out``: the transcoders' output width.
+    A crosscoder's ``d_in`` is its layers' total width, its ``d_sae`` one layer's times the expansion."""
     out = []
     coder = {"d_out": d_out} if d_out is not None else {}
+    layers = len(cfg.group) if is_crosscoder_run(cfg) else 1
+    if layers > 1:
+        coder = {"n_layers": layers}
     if cfg.sweep:
         for i, spec in enumerate(cfg.sweep):
             spec = dict(spec)
@@ -171,10 +193,11 @@ def experiments(cfg: TrainSAEConfig, d_in: int, d_out: int | None = None) -> lis
             spec = {**implied, **(coder if is_transcoder(arch) else {}), **spec}
             d_sae = int(spec.pop("d_sae", 0)) or d_in * int(spec.pop("expansion", 8))
             spec.pop("expansion", None)
+            spec = {**(coder if arch == "crosscoder" else {}), **spec}
             lr = float(spec.pop("lr", 2e-4))
             name = spec.pop("name", None)
             try:
-                sae = sae_config(arch, d_in=d_in, d_sae=d_sae, seed=cfg.seed, **spec)
+                sae = sae_config(arch, d_in=d_in * layers, d_sae=d_sae, seed=cfg.seed, **spec)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"sweep entry {i}: {e}") from None
             out.append(Experiment(name or _name(sae, lr), sae, lr))
@@ -183,12 +206,12 @@ def experiments(cfg: TrainSAEConfig, d_in: int, d_out: int | None = None) -> lis
             arch, implied = resolve_arch(name)
             key = SPARSITY_KEY[arch]
             for value in cfg.sparsity.get(name, cfg.sparsity.get(arch, (None,))):
-                fields = {**implied, **(coder if is_transcoder(arch) else {})}
+                fields = {**implied, **(coder if is_transcoder(arch) or arch == "crosscoder" else {})}
                 if value is not None:
                     fields[key] = int(value) if key == "k" else float(value)
                 if arch == "matryoshka" and cfg.matryoshka_widths:
                     fields["widths"] = cfg.matryoshka_widths
-                sae = sae_config(arch, d_in=d_in, d_sae=d_in * expansion, seed=cfg.seed, **fields)
+                sae = sae_config(arch, d_in=d_in * layers, d_sae=d_in * expansion, seed=cfg.seed, **fields)
                 out.append(Experiment(_name(sae, lr), sae, lr))
     names = [e.name for e in out]
     if len(set(names)) != len(names):
@@ -223,8 +246,10 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         if hook not in store.hooks:
             raise KeyError(f"hook {hook!r} is not in {store.url}; it has {', '.join(store.hooks)}")
     widths = {h: store.config.width(h) for h in hooks}
+    crosscoder = is_crosscoder_run(cfg)
     if cfg.group and len(set(widths.values())) > 1:
-        raise ValueError("a group's layers must share one width: " + ", ".join(f"{h} ({w})" for h, w in widths.items()))
+        what = "a crosscoder's layers" if crosscoder else "a group's layers"
+        raise ValueError(f"{what} must share one width: " + ", ".join(f"{h} ({w})" for h, w in widths.items()))
     d_in = widths[hooks[0]]
     exps = experiments(cfg, d_in, widths[cfg.hook_out] if cfg.hook_out else None)
     out = Path(cfg.out)
@@ -248,7 +273,8 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
             scales=saved.get("scales"), rank=ranks.rank, world_size=ranks.world_size,
             device=str(ranks.device),  # batches land on the training device: pinned, non-blocking, converted there
         )
-        data = LayerSampled(stream, cfg.seed) if cfg.group else Paired(stream, cfg.hook, cfg.hook_out) if cfg.hook_out else stream
+        data = (Flattened(stream) if crosscoder else LayerSampled(stream, cfg.seed) if cfg.group else
+                Paired(stream, cfg.hook, cfg.hook_out) if cfg.hook_out else stream)
         scales = {h: stream.scales.get(h, 1.0) for h in hooks}
         steps = math.ceil(cfg.tokens / (cfg.batch_size * ranks.world_size))
         train = TrainConfig(tokens=cfg.tokens, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
@@ -280,7 +306,13 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         return TrainResult(out, rows, rate, ranks.rank)
     meta = store.config
     per_layer: dict[str, dict[str, dict[str, float]]] = {run.exp.name: {} for run in trainer.runs}
-    for hook in (hooks if not cfg.hook_out else [cfg.hook_out]) if eval_shards else ():
+    if crosscoder and eval_shards:  # every layer of a token side by side, as trained; FVU per layer
+        sides = [torch.cat(parts, 1) for parts in zip(*(held_out_batches(store, h, eval_shards, cfg.batch_size, cfg.min_position,
+                                                                         scales[h]) for h in hooks), strict=True)]
+        for run in trainer.runs:
+            whole = evaluate(run.sae, sides, train.device)
+            per_layer[run.exp.name] = {h: {**whole, "fvu": f} for h, f in zip(hooks, layer_fvus(run.sae, sides, train.device), strict=True)}
+    for hook in (hooks if not cfg.hook_out else [cfg.hook_out]) if eval_shards and not crosscoder else ():
         held_out: list[Any] = list(held_out_batches(store, hook, eval_shards, cfg.batch_size, cfg.min_position, scales[hook]))  # read once, evaluated by every SAE
         if cfg.hook_out:  # (input, target) pairs: the same tokens of both hooks
             held_out = list(zip(held_out_batches(store, cfg.hook, eval_shards, cfg.batch_size, cfg.min_position, scales[cfg.hook]),
@@ -291,10 +323,15 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
         layers = per_layer[run.exp.name]
         if layers:  # one layer: its figures; a group: the mean over its layers, and each layer's
             row.update({f"eval_{k}": sum(m[k] for m in layers.values()) / len(layers) for k in ("fvu", "l0", "dead")})
-            row["eval_tokens"] = sum(m["tokens"] for m in layers.values())
+            row["eval_tokens"] = sum(m["tokens"] for m in layers.values()) // (len(layers) if crosscoder else 1)
             if cfg.group:
                 row["eval_layers"] = layers
         extra = {"store": store.url, "tokens": trainer.tokens, "summary": row}
+        if crosscoder:
+            row["shared_latents"] = shared_latents(run.sae)
+            save_crosscoder(run.sae, out / run.exp.name, hooks, [scales[h] for h in hooks], meta.model.name, meta.context_size,
+                            meta.prepend_bos, extra=extra)
+            continue
         if cfg.group:
             extra["group"] = hooks
         if cfg.hook_out:
@@ -305,7 +342,8 @@ def train_sae(cfg: TrainSAEConfig) -> TrainResult:
             info = HookInfo(hook, meta.model.name, meta.context_size, meta.prepend_bos)
             save_saelens(run.sae, out / run.exp.name / hook if cfg.group else out / run.exp.name, info, scale=scales[hook], extra=extra)
     plot_training(out, {run.exp.name: run.history for run in trainer.runs})
-    summary = {"store": store.url, "hook": cfg.hook if not cfg.group else None, "group": hooks if cfg.group else None,
+    summary = {"store": store.url, "hook": cfg.hook if not cfg.group else None,
+               "group": hooks if cfg.group and not crosscoder else None, **({"crosscoder": hooks} if crosscoder else {}),
                **({"hook_out": cfg.hook_out} if cfg.hook_out else {}),
                "tokens": trainer.tokens, "scales": scales, "world_size": ranks.world_size, "experiments": rows,
                RUN_KEY: run_record(identity)}
@@ -369,6 +407,24 @@ def split_shards(store: actstore.Store, eval_tokens: int) -> tuple[list[int], li
                     "(eval tokens); harvest more, or ask for fewer to silence this", store.url, len(shards),
                     f"{store.config.tokens_in(held):,}", f"{eval_tokens:,}")
     return shards[: len(shards) - len(held)], held
+
+
+class Flattened:
+    """``[B, L D]`` batches (a crosscoder's input) from a stacked stream ``[B, L, D]`` of its layers."""
+
+    def __init__(self, stream: actstore.Stream):
+        self.stream = stream
+        self.scales = stream.scales
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for x_BLD in self.stream:
+            yield flatten_layers(x_BLD)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
 
 
 class Paired:

@@ -167,6 +167,7 @@ def arch_configs(d_in: int, d_sae: int) -> dict[str, Any]:
         "batchtopk-transcoder": sae_config("batchtopk-transcoder", d_in=d_in, d_sae=d_sae, k=4, aux_k=16),
         "jumprelu-transcoder": sae_config("jumprelu-transcoder", d_in=d_in, d_sae=d_sae, l0_coeff=0.1, bandwidth=0.1,
                                           init_threshold=0.3, skip=True),
+        "crosscoder": sae_config("crosscoder", d_in=d_in, d_sae=d_sae, k=4, aux_k=16, n_layers=2),  # two layers of d_in / 2
     }
 
 

@@ -1,7 +1,7 @@
 """SAE architectures and the training loop; trainers take any iterator of activation tensors.
 
 One file per architecture (``relu``, ``topk``, ``batchtopk``, ``gated``, ``jumprelu``,
-``matryoshka``, and the transcoders of :mod:`trainers.transcoder`), each a
+``matryoshka``, the transcoders of :mod:`trainers.transcoder`, ``crosscoder``), each a
 config dataclass and an :class:`~trainers.sae.SAE` subclass; :mod:`trainers.trainer` fits
 several SAEs on each batch read once; :mod:`trainers.saelens_format` saves and loads SAELens'
 ``cfg.json`` + ``sae_weights.safetensors``.
@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
+from .crosscoder import CrosscoderConfig, CrosscoderSAE
 from .gated import GatedConfig, GatedSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
 from .matryoshka import MatryoshkaConfig, MatryoshkaSAE
@@ -29,6 +30,7 @@ ARCHITECTURES: dict[str, tuple[type[SAEConfig], type[SAE]]] = {
     "jumprelu": (JumpReLUConfig, JumpReLUSAE),
     "matryoshka": (MatryoshkaConfig, MatryoshkaSAE),
     **TRANSCODERS,
+    "crosscoder": (CrosscoderConfig, CrosscoderSAE),
 }
 
 
