@@ -28,7 +28,14 @@ et al. 2024 (arXiv 2406.11944, §3.1) with dense matrices, plain Adam, the same 
 initial weights: held-out FVU of ``mlp_out`` (goal: ratio at most 1.02) and tokens/s; and
 ``topk-skip-transcoder`` at the same k, whose FVU must be below the plain transcoder's.
 
-    python benchmarks/bench_train.py [--archs topk,relu,transcoder] [--epochs 2] [--capture-tokens 131072]
+Crosscoders (``--archs crosscoder``): one crosscoder over the 4 adjacent layers ending at
+``--layer`` (``resid_post``) against 4 per-layer TopK SAEs with the same total latents (4 x
+``expansion`` x D) and the same total active latents per token (4 k), on the same tokens: held-out
+FVU of each layer side by side, the crosscoder's shared latents (decoder norm at least a quarter of
+their largest layer's in two layers or more), and tokens/s of the one crosscoder against the four
+SAEs together.
+
+    python benchmarks/bench_train.py [--archs topk,relu,transcoder,crosscoder] [--epochs 2] [--capture-tokens 131072]
 """
 
 from __future__ import annotations
@@ -63,7 +70,8 @@ from trainers.trainer import Experiment, TrainConfig, Trainer, evaluate  # noqa:
 
 CONTEXT = 256
 MIN_POSITION = 1
-ARCHS = ("topk", "batchtopk", "matryoshka", "relu", "gated", "jumprelu", "transcoder")
+ARCHS = ("topk", "batchtopk", "matryoshka", "relu", "gated", "jumprelu", "transcoder", "crosscoder")
+CROSSCODER_LAYERS = 4
 # The sparsity setting of each architecture, the same number for both libraries (both define
 # these penalties the same way: summed over latents, averaged over tokens, MSE summed over D;
 # inputs scaled to E||x||^2 = D over the served tokens). Chosen for L0 of a few hundred here.
@@ -282,6 +290,66 @@ def transcoder_rows(root: Path, args, console: Console) -> list[dict]:
              "fvu_vs_plain": skip["fvu"] / plain["fvu"], "actstore_tokens_per_s": skip["tokens_per_s"]}]
 
 
+def crosscoder_rows(root: Path, args, console: Console) -> list[dict]:
+    """A crosscoder over ``CROSSCODER_LAYERS`` adjacent layers against one TopK SAE per layer (see the docstring)."""
+    from trainers.crosscoder import flatten_layers, layer_fvus, shared_latents
+
+    lm = load_model(smollm2.NAME, device="cpu")
+    layers = list(range(args.layer - CROSSCODER_LAYERS + 1, args.layer + 1))
+    cap = capture(lm, layers, args.capture_tokens, context_size=CONTEXT)
+    hooks = list(cap.acts)
+    store = write_capture(f"{root}/layers", cap, store_config(lm, cap, CONTEXT, codec="none", chunk_tokens=2048,
+                                                                shard_tokens=args.shard_tokens))
+    train_shards, eval_shards = split_shards(store, args.eval_tokens)
+    stream = actstore.stream(store, hooks, args.batch_size, seed=0, epochs=args.epochs, shards=train_shards,
+                             min_position=MIN_POSITION, normalize="expected_norm", drop_last=True)
+    stacked = [b.float().clone() for b in stream]  # [B, L, D], each layer at its own scale
+    held = [torch.stack(parts, 1) for parts in zip(*(held_out_batches(store, h, eval_shards, args.batch_size, MIN_POSITION,
+                                                                      stream.scales[h]) for h in hooks), strict=True)]
+    d = lm.d_model
+    n_train = sum(len(b) for b in stacked)
+    console.print(f"crosscoder: {n_train:,} tokens of {', '.join(hooks)}, {sum(len(b) for b in held):,} held out")
+    train = TrainConfig(tokens=n_train, lr_warmup_steps=args.warmup_steps, lr_decay_start=0.8,
+                        dead_tokens=args.dead_steps * args.batch_size, log_every=10**9)
+    per_layer_fvu, per_layer_time = [], 0.0
+    for i in range(len(hooks)):
+        trainer = Trainer(train, [Experiment("sae", sae_config("topk", d_in=d, d_sae=d * args.expansion, k=args.k), args.lr)],
+                          [b[:, i] for b in stacked])
+        t = time.perf_counter()
+        trainer.fit()
+        per_layer_time += time.perf_counter() - t
+        per_layer_fvu.append(evaluate(trainer.runs[0].sae, [b[:, i] for b in held])["fvu"])
+    cfg = sae_config("crosscoder", d_in=len(hooks) * d, d_sae=len(hooks) * d * args.expansion, k=len(hooks) * args.k,
+                     n_layers=len(hooks))
+    trainer = Trainer(train, [Experiment("crosscoder", cfg, args.lr)], [flatten_layers(b) for b in stacked])
+    t = time.perf_counter()
+    trainer.fit()
+    cc_time = time.perf_counter() - t
+    sae = trainer.runs[0].sae
+    flat_held = [flatten_layers(b) for b in held]
+    cc_fvu = layer_fvus(sae, flat_held)
+    l0 = evaluate(sae, flat_held)["l0"]
+    return [{"hook": h, "crosscoder_fvu": c, "per_layer_sae_fvu": p} for h, c, p in zip(hooks, cc_fvu, per_layer_fvu, strict=True)] + [
+        {"hook": "all", "crosscoder_fvu": sum(cc_fvu) / len(cc_fvu), "per_layer_sae_fvu": sum(per_layer_fvu) / len(per_layer_fvu),
+         "crosscoder_l0": l0, "per_layer_sae_l0_total": len(hooks) * args.k, "latents": cfg.d_sae,
+         "shared_latents": shared_latents(sae), "crosscoder_tokens_per_s": n_train / cc_time,
+         "per_layer_saes_tokens_per_s": n_train / per_layer_time}]
+
+
+def show_crosscoders(console: Console, rows: list[dict]) -> None:
+    *layers, total = rows
+    table = Table(title=f"Crosscoder over {len(layers)} layers ({total['latents']:,} latents, L0 {total['crosscoder_l0']:.0f}) vs "
+                        f"{len(layers)} per-layer TopK SAEs (same total latents, L0 {total['per_layer_sae_l0_total']} together): "
+                        "held-out FVU per layer")
+    for col in ("layer", "FVU crosscoder", "FVU per-layer SAE"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for r in rows:
+        table.add_row(r["hook"], f"{r['crosscoder_fvu']:.4f}", f"{r['per_layer_sae_fvu']:.4f}")
+    console.print(table)
+    console.print(f"shared latents (writing 2+ layers): {total['shared_latents']:,} of {total['latents']:,}; tokens/s: crosscoder "
+                  f"{total['crosscoder_tokens_per_s']:,.0f}, the {len(layers)} SAEs together {total['per_layer_saes_tokens_per_s']:,.0f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", default=",".join(ARCHS))
@@ -298,8 +366,9 @@ def main() -> None:
     p.add_argument("--dead-steps", type=int, default=20, help="steps without firing before a latent counts as dead")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
-    archs = [a for a in args.archs.split(",") if a and a != "transcoder"]
+    archs = [a for a in args.archs.split(",") if a and a not in ("transcoder", "crosscoder")]
     with_transcoders = "transcoder" in args.archs.split(",")
+    with_crosscoders = "crosscoder" in args.archs.split(",")
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     console = Console(width=150)
@@ -307,8 +376,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
         coder_rows = transcoder_rows(root, args, console) if with_transcoders else []
+        cross_rows = crosscoder_rows(root, args, console) if with_crosscoders else []
+        if cross_rows:
+            show_crosscoders(console, cross_rows)
         if not archs:
-            show_transcoders(console, coder_rows, args)
+            show_transcoders(console, coder_rows, args, cross_rows=cross_rows)
             return
         batches, held, d_in = make_batches(root, args)
         d_sae = d_in * args.expansion
@@ -349,11 +421,11 @@ def main() -> None:
                       f"{r['saelens_tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x")
     console.print(table)
     console.print("goals: FVU ratio <= 1.02 for every architecture; TopK speedup >= 4x; TopK actstore >= half the bound")
-    show_transcoders(console, coder_rows, args, headline_rows=rows, bound=bound)
+    show_transcoders(console, coder_rows, args, headline_rows=rows, bound=bound, cross_rows=cross_rows)
 
 
 def show_transcoders(console: Console, coder_rows: list[dict], args, headline_rows: list[dict] | None = None,
-                     bound: float | None = None) -> None:
+                     bound: float | None = None, cross_rows: list[dict] | None = None) -> None:
     """The transcoder table, then the JSON (SAE rows' headline too when given)."""
     rows = headline_rows or []
     if coder_rows:
@@ -374,7 +446,13 @@ def show_transcoders(console: Console, coder_rows: list[dict], args, headline_ro
     if coder_rows:
         headline += [("held-out FVU of mlp_out, TopK transcoder actstore / dense reference", f"{coder_rows[0]['fvu_ratio']:.3f}", "<= 1.02"),
                      ("held-out FVU, skip-transcoder / transcoder at the same k", f"{coder_rows[1]['fvu_vs_plain']:.3f}", "< 1")]
-    write_json(args.json, headline, encoder_bound_tokens_per_s=bound, rows=rows, transcoder_rows=coder_rows)
+    if cross_rows:
+        total = cross_rows[-1]
+        headline += [("mean held-out FVU per layer, crosscoder / per-layer TopK SAEs (same total latents)",
+                      f"{total['crosscoder_fvu']:.4f} / {total['per_layer_sae_fvu']:.4f}", ""),
+                     ("crosscoder latents writing 2+ layers", f"{total['shared_latents']:,} of {total['latents']:,}", "")]
+    write_json(args.json, headline, encoder_bound_tokens_per_s=bound, rows=rows, transcoder_rows=coder_rows,
+               crosscoder_rows=cross_rows or [])
 
 
 if __name__ == "__main__":
