@@ -50,7 +50,7 @@ from trainers import checkpoint
 from trainers.trainer import CHECKPOINT_DIR
 
 from .adapters import ADAPTER_INFO, adapters_off, lora_model
-from .capture import HookPoint
+from .capture import SITES, HookPoint
 from .evaluate import EvalResult, SpliceMetrics, autocast_for, load_saes, measure
 from .files import write_json_atomic
 from .models import ModelDType, load_model, model_identity, model_shape
@@ -165,7 +165,11 @@ def adapted_layers(saes: list[LoadedSAE], n_layers: int, layers: tuple[int, ...]
         if bad or not layers:
             raise ValueError(f"--layers {','.join(map(str, layers))}: the model has {n_layers} layers (0-{n_layers - 1})")
         return tuple(sorted(set(layers)))
-    first: HookPoint = min(s.point for s in saes)
+    # a crosscoder overwrites every one of its layers from the clean pass: adapters help only after its deepest
+    def order(p: HookPoint) -> tuple[int, int]:
+        return p.layer, SITES.index(p.site)
+
+    first = min((max((HookPoint.parse(h) for h in s.layers), key=order) if s.layers else s.point for s in saes), key=order)
     start = first.layer if first.site == "resid_pre" else first.layer + 1
     if start >= n_layers:
         raise ValueError(f"no block comes after the SAE at {first.name} ({n_layers} layers); pass --layers all or a list")

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainers import SAE
-from trainers.crosscoder import is_crosscoder_folder
+from trainers.crosscoder import WEIGHTS_FILE as CROSSCODER_WEIGHTS
+from trainers.crosscoder import is_crosscoder_folder, load_crosscoder
 from trainers.gemma_scope import hook_from_path, load_gemma_scope
 from trainers.saelens_format import CONFIG_FILE, WEIGHTS_FILE, HookInfo, load_saelens, save_saelens
 
-from .capture import HookPoint
+from .capture import SITES, HookPoint
 
 SAELENS_PREFIX = "saelens:"
 SPEC_HELP = "an SAE folder (cfg.json + sae_weights.safetensors), a Gemma Scope params.npz, or saelens:<release>/<sae_id>"
@@ -45,20 +46,26 @@ class LoadedSAE:
     """The spec it was loaded from."""
     hook_out: str | None = None
     """Where a transcoder writes (its output replaces that activation); None for an SAE."""
+    layers: tuple[str, ...] = ()
+    """A crosscoder's hooks, in the order of its layer axis (it reads and writes all of them); ``hook`` is the first."""
 
     @property
     def point(self) -> HookPoint:
         return HookPoint.parse(self.hook)
 
     @property
-    def writes(self) -> str:
-        """The hook whose activation this SAE replaces."""
-        return self.hook_out or self.hook
+    def writes(self) -> tuple[str, ...]:
+        """The hooks whose activations this SAE replaces."""
+        return self.layers or (self.hook_out or self.hook,)
 
     @property
     def label(self) -> str:
         """``hook`` for an SAE, ``hook -> hook_out`` for a transcoder (report rows)."""
         return f"{self.hook} -> {self.hook_out}" if self.hook_out else self.hook
+
+    def layer_label(self, hook: str) -> str:
+        """A crosscoder's report row for one of its layers."""
+        return f"{hook} (crosscoder of {len(self.layers)})"
 
 
 def _from_pretrained(spec: str) -> LoadedSAE:
@@ -95,8 +102,12 @@ def load_sae(spec: str) -> LoadedSAE:
                              "import it first: actstore import-sae PARAMS --hook blocks.N.hook_resid_post --out DIR")
         return LoadedSAE(load_gemma_scope(path), hook, spec)
     if path.is_dir() and is_crosscoder_folder(path):
-        raise ValueError(f"{path} holds a crosscoder: eval and lora splice SAEs and transcoders, not crosscoders yet; "
-                         "read it in Python with trainers.crosscoder.load_crosscoder")
+        sae, hooks, _ = load_crosscoder(path)
+        try:
+            first = min(hooks, key=lambda h: (HookPoint.parse(h).layer, SITES.index(HookPoint.parse(h).site)))
+        except ValueError as e:
+            raise ValueError(f"crosscoder {spec} reads a hook actstore cannot splice: {e}") from None
+        return LoadedSAE(sae, first, spec, layers=tuple(hooks))
     if path.is_dir():
         try:
             sae, info = load_saelens(path)
@@ -130,7 +141,7 @@ def fingerprint(spec: str) -> str:
     if spec.startswith(SAELENS_PREFIX):
         return spec
     path = Path(spec).expanduser()
-    names = (CONFIG_FILE, WEIGHTS_FILE, "params.npz")
+    names = (CONFIG_FILE, WEIGHTS_FILE, CROSSCODER_WEIGHTS, "params.npz")
     if not path.exists():
         raise FileNotFoundError(f"SAE {spec} does not exist; give {SPEC_HELP}")
     files = sorted(p for p in path.iterdir() if p.name in names and p.is_file()) if path.is_dir() else [path]
@@ -152,6 +163,8 @@ def check_saes(saes: list[LoadedSAE], n_layers: int, d_model: int, model_name: s
     seen: dict[str, str] = {}
     for s in saes:
         ends = [("reads", s.hook, s.sae.cfg.d_in, "d_in")]
+        if s.layers:  # a crosscoder reads and writes each of its layers, one layer's width each
+            ends = [("reads", h, s.sae.cfg.d_layer, "d_in") for h in s.layers]
         if s.hook_out:
             ends.append(("writes", s.hook_out, getattr(s.sae.cfg, "width_out", s.sae.cfg.d_in), "d_out"))
         for verb, hook, width, name in ends:
@@ -165,6 +178,7 @@ def check_saes(saes: list[LoadedSAE], n_layers: int, d_model: int, model_name: s
             if width != d_model:
                 raise ValueError(f"SAE {s.source} has {name} {width}, but {hook} of {model_name} is {d_model} wide; "
                                  "is this SAE for another model?")
-        if s.writes in seen:
-            raise ValueError(f"SAEs {seen[s.writes]} and {s.source} both replace {s.writes}; splice one SAE per hook")
-        seen[s.writes] = s.source
+        for hook in s.writes:
+            if hook in seen:
+                raise ValueError(f"SAEs {seen[hook]} and {s.source} both replace {hook}; splice one SAE per hook")
+            seen[hook] = s.source

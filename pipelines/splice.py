@@ -12,6 +12,14 @@ writes, an MLP's output, by its prediction from the live activation it reads, th
 (``mlp_in``) of the same pass, recorded by a second hook that changes nothing. Its FVU is that of
 the replaced output.
 
+A crosscoder (``LoadedSAE.layers``; :mod:`trainers.crosscoder`) reads all its layers at once, so
+it cannot encode from the spliced pass itself (its later layers are not computed yet when the
+first must be replaced). It encodes the activations its layers had in the clean pass of the
+same batch (the original model's: evaluation and LoRA both run that pass first, after
+:meth:`Splicer.set_inputs`), and each of its layers is replaced by that layer's reconstruction.
+L0 and FVU are reported per layer against those clean activations. Its reconstruction carries
+no gradient to what comes before it.
+
 :class:`Splicer` installs one forward hook per SAE on the module that produces the hook's
 activation (:func:`pipelines.capture.module_for`) and switches between
 
@@ -29,9 +37,10 @@ Shape letters: B windows, T tokens per window, D width, F latents, N tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -87,10 +96,14 @@ class Splicer:
         self.bos_token_id = bos_token_id
         self._mode: Mode = "clean"
         self._measure = False
-        self.stats: dict[str, SpliceStats] = {s.label: SpliceStats() for s in self.saes}
+        self.stats: dict[str, SpliceStats] = self._new_stats()
         self._keep_BT: torch.Tensor | None = None
         self._read: dict[str, torch.Tensor] = {}
         """Each transcoder's input of the current pass, by its label."""
+        self._clean: dict[str, dict[str, torch.Tensor]] = {}
+        """Each crosscoder's layers in this batch's clean pass, by its source and hook."""
+        self._recon: dict[str, torch.Tensor] = {}
+        """Each crosscoder's reconstruction ``[B, T, L, D]`` in the current spliced pass, by its source."""
         layers = decoder_layers(model)
         device = next(model.parameters()).device
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -100,11 +113,17 @@ class Splicer:
                 module, phase = module_for(layers, s.point)
                 self._handles.append(module.register_forward_pre_hook(self._read_pre(s), with_kwargs=True) if phase == "pre"
                                      else module.register_forward_hook(self._read_post(s)))
-            module, phase = module_for(layers, HookPoint.parse(s.writes))
-            if phase == "pre":
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(s), with_kwargs=True))
-            else:
-                self._handles.append(module.register_forward_hook(self._post_hook(s)))
+            for i, hook in enumerate(s.writes):
+                replace = partial(self._replace_layer, s, i) if s.layers else partial(self._replace, s)
+                module, phase = module_for(layers, HookPoint.parse(hook))
+                if phase == "pre":
+                    self._handles.append(module.register_forward_pre_hook(self._pre_hook(replace), with_kwargs=True))
+                else:
+                    self._handles.append(module.register_forward_hook(self._post_hook(replace)))
+
+    def _new_stats(self) -> dict[str, SpliceStats]:
+        """One entry per SAE or transcoder, one per layer of a crosscoder."""
+        return {label: SpliceStats() for s in self.saes for label in ([s.layer_label(h) for h in s.layers] or [s.label])}
 
     # ---- control ----------------------------------------------------------------------------
     def set_inputs(self, input_ids_BT: torch.Tensor) -> None:
@@ -113,6 +132,7 @@ class Splicer:
             self._keep_BT = torch.zeros_like(input_ids_BT, dtype=torch.bool)
         else:
             self._keep_BT = input_ids_BT == self.bos_token_id
+        self._clean.clear()  # crosscoders take this batch's clean pass, never an earlier one's
 
     @contextmanager
     def mode(self, mode: Mode, measure: bool = False) -> Iterator[None]:
@@ -125,7 +145,7 @@ class Splicer:
             self._mode, self._measure = old
 
     def reset_stats(self) -> None:
-        self.stats = {s.label: SpliceStats() for s in self.saes}
+        self.stats = self._new_stats()
 
     # ---- the replacement -------------------------------------------------------------------
     def _replace(self, s: LoadedSAE, x_BTD: torch.Tensor) -> torch.Tensor | None:
@@ -152,22 +172,49 @@ class Splicer:
             self.stats[s.label].add(x_ND[spliced_N], f_NF[spliced_N], recon_ND[spliced_N])
         return torch.where(keep_BT1, x_BTD, recon_ND.view(x_BTD.shape).to(x_BTD.dtype))
 
-    def _post_hook(self, s: LoadedSAE):
+    def _replace_layer(self, s: LoadedSAE, i: int, x_BTD: torch.Tensor) -> torch.Tensor | None:
+        """Layer ``i`` of crosscoder ``s`` (see the module docstring)."""
+        if self._mode == "clean":
+            self._clean.setdefault(s.source, {})[s.layers[i]] = x_BTD.detach()
+            return None
+        if self._keep_BT is None or self._keep_BT.shape != x_BTD.shape[:-1]:
+            raise RuntimeError("Splicer.set_inputs must be called with this batch's token ids before the forward pass")
+        keep_BT1 = self._keep_BT.unsqueeze(-1)
+        if self._mode == "zero":
+            return x_BTD.masked_fill(~keep_BT1, 0.0)
+        if s.layers[i] == s.hook:  # the first of its layers the pass reaches: encode the clean pass's layers
+            clean = self._clean.get(s.source, {})
+            if set(clean) != set(s.layers) or any(c.shape != x_BTD.shape for c in clean.values()):
+                raise RuntimeError(f"crosscoder {s.source} encodes the clean pass of the same batch: run it (mode 'clean') "
+                                   "after set_inputs and before the spliced pass")
+            x_BTLD = torch.stack([clean[h] for h in s.layers], -2).float()
+            B, T, L, D = x_BTLD.shape
+            f_NF = s.sae.encode(x_BTLD.reshape(B * T, L * D))
+            recon_NLD = s.sae.decode(f_NF).view(B * T, L, D)
+            self._recon[s.source] = recon_NLD.view(B, T, L, D)
+            if self._measure:
+                spliced_N = ~self._keep_BT.reshape(-1)
+                x_NLD = x_BTLD.view(B * T, L, D)
+                for j, hook in enumerate(s.layers):
+                    self.stats[s.layer_label(hook)].add(x_NLD[spliced_N, j], f_NF[spliced_N], recon_NLD[spliced_N, j])
+        return torch.where(keep_BT1, x_BTD, self._recon[s.source][:, :, i].to(x_BTD.dtype))
+
+    def _post_hook(self, replace: Callable[[torch.Tensor], torch.Tensor | None]):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             x_BTD = output[0] if isinstance(output, tuple) else output
-            new_BTD = self._replace(s, x_BTD)
+            new_BTD = replace(x_BTD)
             if new_BTD is None:
                 return None
             return (new_BTD, *output[1:]) if isinstance(output, tuple) else new_BTD
 
         return hook
 
-    def _pre_hook(self, s: LoadedSAE):
+    def _pre_hook(self, replace: Callable[[torch.Tensor], torch.Tensor | None]):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
             if args:
-                new_BTD = self._replace(s, args[0])
+                new_BTD = replace(args[0])
                 return None if new_BTD is None else ((new_BTD, *args[1:]), kwargs)
-            new_BTD = self._replace(s, kwargs["hidden_states"])
+            new_BTD = replace(kwargs["hidden_states"])
             return None if new_BTD is None else (args, {**kwargs, "hidden_states": new_BTD})
 
         return hook

@@ -152,8 +152,71 @@ def test_crosscoder_bad_input_is_one_line_exit_2(tmp_path, hooks, arch, message)
     assert re.search(message, res.stderr), res.stderr
 
 
-def test_eval_refuses_a_crosscoder_in_one_line(tmp_path, tiny_llama):
-    save_crosscoder(crosscoder(), tmp_path / "cc", [f"blocks.{i}.hook_resid_post" for i in range(L)], [1.0] * L, "tiny", 16)
-    res = run_cli("eval", "--model", str(tiny_llama), "--sae", str(tmp_path / "cc"), "--tokens", "64", "--no-progress")
-    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
-    assert "holds a crosscoder: eval and lora splice SAEs and transcoders, not crosscoders yet" in res.stderr
+
+
+def perfect_crosscoder(d: int = 64, layers: int = 2):
+    """Each layer's coordinates read by their own [I, -I] latents: relu(x) - relu(-x) = x exactly,
+    with k the number of positive pre-activations (d per layer)."""
+    F_ = 2 * d * layers
+    sae = make_sae(sae_config("crosscoder", d_in=layers * d, d_sae=F_, k=d * layers, n_layers=layers))
+    block = torch.cat([torch.eye(d), -torch.eye(d)])  # [2d, d]
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.block_diag(*[block] * layers))
+        sae.W_enc_FD.copy_(torch.block_diag(*[block] * layers))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_a_perfect_crosscoder_changes_nothing_and_a_constant_one_is_the_reference_splice(tmp_path, tiny_llama):
+    from pipelines.evaluate import EvalConfig, evaluate
+    from pipelines.models import load_model
+    from pipelines.text import TextConfig, take_windows
+
+    hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    text = TextConfig(split="test", context_size=32)
+    save_crosscoder(perfect_crosscoder(), tmp_path / "perfect", hooks, [1.0, 1.0], "tiny", 32)
+    r = evaluate(EvalConfig(model=str(tiny_llama), saes=(str(tmp_path / "perfect"),), text=text, tokens=256,
+                            model_dtype="float32", progress=False))
+    assert [s.hook for s in r.splices] == [f"{h} (crosscoder of 2)" for h in hooks]
+    assert r.ce_spliced == pytest.approx(r.ce_clean, abs=1e-5) and all(s.fvu < 1e-10 for s in r.splices)
+    # no latent fires: every layer becomes its b_dec; the reference writes those constants with plain hooks
+    const = make_sae(sae_config("crosscoder", d_in=128, d_sae=32, k=4, n_layers=2))
+    with torch.no_grad():
+        const.b_enc.fill_(-1e4)
+        const.b_dec.copy_(torch.randn(128))
+    save_crosscoder(const, tmp_path / "const", hooks, [1.0, 1.0], "tiny", 32)
+    r = evaluate(EvalConfig(model=str(tiny_llama), saes=(str(tmp_path / "const"),), text=text, tokens=256,
+                            model_dtype="float32", progress=False))
+    lm = load_model(str(tiny_llama), model_dtype="float32", device="cpu")
+    b_dec_LD = const.b_dec.detach().view(2, 64)
+
+    def overwrite(i):
+        return lambda m, args, out: (torch.cat([out[0][:, :1], b_dec_LD[i].expand_as(out[0][:, 1:])], 1), *out[1:]) \
+            if isinstance(out, tuple) else torch.cat([out[:, :1], b_dec_LD[i].expand_as(out[:, 1:])], 1)
+
+    handles = [lm.model.model.layers[i + 1].register_forward_hook(overwrite(i)) for i in range(2)]
+    ids_BT = torch.from_numpy(np.stack(take_windows(text, lm.tokenizer, 256)))
+    with torch.no_grad():
+        logits = lm.model(ids_BT).logits
+    for h in handles:
+        h.remove()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids_BT[:, 1:].reshape(-1))
+    assert r.ce_spliced == pytest.approx(float(ce), abs=1e-5) and r.ce_spliced > r.ce_clean + 1e-3
+
+
+def test_lora_adapts_after_a_crosscoder(tmp_path, tiny_llama):
+    from pipelines.lora import LoRAConfig, train_lora
+    from pipelines.text import TextConfig
+
+    sae = perfect_crosscoder()
+    with torch.no_grad():  # an imperfect one: half the latents zeroed, so there is a gap to close
+        sae.W_dec[::2] = 0
+    hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    save_crosscoder(sae, tmp_path / "cc", hooks, [1.0, 1.0], "tiny", 32)
+    result = train_lora(LoRAConfig(model=str(tiny_llama), saes=(str(tmp_path / "cc"),), out=str(tmp_path / "lora"), rank=8,
+                                   tokens=8 * 4 * 32, eval_tokens=128, lr=2e-3, text=TextConfig(split="train", context_size=32),
+                                   checkpoint_every=0, model_dtype="float32", device="cpu", progress=False))
+    assert result.layers == (3,) and result.steps == 8  # after its deepest layer: block 2's output is overwritten
+    assert result.after.kl < result.before.kl and result.ce_gap_closed > 0
+    assert [s.hook for s in result.before.splices] == [f"{h} (crosscoder of 2)" for h in hooks]
