@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens' and the model loader's bars
 
@@ -244,9 +245,9 @@ def train_dense_transcoder(pairs: list[tuple[torch.Tensor, torch.Tensor]], args,
     return model, sum(len(x) for x, _ in pairs) / (time.perf_counter() - t)
 
 
-def make_pairs(root: Path, args) -> tuple[list, list, int, str, str]:
+def make_pairs(root: Path, args) -> tuple[list, list, Any, str, str, dict[str, float]]:
     """``mlp_in`` and ``mlp_out`` of ``--layer`` captured, stored and streamed together:
-    (train pairs, held-out pairs, d_model, hook in, hook out)."""
+    (train pairs, held-out pairs, the model, hook in, hook out, the hooks' scales)."""
     lm = load_model(smollm2.NAME, device="cpu")
     cap = capture(lm, [args.layer], args.capture_tokens, context_size=CONTEXT, sites=("mlp_in", "mlp_out"))
     hook_in, hook_out = cap.acts
@@ -258,12 +259,32 @@ def make_pairs(root: Path, args) -> tuple[list, list, int, str, str]:
     pairs = [(b[hook_in].float().clone(), b[hook_out].float().clone()) for b in stream]
     held = list(zip(*(held_out_batches(store, h, eval_shards, args.batch_size, MIN_POSITION, stream.scales[h])
                       for h in (hook_in, hook_out)), strict=True))
-    return pairs, held, lm.d_model, hook_in, hook_out
+    return pairs, held, lm, hook_in, hook_out, stream.scales
+
+
+EVAL_TOKENS = 8192
+"""Held-out text tokens (the corpus' test split) of the spliced evaluation: CE, loss recovered."""
+
+
+def spliced(lm, folder: Path) -> dict[str, float]:
+    """``actstore eval``'s figures for the SAE, transcoder or crosscoder saved in ``folder``, spliced
+    into the loaded model (:func:`pipelines.evaluate.measure`) on ``EVAL_TOKENS`` of held-out text."""
+    from pipelines.evaluate import load_saes, measure
+    from pipelines.splice import Splicer
+    from pipelines.text import TextConfig, take_windows
+
+    windows = take_windows(TextConfig(split="test", context_size=CONTEXT), lm.tokenizer, EVAL_TOKENS)
+    saes = load_saes([str(folder)], lm.model, smollm2.NAME)
+    with Splicer(lm.model, saes, lm.tokenizer.bos_token_id) as splicer:
+        r = measure(lm.model, splicer, windows, batch_size=4)
+    return {"ce_clean": r.ce_clean, "ce_spliced": r.ce_spliced, "delta_loss": r.delta_loss, "loss_recovered": r.loss_recovered,
+            "kl": r.kl}
 
 
 def transcoder_rows(root: Path, args, console: Console) -> list[dict]:
     """actstore's TopK transcoder and skip-transcoder against :class:`DenseTranscoder`, same pairs."""
-    pairs, held, d, hook_in, hook_out = make_pairs(root, args)
+    pairs, held, lm, hook_in, hook_out, scales = make_pairs(root, args)
+    d = lm.d_model
     console.print(f"transcoders: {sum(len(x) for x, _ in pairs):,} training pairs of {hook_in} -> {hook_out}, "
                   f"{sum(len(x) for x, _ in held):,} held out")
     cfgs = {name: sae_config("topk-transcoder", d_in=d, d_sae=d * args.expansion, k=args.k, d_out=d, skip=skip)
@@ -279,20 +300,24 @@ def transcoder_rows(root: Path, args, console: Console) -> list[dict]:
         trainer.fit()
         rate = trainer.tokens / (time.perf_counter() - t)
         result = evaluate(trainer.runs[0].sae, held)
-        ours[name] = {**result, "tokens_per_s": rate}
+        folder = save_saelens(trainer.runs[0].sae, root / name, HookInfo(hook_in, smollm2.NAME, CONTEXT, False, hook_name_out=hook_out),
+                              scale=scales[hook_in], scale_out=scales[hook_out])
+        ours[name] = {**result, "tokens_per_s": rate, **spliced(lm, folder)}
     reference, ref_rate = train_dense_transcoder(pairs, args, cfgs["topk-transcoder"])
     ref_fvu = held_out_fvu(reference, held)
     plain, skip = ours["topk-transcoder"], ours["topk-skip-transcoder"]
     return [{"arch": "topk-transcoder", "hooks": f"{hook_in} -> {hook_out}", "actstore_fvu": plain["fvu"], "reference_fvu": ref_fvu,
              "fvu_ratio": plain["fvu"] / ref_fvu, "l0": plain["l0"], "actstore_tokens_per_s": plain["tokens_per_s"],
-             "reference_tokens_per_s": ref_rate, "speedup": plain["tokens_per_s"] / ref_rate},
+             "reference_tokens_per_s": ref_rate, "speedup": plain["tokens_per_s"] / ref_rate,
+             **{k: plain[k] for k in ("ce_clean", "ce_spliced", "delta_loss", "loss_recovered")}},
             {"arch": "topk-skip-transcoder", "hooks": f"{hook_in} -> {hook_out}", "actstore_fvu": skip["fvu"], "l0": skip["l0"],
-             "fvu_vs_plain": skip["fvu"] / plain["fvu"], "actstore_tokens_per_s": skip["tokens_per_s"]}]
+             "fvu_vs_plain": skip["fvu"] / plain["fvu"], "actstore_tokens_per_s": skip["tokens_per_s"],
+             **{k: skip[k] for k in ("ce_clean", "ce_spliced", "delta_loss", "loss_recovered")}}]
 
 
 def crosscoder_rows(root: Path, args, console: Console) -> list[dict]:
     """A crosscoder over ``CROSSCODER_LAYERS`` adjacent layers against one TopK SAE per layer (see the docstring)."""
-    from trainers.crosscoder import flatten_layers, layer_fvus, shared_latents
+    from trainers.crosscoder import flatten_layers, layer_fvus, save_crosscoder, shared_latents
 
     lm = load_model(smollm2.NAME, device="cpu")
     layers = list(range(args.layer - CROSSCODER_LAYERS + 1, args.layer + 1))
@@ -329,11 +354,13 @@ def crosscoder_rows(root: Path, args, console: Console) -> list[dict]:
     flat_held = [flatten_layers(b) for b in held]
     cc_fvu = layer_fvus(sae, flat_held)
     l0 = evaluate(sae, flat_held)["l0"]
+    folder = save_crosscoder(sae, root / "crosscoder", hooks, [stream.scales[h] for h in hooks], smollm2.NAME, CONTEXT, False)
+    splice = spliced(lm, folder)
     return [{"hook": h, "crosscoder_fvu": c, "per_layer_sae_fvu": p} for h, c, p in zip(hooks, cc_fvu, per_layer_fvu, strict=True)] + [
         {"hook": "all", "crosscoder_fvu": sum(cc_fvu) / len(cc_fvu), "per_layer_sae_fvu": sum(per_layer_fvu) / len(per_layer_fvu),
          "crosscoder_l0": l0, "per_layer_sae_l0_total": len(hooks) * args.k, "latents": cfg.d_sae,
          "shared_latents": shared_latents(sae), "crosscoder_tokens_per_s": n_train / cc_time,
-         "per_layer_saes_tokens_per_s": n_train / per_layer_time}]
+         "per_layer_saes_tokens_per_s": n_train / per_layer_time, **splice}]
 
 
 def show_crosscoders(console: Console, rows: list[dict]) -> None:
@@ -347,7 +374,9 @@ def show_crosscoders(console: Console, rows: list[dict]) -> None:
         table.add_row(r["hook"], f"{r['crosscoder_fvu']:.4f}", f"{r['per_layer_sae_fvu']:.4f}")
     console.print(table)
     console.print(f"shared latents (writing 2+ layers): {total['shared_latents']:,} of {total['latents']:,}; tokens/s: crosscoder "
-                  f"{total['crosscoder_tokens_per_s']:,.0f}, the {len(layers)} SAEs together {total['per_layer_saes_tokens_per_s']:,.0f}")
+                  f"{total['crosscoder_tokens_per_s']:,.0f}, the {len(layers)} SAEs together {total['per_layer_saes_tokens_per_s']:,.0f}; "
+                  f"spliced (every layer replaced): CE {total['ce_clean']:.4f} -> {total['ce_spliced']:.4f}, loss recovered "
+                  f"{total['loss_recovered']:.3f}")
 
 
 def main() -> None:
@@ -431,13 +460,15 @@ def show_transcoders(console: Console, coder_rows: list[dict], args, headline_ro
     if coder_rows:
         plain, skip = coder_rows
         table = Table(title=f"Transcoders {plain['hooks']}: actstore vs a dense reference (held-out FVU of the output, L0, tokens/s)")
-        for col in ("arch", "FVU actstore", "FVU reference", "FVU ratio", "L0", "tok/s actstore", "tok/s reference", "speedup"):
+        for col in ("arch", "FVU actstore", "FVU reference", "FVU ratio", "L0", "tok/s actstore", "tok/s reference", "speedup",
+                    "spliced CE (clean)", "loss recovered"):
             table.add_column(col, justify="left" if col == "arch" else "right")
         table.add_row(plain["arch"], f"{plain['actstore_fvu']:.4f}", f"{plain['reference_fvu']:.4f}", f"{plain['fvu_ratio']:.3f}",
                       f"{plain['l0']:.1f}", f"{plain['actstore_tokens_per_s']:,.0f}", f"{plain['reference_tokens_per_s']:,.0f}",
-                      f"{plain['speedup']:.2f}x")
+                      f"{plain['speedup']:.2f}x", f"{plain['ce_spliced']:.4f} ({plain['ce_clean']:.4f})", f"{plain['loss_recovered']:.3f}")
         table.add_row(skip["arch"], f"{skip['actstore_fvu']:.4f}", "", f"{skip['fvu_vs_plain']:.3f} of plain", f"{skip['l0']:.1f}",
-                      f"{skip['actstore_tokens_per_s']:,.0f}", "", "")
+                      f"{skip['actstore_tokens_per_s']:,.0f}", "", "", f"{skip['ce_spliced']:.4f} ({skip['ce_clean']:.4f})",
+                      f"{skip['loss_recovered']:.3f}")
         console.print(table)
         console.print("goals: transcoder FVU ratio <= 1.02; skip-transcoder FVU below the plain one's at the same L0")
     headline = [(f"held-out FVU actstore / SAELens at equal L0, {r['arch']}", f"{r['fvu_ratio']:.3f}", "<= 1.02") for r in rows]
