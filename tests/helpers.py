@@ -188,18 +188,19 @@ def twin_saes(cfg: Any, random_biases: bool = False) -> tuple[Any, Any]:
     return fast, ref
 
 
-def check_topk_sparse_step(d_in: int, d_sae: int, recon_tol: dict | None = None) -> None:
-    """A TopK SAE's fast training step (:mod:`trainers.sparse`, whichever backend is active)
-    against its dense reference on one batch, a third of the latents dead (AuxK on): loss,
+def check_topk_sparse_step(d_in: int, d_sae: int, recon_tol: dict | None = None, arch: str = "topk", **settings: Any) -> None:
+    """A TopK-family SAE's fast training step (:mod:`trainers.sparse`, whichever backend is
+    active; ``arch`` topk, batchtopk, matryoshka or their transcoders) against its dense
+    reference on one batch, a third of the latents dead (AuxK on): loss and every loss term,
     reconstruction (``recon_tol``: assert_close's tolerances, default its own), fired latents,
-    L0 and every parameter's gradient."""
+    L0, every parameter's gradient and buffer (BatchTopK's threshold)."""
     import torch
 
     from trainers import sae_config
 
     torch.manual_seed(0)
     x_BD = torch.randn(64, d_in)
-    fast, ref = twin_saes(sae_config("topk", d_in=d_in, d_sae=d_sae, k=5, aux_k=7), random_biases=True)
+    fast, ref = twin_saes(sae_config(arch, d_in=d_in, d_sae=d_sae, k=5, aux_k=7, **settings), random_biases=True)
     dead_F = torch.zeros(d_sae, dtype=torch.bool)
     dead_F[::3] = True
     a, b = fast.training_step(x_BD, dead_F=dead_F), ref.dense_training_step(x_BD, dead_F=dead_F)
@@ -207,7 +208,12 @@ def check_topk_sparse_step(d_in: int, d_sae: int, recon_tol: dict | None = None)
     a.loss.backward()
     b.loss.backward()
     torch.testing.assert_close(a.loss, b.loss)
+    assert a.terms.keys() == b.terms.keys()
+    for name in a.terms:
+        torch.testing.assert_close(a.terms[name], b.terms[name], msg=name)
     torch.testing.assert_close(a.recon_BD, b.recon_BD, **(recon_tol or {}))
     assert torch.equal(a.fired_F, b.fired_F) and float(a.l0) == float(b.l0)
     for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name, atol=1e-5, rtol=1e-4)
+    for (name, p), q in zip(fast.named_buffers(), ref.buffers(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)

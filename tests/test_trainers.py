@@ -35,6 +35,12 @@ def test_topk_sparse_path_matches_the_dense_reference_values_and_gradients():
     check_topk_sparse_step(D, F)
 
 
+@pytest.mark.parametrize("arch, settings", [("batchtopk", {}), ("matryoshka", {"widths": (8, 32, F)}),
+                                            ("batchtopk-transcoder", {"skip": True}), ("topk-transcoder", {"skip": True})])
+def test_batchtopk_family_sparse_path_matches_the_dense_reference(arch, settings):
+    check_topk_sparse_step(D, F, arch=arch, **settings)
+
+
 def test_sparse_kernels_match_dense_values_and_gradients():
     torch.manual_seed(1)
     x = torch.randn(40, D)

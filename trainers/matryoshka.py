@@ -16,6 +16,7 @@ Shape letters: B batch, D d_in, F d_sae.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -49,13 +50,7 @@ class MatryoshkaConfig(BatchTopKConfig):
 class MatryoshkaSAE(BatchTopKSAE):
     cfg: MatryoshkaConfig
 
-    def extra_losses(self, x_BD: torch.Tensor, f_BF: torch.Tensor) -> dict[str, torch.Tensor]:
+    def extra_losses(self, y_BO: torch.Tensor, decode_prefix: Callable[[int], torch.Tensor]) -> dict[str, torch.Tensor]:
         """``mse_<m>``: the error of the first ``m`` latents alone, for every inner level (the
-        full level's is BatchTopK's ``mse``); prefixes decoded cumulatively, each level adding
-        its own slice of latents."""
-        terms, recon_BD, lo = {}, self.b_dec.expand_as(x_BD), 0
-        for width in self.cfg.widths[:-1]:
-            recon_BD = recon_BD + f_BF[:, lo:width] @ self.W_dec[lo:width]
-            terms[f"mse_{width}"] = mse(x_BD, recon_BD)
-            lo = width
-        return terms
+        full level's is BatchTopK's ``mse``)."""
+        return {f"mse_{width}": mse(y_BO, decode_prefix(width) + self.b_dec) for width in self.cfg.widths[:-1]}

@@ -17,7 +17,9 @@ the ``S = B K`` selected entries of ``pre_BF`` matter. Here the selections form 
   ``dvals[b, k] = <dx_hat[b], W_dec[idx[b, k]]>`` (a sampled dense-dense product).
 
 :class:`Selection` holds the index structures both need, built once per step without a host
-sync. Two backends compute the products (:func:`kernel_backend`, environment variable
+sync: ``K`` per token for TopK (:meth:`Selection.of`), or the ``B K`` pairs of a whole batch,
+any number per token, for BatchTopK and Matryoshka (:meth:`Selection.of_pairs`; torch's kernels,
+the Triton ones take ``K`` per token). Two backends compute the products (:func:`kernel_backend`, environment variable
 ``ACTSTORE_SPARSE_KERNEL`` = ``auto`` | ``torch`` | ``triton``):
 
 - ``torch``: torch's sparse CSR ops (``torch.sparse.mm``, ``sampled_addmm``), ``index_add_``
@@ -75,12 +77,13 @@ def kernel_backend(*tensors: torch.Tensor) -> Literal["torch", "triton"]:
 
 
 class Selection(NamedTuple):
-    """``K`` latents per token as sparse-matrix index structures."""
+    """Selected (token, latent) pairs as sparse-matrix index structures: ``K`` latents per token
+    (:meth:`of`, TopK), or any number per token (:meth:`of_pairs`, BatchTopK)."""
 
     idx_BK: torch.Tensor
-    """Latent of each selection (row-major: token by token)."""
+    """Latent of each selection (row-major: token by token); ``[1, S]`` for :meth:`of_pairs`."""
     crow_B1: torch.Tensor
-    """Token-major CSR row pointers (``K`` per token)."""
+    """Token-major CSR row pointers."""
     order_S: torch.Tensor
     """Selections (flat positions in ``idx_BK``) sorted by latent."""
     crow_F1: torch.Tensor
@@ -88,28 +91,41 @@ class Selection(NamedTuple):
     token_S: torch.Tensor
     """Token of each latent-sorted selection."""
     n_latents: int
+    n_tokens: int
+    fixed_k: bool
+    """``K`` selections per token (the Triton kernels' layout)."""
 
     @classmethod
     def of(cls, idx_BK: torch.Tensor, n_latents: int) -> Selection:
         B, K = idx_BK.shape
         flat_S = idx_BK.reshape(-1)
         order_S = torch.argsort(flat_S)
-        # counts by index_add_, not bincount: bincount reads the largest index on the host (a sync on CUDA)
-        crow_F1 = torch.zeros(n_latents + 1, dtype=torch.int64, device=idx_BK.device)
-        crow_F1[1:].index_add_(0, flat_S, torch.ones_like(flat_S)).cumsum_(0)
         crow_B1 = torch.arange(0, B * K + 1, K, device=idx_BK.device)
-        return cls(idx_BK, crow_B1, order_S, crow_F1, order_S // K, n_latents)
+        return cls(idx_BK, crow_B1, order_S, _crow(flat_S, n_latents), order_S // K, n_latents, B, True)
+
+    @classmethod
+    def of_pairs(cls, token_S: torch.Tensor, latent_S: torch.Tensor, n_tokens: int, n_latents: int) -> Selection:
+        """Selections given token by token (``token_S`` non-decreasing), any number per token."""
+        order_S = torch.argsort(latent_S, stable=True)
+        return cls(latent_S.view(1, -1), _crow(token_S, n_tokens), order_S, _crow(latent_S, n_latents), token_S[order_S],
+                   n_latents, n_tokens, False)
 
     def token_major(self, vals_BK: torch.Tensor) -> torch.Tensor:
         """``G [B, F]`` with ``G[b, idx[b, k]] = vals[b, k]``, CSR."""
-        B = len(self.idx_BK)
-        return _csr(self.crow_B1, self.idx_BK.reshape(-1), vals_BK.reshape(-1), (B, self.n_latents))
+        return _csr(self.crow_B1, self.idx_BK.reshape(-1), vals_BK.reshape(-1), (self.n_tokens, self.n_latents))
 
     def latent_outer(self, vals_BK: torch.Tensor, dense_BD: torch.Tensor) -> torch.Tensor:
         """``G^T dense`` ([F, D]): row ``f`` sums ``vals[b, k] dense[b]`` over ``idx[b, k] = f``."""
-        B = len(self.idx_BK)
-        G_FB = _csr(self.crow_F1, self.token_S, vals_BK.reshape(-1)[self.order_S], (self.n_latents, B))
+        G_FB = _csr(self.crow_F1, self.token_S, vals_BK.reshape(-1)[self.order_S], (self.n_latents, self.n_tokens))
         return torch.sparse.mm(G_FB, dense_BD)
+
+
+def _crow(rows_S: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """CSR row pointers of selections whose rows are ``rows_S``: counts by ``index_add_``, not
+    ``bincount``, which reads the largest index on the host (a sync on CUDA)."""
+    crow_R1 = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows_S.device)
+    crow_R1[1:].index_add_(0, rows_S, torch.ones_like(rows_S))
+    return crow_R1.cumsum_(0)
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -149,7 +165,7 @@ class Selected(torch.autograd.Function):
                 b_enc_F: torch.Tensor, b_dec_D: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x_in_BD, W_enc_DF)
         ctx.sel = sel
-        ctx.backend = kernel_backend(x_in_BD, W_enc_DF)
+        ctx.backend = kernel_backend(x_in_BD, W_enc_DF) if sel.fixed_k else "torch"  # the kernels take K per token
         return pre_BK.clone()
 
     @staticmethod
@@ -182,7 +198,7 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx, vals_BK: torch.Tensor, sel: Selection, W_dec_FD: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(vals_BK, W_dec_FD)
         ctx.sel = sel
-        ctx.backend = kernel_backend(vals_BK, W_dec_FD)
+        ctx.backend = kernel_backend(vals_BK, W_dec_FD) if sel.fixed_k else "torch"
         if ctx.backend == "triton":
             return triton_kernels.gather_decode(vals_BK, sel.idx_BK, W_dec_FD, W_dec_FD.dtype)
         return torch.sparse.mm(sel.token_major(vals_BK.to(W_dec_FD.dtype)), W_dec_FD)

@@ -74,10 +74,7 @@ class TopKSAE(SAE):
             l2 = mse(y_BO, recon_BD)
             loss, terms = l2, {"mse": l2.detach(), "aux": torch.zeros((), device=x_BD.device)}
             if use_aux:
-                aux_pre_BA, idx_BA = pre_BF.masked_fill_(~dead_F, float("-inf")).topk(width, dim=-1, sorted=False)
-                aux_sel = Selection.of(idx_BA, self.cfg.d_sae)
-                aux_BA = torch.relu(Selected.apply(aux_pre_BA.to(self.W_enc.dtype), x_in_BD, aux_sel, self.W_enc, self.b_enc, b_in_D))
-                aux = aux_loss(y_BO - recon_BD.detach(), sparse_decode(aux_BA, aux_sel, self.W_dec)) * dead_F.any()
+                aux = sparse_auxk(self, x_in_BD, b_in_D, pre_BF, dead_F, width, y_BO - recon_BD.detach())
                 loss = loss + self.cfg.aux_coeff * aux
                 terms["aux"] = aux.detach()
         active_BK = vals_BK.detach() > 0
@@ -108,6 +105,17 @@ class TopKSAE(SAE):
 def aux_loss(e_BD: torch.Tensor, e_hat_BD: torch.Tensor) -> torch.Tensor:
     """AuxK's ``||e - e_hat||^2``, normalised by ``||e - mean(e)||^2``."""
     return mse(e_BD, e_hat_BD) / (e_BD - e_BD.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
+def sparse_auxk(sae, x_in_BD: torch.Tensor, b_in_D: torch.Tensor | None, pre_BF: torch.Tensor, dead_F: torch.Tensor,
+                width: int, err_BO: torch.Tensor) -> torch.Tensor:
+    """AuxK (Appendix A.2) at the selected entries only: the top ``width`` dead pre-activations of
+    each token (``pre_BF``, overwritten) reconstruct ``err``, the main reconstruction's error;
+    weighted by "any dead" on the device. ``b_in_D``: the encoder's input bias (None for transcoders)."""
+    aux_pre_BA, idx_BA = pre_BF.masked_fill_(~dead_F, float("-inf")).topk(width, dim=-1, sorted=False)
+    aux_sel = Selection.of(idx_BA, sae.cfg.d_sae)
+    aux_BA = torch.relu(Selected.apply(aux_pre_BA.to(sae.W_enc.dtype), x_in_BD, aux_sel, sae.W_enc, sae.b_enc, b_in_D))
+    return aux_loss(err_BO, sparse_decode(aux_BA, aux_sel, sae.W_dec)) * dead_F.any()
 
 
 def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
