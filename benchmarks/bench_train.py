@@ -177,8 +177,8 @@ def fvu_at_l0(points: list[dict[str, float]], l0: float) -> float:
     return a["fvu"] * (l0 / a["l0"]) ** slope
 
 
-def make_batches(root: Path, args) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    """Capture, store, and stream the activations; (train batches, held-out batches, d_in)."""
+def make_batches(root: Path, args) -> tuple[list[torch.Tensor], list[torch.Tensor], Any]:
+    """Capture, store, and stream the activations; (train batches, held-out batches, the model)."""
     lm = load_model(smollm2.NAME, device="cpu")
     cap = capture(lm, [args.layer], args.capture_tokens, context_size=CONTEXT)
     args.hook = next(iter(cap.acts))
@@ -190,7 +190,7 @@ def make_batches(root: Path, args) -> tuple[list[torch.Tensor], list[torch.Tenso
     batches = [b.float().clone() for b in stream]
     scale = stream.scales[args.hook]
     held = list(held_out_batches(store, args.hook, eval_shards, args.batch_size, MIN_POSITION, scale))
-    return batches, held, lm.d_model
+    return batches, held, lm
 
 
 class DenseTranscoder(torch.nn.Module):
@@ -411,7 +411,8 @@ def main() -> None:
         if not archs:
             show_transcoders(console, coder_rows, args, cross_rows=cross_rows)
             return
-        batches, held, d_in = make_batches(root, args)
+        batches, held, lm = make_batches(root, args)
+        d_in = lm.d_model
         d_sae = d_in * args.expansion
         bound = matmul_rate(torch.device("cpu"), args.batch_size, d_in, d_sae, torch.float32, repeats=5)  # one fp32 encoder matmul a step
         n_train = sum(len(b) for b in batches)
@@ -432,7 +433,9 @@ def main() -> None:
                 matched = fvu_at_l0([ours, second], theirs["l0"])
                 console.print(f"  {arch}: L0 {ours['l0']:.0f} vs SAELens {theirs['l0']:.0f}; second run at L0 "
                               f"{second['l0']:.0f} (FVU {second['fvu']:.4f}) -> FVU {matched:.4f} at L0 {theirs['l0']:.0f}")
+            splice = spliced(lm, root / f"ours-{arch}")  # actstore eval's figures for actstore's SAE
             rows.append({"arch": arch, "actstore_fvu": ours["fvu"], "saelens_fvu": theirs["fvu"],
+                         "actstore_loss_recovered": splice["loss_recovered"], "actstore_delta_loss": splice["delta_loss"],
                          "actstore_fvu_at_saelens_l0": matched,
                          "fvu_ratio": matched / theirs["fvu"], "actstore_l0": ours["l0"], "saelens_l0": theirs["l0"],
                          "actstore_tokens_per_s": ours_rate, "saelens_tokens_per_s": theirs_rate,
@@ -441,13 +444,13 @@ def main() -> None:
 
     table = Table(title=f"SAE training, actstore vs SAELens (held-out FVU, L0; tokens/s; encoder-matmul bound {bound:,.0f} tok/s)")
     for col in ("arch", "FVU actstore", "FVU SAELens", "L0 actstore", "L0 SAELens", "FVU actstore at SAELens' L0", "FVU ratio",
-                "tok/s actstore", "tok/s SAELens", "speedup"):
+                "tok/s actstore", "tok/s SAELens", "speedup", "loss recovered (actstore)"):
         table.add_column(col, justify="left" if col == "arch" else "right")
     for r in rows:
         table.add_row(r["arch"], f"{r['actstore_fvu']:.4f}", f"{r['saelens_fvu']:.4f}", f"{r['actstore_l0']:.1f}",
                       f"{r['saelens_l0']:.1f}", f"{r['actstore_fvu_at_saelens_l0']:.4f}", f"{r['fvu_ratio']:.3f}",
                       f"{r['actstore_tokens_per_s']:,.0f}",
-                      f"{r['saelens_tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x")
+                      f"{r['saelens_tokens_per_s']:,.0f}", f"{r['speedup']:.2f}x", f"{r['actstore_loss_recovered']:.3f}")
     console.print(table)
     console.print("goals: FVU ratio <= 1.02 for every architecture; TopK speedup >= 4x; TopK actstore >= half the bound")
     show_transcoders(console, coder_rows, args, headline_rows=rows, bound=bound, cross_rows=cross_rows)

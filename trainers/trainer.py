@@ -384,7 +384,9 @@ def evaluate(sae: SAE, batches: Iterable[torch.Tensor | tuple[torch.Tensor, torc
         x, y = batch if isinstance(batch, tuple | list) else (batch, batch)
         x_BD, y_BO = x.to(device).float(), y.to(device).float()
         f_BF = sae.encode(x_BD)
-        recon_BO = sae.add_skip(x_BD, sae.decode(f_BF))
+        recon_BO = sae.decode(f_BF)
+        if isinstance(sae, SAE):  # SAELens' SAEs are evaluated here too (benchmarks): theirs have no skip path
+            recon_BO = sae.add_skip(x_BD, recon_BO)
         resid += float((y_BO - recon_BO).pow(2).sum())
         sum_D = y_BO.sum(0) if sum_D is None else sum_D + y_BO.sum(0)
         sum_sq = float(y_BO.pow(2).sum()) + (sum_sq or 0.0)
