@@ -296,3 +296,21 @@ def test_transcoder_bad_input_is_one_line_exit_2(store, tmp_path, change, messag
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert re.search(message, res.stderr), res.stderr
+
+
+def test_transcoders_and_crosscoders_come_from_a_sweep_file_too(store, tmp_path):
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps([{"arch": "topk-transcoder", "k": 4, "expansion": 2},
+                                 {"arch": "topk-skip-transcoder", "k": 4, "expansion": 2, "name": "skip"}]))
+    res = run_cli(*transcoder_run(store, tmp_path / "tc", "--sweep", str(sweep)))
+    assert res.returncode == 0, res.stderr
+    rows = {r["name"]: r for r in json.loads(res.stdout)["experiments"]}
+    assert set(rows) == {"topk-transcoder-96-k4-lr0.0002", "skip"} and rows["skip"]["skip"] is True
+    cfg = json.loads((tmp_path / "tc" / "skip" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk_skip_transcoder" and cfg["d_out"] == 48
+    sweep.write_text(json.dumps([{"arch": "crosscoder", "k": 8, "expansion": 2}]))
+    res = run_cli("train-sae", "--store", store, "--hook", ",".join(HOOKS[:2]), "--sweep", str(sweep), "--out", str(tmp_path / "cc"),
+                  "--tokens", "2k", "--batch-size", "256", "--eval-tokens", "1k", "--json")
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(res.stdout)["experiments"]
+    assert row["arch"] == "crosscoder" and row["d_sae"] == 96 and set(row["eval_layers"]) == set(HOOKS[:2])
