@@ -385,6 +385,68 @@ def eval_saes(
 
 @app.command()
 @user_errors
+def latents(
+    out: Annotated[str, typer.Option(help="Output folder: one dashboard per SAE (open OUT/index.html), its data as JSON lines.")],
+    store: Annotated[str | None, typer.Option(help="Store path or URL (not needed with --serve on a finished --out).")] = None,
+    sae: Annotated[list[str] | None, typer.Option(help="An SAE, transcoder or crosscoder folder, a Gemma Scope params.npz, "
+                                                      "or a Group-SAE run's folder (one dashboard per layer); repeatable.")] = None,
+    tokens: Annotated[str, typer.Option(help="Tokens read from the start of the store: 1M, 50k... or all.")] = "all",
+    top: Annotated[int, typer.Option(help="Top-activating examples kept per latent.")] = 20,
+    samples: Annotated[int, typer.Option(help="Random activating examples kept per latent (shown at lower quantiles).")] = 24,
+    before: Annotated[int, typer.Option(help="Context tokens shown before an example's token.")] = 10,
+    after: Annotated[int, typer.Option(help="Context tokens shown after it.")] = 5,
+    model: Annotated[str | None, typer.Option(help="The store's model (alias, folder or HF id): adds logit-lens tokens; "
+                                                   "its tokenizer decodes the contexts.")] = None,
+    logit_tokens: Annotated[int, typer.Option(help="Logit-lens tokens listed at each end.")] = 10,
+    batch_tokens: Annotated[str, typer.Option(help="Tokens per batch (whole context windows).")] = "8192",
+    min_position: Annotated[int | None, typer.Option(help="Skip tokens at lower positions (default: 1 when windows start with BOS).")] = None,
+    shard_size: Annotated[int, typer.Option(help="Latents per output file.")] = 1024,
+    checkpoint_every: Annotated[float, typer.Option(help="Seconds between checkpoints of the pass.")] = 60.0,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteRunOpt = False,
+    serve: Annotated[bool, typer.Option("--serve", help="Serve OUT over HTTP afterwards (Ctrl-C stops).")] = False,
+    port: Annotated[int, typer.Option(help="Port of --serve.")] = 8000,
+    as_json: JsonOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """What each SAE latent responds to, from the store alone: statistics, top and random contexts, logit tokens, a static HTML dashboard."""
+    from pathlib import Path
+
+    from actstore.units import parse_count
+    from pipelines.dashboard import serve as serve_folder
+    from pipelines.latent_stats import StatsConfig
+    from pipelines.latents import FINISHED_FILE, LatentsConfig, run_latents
+    from pipelines.report import latents_table, show
+
+    if store is None and not sae:
+        if not serve:
+            raise ValueError("give --store and --sae (or --serve to show a finished --out)")
+        if not (Path(out) / FINISHED_FILE).is_file():
+            raise FileNotFoundError(f"{out} holds no finished latents run to serve; run actstore latents --store S --sae DIR --out {out} first")
+    else:
+        if store is None or not sae:
+            raise ValueError("give both --store and --sae")
+        cfg = LatentsConfig(store=store, saes=tuple(sae), out=out, tokens=None if tokens == "all" else parse_count(tokens),
+                            stats=StatsConfig(top=top, samples=samples, before=before, after=after), model=model,
+                            logit_tokens=logit_tokens, batch_tokens=parse_count(batch_tokens), min_position=min_position,
+                            shard_size=shard_size, checkpoint_every=checkpoint_every, device=device, overwrite=overwrite,
+                            progress=progress and not as_json)
+        with _exit_on_interrupt(RESUME_HINT):
+            result = run_latents(cfg)
+        if as_json:
+            _print_json({"out": str(result.out), "tokens": result.tokens, "seconds": result.seconds,
+                         "resumed_from": result.resumed_from, "views": result.views})
+        else:
+            if result.already_finished:
+                typer.echo(FINISHED.format(out=out).replace("figures", "dashboards"), err=True)
+            show([latents_table(result)])
+    if serve:
+        with contextlib.suppress(KeyboardInterrupt):
+            serve_folder(Path(out), port)
+
+
+@app.command()
+@user_errors
 def lora(
     model: ModelOpt,
     sae: SaeOpt,

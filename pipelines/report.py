@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from pipelines.evaluate import EvalResult
     from pipelines.group_eval import GroupComparison
     from pipelines.groups import LayerGroups
+    from pipelines.latents import LatentsResult
     from pipelines.lora import LoRAResult
     from pipelines.train import TrainResult
 
@@ -187,6 +188,17 @@ def eval_tables(result: EvalResult, title: str) -> list[Table]:
     for s in result.splices:
         splices.add_row(s.hook, f"{s.l0:.1f}", f"{s.fvu:.4f}", f"{s.tokens:,}")
     return [losses, splices]
+
+
+def latents_table(result: LatentsResult) -> Table:
+    """``actstore latents``: one row per dashboard."""
+    how = f"{result.tokens:,} tokens, {result.seconds:.1f} s" + (f", resumed at token {result.resumed_from:,}" if result.resumed_from else "")
+    table = Table(title=f"latent dashboards in {result.out} ({how}); open {result.out / 'index.html'}", title_justify="left")
+    for col in ("dashboard", "reads", "latents", "dead", "page"):
+        table.add_column(col, justify="right" if col in ("latents", "dead") else "left")
+    for v in result.views:
+        table.add_row(v["name"], v["hook"], f"{v['d_sae']:,}", f"{v['dead']:,}", v["path"])
+    return table
 
 
 def before_after_table(result: LoRAResult, title: str) -> Table:
