@@ -10,6 +10,8 @@ The stages, each the same function the CLI command runs, each with its own progr
    (``out/saes``, training curves and L0-vs-FVU PNGs);
 5. ``eval``: each SAE spliced into the live model on the ``test`` split;
 6. ``lora``: LoRA around the TopK SAE, the CE gap before and after (``out/lora``, PNG);
+7. ``latents``: the TopK SAE's latent dashboard from the store alone, with logit-lens tokens
+   (``out/latents/index.html``);
 
 then one summary table. The store is reused on a rerun (the harvest resumes, here: finds every
 shard committed); the other stages' folders are replaced. The defaults take about 10 minutes on
@@ -30,8 +32,16 @@ from .evaluate import EvalConfig, EvalResult, evaluate
 from .groups import GroupsConfig, find_groups, save
 from .harvest import HarvestConfig, harvest
 from .info import describe_store
+from .latents import LatentsConfig, run_latents
 from .lora import LoRAConfig, LoRAResult, train_lora
-from .report import before_after_table, eval_tables, groups_tables, show, store_tables
+from .report import (
+    before_after_table,
+    eval_tables,
+    groups_tables,
+    latents_table,
+    show,
+    store_tables,
+)
 from .text import TextConfig
 from .train import TrainSAEConfig, train_sae
 
@@ -84,7 +94,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     """Run every stage of the module docstring, printing as it goes."""
     console = console or Console()
     out = Path(cfg.out)
-    for stage_dir in ("groups", "saes", "lora"):
+    for stage_dir in ("groups", "saes", "lora", "latents"):
         shutil.rmtree(out / stage_dir, ignore_errors=True)
     stages: list[tuple[str, float, str]] = []
     hook = f"blocks.{cfg.sae_layer}.hook_resid_post"
@@ -94,26 +104,26 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         console.rule(f"[bold]{name}")
         return time.perf_counter()
 
-    t = stage(f"1/6 harvest: {cfg.model}, blocks {','.join(map(str, cfg.layers))}, {cfg.tokens:,} tokens")
+    t = stage(f"1/7 harvest: {cfg.model}, blocks {','.join(map(str, cfg.layers))}, {cfg.tokens:,} tokens")
     harvested = harvest(HarvestConfig(model=cfg.model, out=store, layers=cfg.layers, tokens=cfg.tokens,
                                       text=TextConfig(context_size=cfg.context_size), chunk_tokens=cfg.chunk_tokens,
                                       shard_tokens=cfg.shard_tokens, progress=cfg.progress))
     stages.append(("harvest", time.perf_counter() - t, f"{harvested.store_tokens:,} tokens x {len(cfg.layers)} layers in {store}"))
 
-    t = stage("2/6 info")
+    t = stage("2/7 info")
     summary = describe_store(store)
     show(store_tables(summary), console)
     stages.append(("info", time.perf_counter() - t, f"{summary['bytes_on_disk'] / 2**20:.0f} MiB on disk, "
                                                      f"compression {summary['compression_ratio']:.2f}x"))
 
-    t = stage("3/6 groups: layer distances and AMAD")
+    t = stage("3/7 groups: layer distances and AMAD")
     groups = find_groups(GroupsConfig(store=store, tokens=min(32_768, cfg.tokens)))
     show(groups_tables(groups), console)
     _, heatmap = save(groups, out / "groups")
     stages.append(("groups", time.perf_counter() - t, f"G = {groups.chosen}: " + " | ".join(
         ",".join(h.split(".")[1] for h in g) for g in groups.groups)))
 
-    t = stage(f"4/6 train-sae: {' and '.join(cfg.archs)} on {hook}, each batch read once")
+    t = stage(f"4/7 train-sae: {' and '.join(cfg.archs)} on {hook}, each batch read once")
     trained = train_sae(TrainSAEConfig(
         store=store, hook=hook, out=str(out / "saes"), tokens=cfg.sae_tokens, archs=cfg.archs, lrs=(1e-3,),
         sparsity={"topk": (32,), "jumprelu": (3.5,)}, eval_tokens=min(4096, cfg.tokens // 4), batch_size=cfg.sae_batch_size, log_every=2,
@@ -122,7 +132,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     stages.append(("train-sae", time.perf_counter() - t, "; ".join(
         f"{a}: held-out FVU {r['eval_fvu']:.3f}, L0 {r['eval_l0']:.0f}" for a, r in rows.items())))
 
-    t = stage("5/6 eval: each SAE spliced into the live model (test split)")
+    t = stage("5/7 eval: each SAE spliced into the live model (test split)")
     evals: dict[str, EvalResult] = {}
     for arch, row in rows.items():
         evals[arch] = evaluate(EvalConfig(model=cfg.model, saes=(str(out / "saes" / row["name"]),), tokens=cfg.eval_tokens,
@@ -131,7 +141,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     stages.append(("eval", time.perf_counter() - t, "; ".join(
         f"{a}: delta loss {e.delta_loss:.3f}, loss recovered {e.loss_recovered:.1%}" for a, e in evals.items())))
 
-    t = stage(f"6/6 lora: rank 64 around the topk SAE, {cfg.lora_tokens:,} tokens")
+    t = stage(f"6/7 lora: rank 64 around the topk SAE, {cfg.lora_tokens:,} tokens")
     lora = train_lora(LoRAConfig(model=cfg.model, saes=(str(out / "saes" / rows["topk"]["name"]),), out=str(out / "lora"),
                                  tokens=cfg.lora_tokens, eval_tokens=cfg.eval_tokens, lr=cfg.lora_lr,
                                  text=TextConfig(split="train", context_size=cfg.context_size), checkpoint_every=0,
@@ -139,6 +149,13 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     console.print(before_after_table(lora, f"lora around the topk SAE at {hook}"))
     stages.append(("lora", time.perf_counter() - t, f"CE gap closed {lora.ce_gap_closed:.1%} "
                                                    f"({lora.before.ce_spliced:.3f} -> {lora.after.ce_spliced:.3f}, clean {lora.before.ce_clean:.3f})"))
+
+    t = stage("7/7 latents: what each latent of the topk SAE responds to, from the store alone")
+    dashboards = run_latents(LatentsConfig(store=store, saes=(str(out / "saes" / rows["topk"]["name"]),), out=str(out / "latents"),
+                                           model=cfg.model, progress=cfg.progress))
+    show([latents_table(dashboards)], console)
+    stages.append(("latents", time.perf_counter() - t, f"{dashboards.views[0]['d_sae']:,} latents ({dashboards.views[0]['dead']:,} dead) "
+                                                      f"over {dashboards.tokens:,} tokens: open {out / 'latents' / 'index.html'}"))
 
     pngs = [heatmap, out / "saes" / "training_curves.png", out / "saes" / "l0_vs_fvu.png", out / "lora" / "lora_curve.png"]
     return DemoResult(stages, [p for p in pngs if p.exists()], evals, lora)

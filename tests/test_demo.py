@@ -17,12 +17,15 @@ def test_demo_runs_every_stage(tmp_path, tiny_llama):
                      progress=False)
     console = Console(record=True, width=150)
     result = run_demo(cfg, console)
-    assert [name for name, _, _ in result.stages] == ["harvest", "info", "groups", "train-sae", "eval", "lora"]
+    assert [name for name, _, _ in result.stages] == ["harvest", "info", "groups", "train-sae", "eval", "lora", "latents"]
     assert set(result.evals) == {"topk", "jumprelu"} and result.lora.steps == 4
     assert [p.name for p in result.pngs] == ["groups_heatmap.png", "training_curves.png", "l0_vs_fvu.png", "lora_curve.png"]
     console.print(demo_table(result))
     text = console.export_text()
-    for stage in ("1/6 harvest", "3/6 groups", "6/6 lora", "CE gap closed", "loss recovered"):
+    for stage in ("1/7 harvest", "3/7 groups", "6/7 lora", "7/7 latents", "CE gap closed", "loss recovered"):
         assert stage in text
+    latents = tmp_path / "demo" / "latents"
+    assert (latents / "index.html").is_file() and len(list(latents.glob("topk*/latents-*.jsonl"))) == 1
+    assert '"logits"' in next(latents.glob("topk*/latents-00000.jsonl")).read_text()
     again = run_demo(cfg, Console(record=True, width=150))  # a rerun reuses the store and replaces the rest
     assert again.stages[0][2].startswith("4,096 tokens") and again.lora.steps == 4
