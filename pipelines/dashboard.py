@@ -142,9 +142,14 @@ def write_home(out: Path, views: list[dict[str, Any]]) -> None:
 """)
 
 
+def make_server(folder: Path, port: int = 8000, host: str = "127.0.0.1") -> http.server.ThreadingHTTPServer:
+    """A static HTTP server of ``folder`` (not started; port 0 picks a free one)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    return http.server.ThreadingHTTPServer((host, port), handler)
+
+
 def serve(folder: Path, port: int = 8000, host: str = "127.0.0.1") -> None:
     """Serve ``folder`` over HTTP until interrupted (any static server does the same)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    with http.server.ThreadingHTTPServer((host, port), handler) as httpd:
+    with make_server(folder, port, host) as httpd:
         print(f"serving {folder} at http://{host}:{httpd.server_address[1]}/ (Ctrl-C stops)", flush=True)
         httpd.serve_forever()

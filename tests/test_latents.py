@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 import actstore
 from actstore import ModelInfo
+from pipelines.dashboard import make_server
 from pipelines.latent_stats import Batch, LatentStats, StatsConfig, sample_keys
 from pipelines.latents import LatentsConfig, run_latents
 from tests.browser import dump_dom, need_chromium, screenshot
@@ -380,3 +382,14 @@ def test_dashboard_in_headless_chromium(tmp_path, store):
 
     png = screenshot(url, tmp_path / "index.png")
     assert png.stat().st_size > 10_000
+
+    # served over HTTP (what --serve runs) the same page renders the same latents
+    server = make_server(result.out, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        served = elements(dump_dom(f"http://127.0.0.1:{server.server_address[1]}/sae/latent.html?i=5"))
+        assert any(e.get("id") == "latent-number" and e["text"].strip() == "Latent 5" for e in served)
+    finally:
+        server.shutdown()
+        server.server_close()
