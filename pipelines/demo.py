@@ -58,9 +58,11 @@ class DemoConfig:
     sae_layer: int = 15
     """Block whose SAEs are trained, evaluated and adapted around."""
     context_size: int = 256
-    chunk_tokens: int = 0
-    shard_tokens: int = 0
-    """Store chunking (0: the harvest's defaults)."""
+    chunk_tokens: int = 1024
+    shard_tokens: int = 8192
+    """Store chunking: shards of 8,192 tokens, so the last shard (7,040 tokens) holds out
+    train-sae's evaluation tokens (the harvest's default, about 64 MiB per hook, would put the
+    whole demo store in one shard and leave nothing held out)."""
     tokens: int = 48_000
     """Tokens harvested."""
     sae_tokens: int = 98_304

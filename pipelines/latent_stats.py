@@ -16,6 +16,9 @@ of their context window) that the caller feeds in store order:
   sketches"): the same sample whatever the batch boundaries, so a resumed pass keeps it; the
   dashboard cuts it at its quartiles into lower-quantile examples.
 
+A batch's latents come dense or, from a TopK SAE, as each token's ``k`` values and latents
+(:class:`Latents`): the same entries, the dense matrix never made.
+
 Each kept example carries the activations of its latent and the token ids on the ``before`` +
 1 + ``after`` tokens around it, clipped to its context window, taken from the batch it came from
 (batches hold whole context windows, so every context is in its batch).
@@ -89,11 +92,55 @@ def sample_keys(index_M: torch.Tensor, latent_M: torch.Tensor, seed: int = 0) ->
 
 
 @dataclass
+class Latents:
+    """A batch's latents, zero on tokens that are not counted: dense ``[B, F]``, or, from a TopK
+    SAE (:meth:`trainers.topk.TopKSAE.encode_sparse`), each token's ``k`` largest as values and
+    latents ``[B, k]``, the same numbers without the dense matrix."""
+
+    dense_BF: torch.Tensor | None = None
+    vals_BK: torch.Tensor | None = None
+    idx_BK: torch.Tensor | None = None
+
+    @classmethod
+    def dense(cls, latents_BF: torch.Tensor, counted_B: torch.Tensor | None = None) -> Latents:
+        latents_BF = latents_BF.float()
+        if counted_B is not None:
+            latents_BF[~counted_B] = 0.0
+        return cls(dense_BF=latents_BF)
+
+    @classmethod
+    def sparse(cls, vals_BK: torch.Tensor, idx_BK: torch.Tensor, counted_B: torch.Tensor | None = None) -> Latents:
+        vals_BK = vals_BK.float()
+        if counted_B is not None:
+            vals_BK[~counted_B] = 0.0
+        return cls(vals_BK=vals_BK, idx_BK=idx_BK)
+
+    @property
+    def rows(self) -> int:
+        return (self.dense_BF if self.dense_BF is not None else self.vals_BK).shape[0]  # type: ignore[union-attr]
+
+    def fired(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every (row, latent, activation) with activation > 0, rows ascending."""
+        if self.dense_BF is not None:
+            row_M, latent_M = torch.nonzero(self.dense_BF > 0, as_tuple=True)
+            return row_M, latent_M, self.dense_BF[row_M, latent_M]
+        row_M, slot_M = torch.nonzero(self.vals_BK > 0, as_tuple=True)
+        return row_M, self.idx_BK[row_M, slot_M], self.vals_BK[row_M, slot_M]
+
+    def at(self, row_MC: torch.Tensor, latent_M: torch.Tensor) -> torch.Tensor:
+        """``[M, C]``: latent ``latent_M[m]``'s activation on rows ``row_MC[m]``."""
+        if self.dense_BF is not None:
+            return self.dense_BF[row_MC, latent_M[:, None]]
+        match_MCK = self.idx_BK[row_MC] == latent_M[:, None, None]  # a latent is at most once in a row's k
+        return (self.vals_BK[row_MC] * match_MCK).sum(-1)
+
+
+@dataclass
 class Batch:
     """One batch of whole context windows, as the accumulator needs it (all on the device)."""
 
-    acts_BF: torch.Tensor
-    """The SAE's latents (dense, float32), zero on tokens that are not counted."""
+    latents: Latents
+    """The SAE's latents, zero on tokens that are not counted."""
     index_B: torch.Tensor
     """Global token index in the store (int64)."""
     tokens_B: torch.Tensor
@@ -156,15 +203,15 @@ class Examples:
         for name, tensor in self.tensors().items():
             tensor.copy_(saved[name])
 
-    def merge(self, batch: Batch, latent_M: torch.Tensor, row_M: torch.Tensor, key_M: torch.Tensor,
+    def merge(self, batch: Batch, latent_M: torch.Tensor, row_M: torch.Tensor, act_M: torch.Tensor, key_M: torch.Tensor,
               context: tuple[int, int]) -> None:
-        """Merge candidates (latent, batch row, rank key; rows ascending) into the kept entries.
+        """Merge candidates (latent, batch row, activation, rank key; rows ascending) into the kept entries.
         Candidates come from tokens after every kept one, so one tying a kept key never wins:
         only keys below a latent's K-th enter."""
         if self.k == 0:
             return
         enters_M = key_M < self.key_FK[latent_M, -1]
-        latent_M, row_M, key_M = latent_M[enters_M], row_M[enters_M], key_M[enters_M]
+        latent_M, row_M, act_M, key_M = latent_M[enters_M], row_M[enters_M], act_M[enters_M], key_M[enters_M]
         if latent_M.numel() == 0:
             return
         touched_U = torch.unique(latent_M)
@@ -189,7 +236,7 @@ class Examples:
             return out
 
         self.key_FK[touched_U] = pick(self.key_FK, key_M[new_src])
-        self.act_FK[touched_U] = pick(self.act_FK, batch.acts_BF[new_rows, new_latents])
+        self.act_FK[touched_U] = pick(self.act_FK, act_M[new_src])
         self.index_FK[touched_U] = pick(self.index_FK, batch.index_B[new_rows])
         self.ctx_act_FKC[touched_U] = pick(self.ctx_act_FKC, ctx_act_NC)
         self.ctx_tok_FKC[touched_U] = pick(self.ctx_tok_FKC, ctx_tok_NC)
@@ -202,8 +249,8 @@ def _contexts(batch: Batch, latent_M: torch.Tensor, row_M: torch.Tensor, context
     offsets_C = torch.arange(-before, after + 1, device=row_M.device)
     pos_MC = row_M[:, None] + offsets_C
     inside_MC = (pos_MC >= batch.window_start_B[row_M, None]) & (pos_MC < batch.window_end_B[row_M, None])
-    pos_MC = pos_MC.clamp(0, batch.acts_BF.shape[0] - 1)
-    act_MC = torch.where(inside_MC, batch.acts_BF[pos_MC, latent_M[:, None]], 0.0)
+    pos_MC = pos_MC.clamp(0, batch.latents.rows - 1)
+    act_MC = torch.where(inside_MC, batch.latents.at(pos_MC, latent_M), 0.0)
     tok_MC = torch.where(inside_MC, batch.tokens_B[pos_MC], EMPTY_INDEX).to(torch.int32)
     return act_MC, tok_MC
 
@@ -227,16 +274,15 @@ class LatentStats:
         """Fold one batch in (batches in store order, each once)."""
         cfg, F = self.cfg, self.d_sae
         self.tokens += batch.counted
-        row_M, latent_M = torch.nonzero(batch.acts_BF > 0, as_tuple=True)
-        act_M = batch.acts_BF[row_M, latent_M]
+        row_M, latent_M, act_M = batch.latents.fired()
         self.count_F += torch.bincount(latent_M, minlength=F)
         self.sum_F.index_add_(0, latent_M, act_M.double())
         self.max_F.scatter_reduce_(0, latent_M, act_M, reduce="amax")
         bin_M = ((torch.log10(act_M) - cfg.lo_exp) * cfg.bins_per_decade).floor().long().clamp(0, cfg.bins - 1)
         self.hist_FH.view(-1).add_(torch.bincount(latent_M * cfg.bins + bin_M, minlength=F * cfg.bins))
         context = (cfg.before, cfg.after)
-        self.top.merge(batch, latent_M, row_M, activation_keys(act_M), context)
-        self.sample.merge(batch, latent_M, row_M, hash_keys(batch.index_B[row_M], latent_M, cfg.seed), context)
+        self.top.merge(batch, latent_M, row_M, act_M, activation_keys(act_M), context)
+        self.sample.merge(batch, latent_M, row_M, act_M, hash_keys(batch.index_B[row_M], latent_M, cfg.seed), context)
 
     # ---- saving -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -40,11 +40,12 @@ from actstore.prefetch import Prefetcher
 from trainers import checkpoint
 from trainers.crosscoder import is_crosscoder_folder
 from trainers.saelens_format import CONFIG_FILE
+from trainers.topk import TopKSAE
 from trainers.trainer import CHECKPOINT_DIR
 
 from . import dashboard
 from .capture import HookPoint
-from .latent_stats import Batch, LatentStats, StatsConfig
+from .latent_stats import Batch, Latents, LatentStats, StatsConfig
 from .models import ModelLoadError, load_model, model_spec
 from .runs import RUN_KEY, open_run, run_record
 from .runtime import progress_bar, resolve_device
@@ -114,10 +115,14 @@ class View:
         what = ", ".join(self.reads) if len(self.reads) > 1 else self.loaded.label
         return f"{what} · {self.loaded.source}"
 
-    def encode(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Latents ``[B, F]`` of the batch (a crosscoder's layers side by side)."""
+    def encode(self, acts: dict[str, torch.Tensor], counted_B: torch.Tensor) -> Latents:
+        """The batch's latents (a crosscoder's layers side by side), zero on tokens not counted:
+        a TopK SAE's ``k`` per token as they are, any other's dense."""
         x_BD = torch.cat([acts[h] for h in self.reads], dim=-1) if len(self.reads) > 1 else acts[self.reads[0]]
-        return self.loaded.sae.encode(x_BD).float()
+        sae = self.loaded.sae
+        if isinstance(sae, TopKSAE):
+            return Latents.sparse(*sae.encode_sparse(x_BD), counted_B)
+        return Latents.dense(sae.encode(x_BD), counted_B)
 
     def decoder_out(self) -> torch.Tensor:
         """``[F, D]``: what each latent adds to the hook it writes (a crosscoder's deepest layer)."""
@@ -301,9 +306,7 @@ def _update(views: list[View], stats: dict[str, LatentStats], device: torch.devi
     tokens_B = torch.from_numpy(tokens.astype(np.int64)).to(device)
     counted = int(counted_B.sum())
     for v in views:
-        latents_BF = v.encode(acts_BD)
-        latents_BF[~counted_B] = 0.0
-        stats[v.name].update(Batch(latents_BF, index_B, tokens_B, window_start_B, window_end_B, counted))
+        stats[v.name].update(Batch(v.encode(acts_BD, counted_B), index_B, tokens_B, window_start_B, window_end_B, counted))
 
 
 def _tokenizer(cfg: LatentsConfig, store: actstore.Store):

@@ -24,11 +24,12 @@ import torch
 import actstore
 from actstore import ModelInfo
 from pipelines.dashboard import make_server
-from pipelines.latent_stats import Batch, LatentStats, StatsConfig, sample_keys
+from pipelines.latent_stats import Batch, Latents, LatentStats, StatsConfig, sample_keys
 from pipelines.latents import LatentsConfig, run_latents
 from tests.browser import dump_dom, need_chromium, screenshot
 from tests.helpers import folder_bytes, make_config, make_data, run_cli_here, write_shards
 from trainers.crosscoder import CrosscoderConfig, CrosscoderSAE, save_crosscoder
+from trainers.jumprelu import JumpReLUConfig, JumpReLUSAE
 from trainers.saelens_format import HookInfo, save_saelens
 from trainers.topk import TopKConfig, TopKSAE
 from trainers.transcoder import TopKTranscoder, TopKTranscoderConfig
@@ -79,8 +80,8 @@ def feed(acts_NF: np.ndarray, tokens: np.ndarray, positions: np.ndarray, cfg: St
     for s in range(0, len(tokens), windows * window):
         e = min(s + windows * window, len(tokens))
         start_B, end_B = Batch.windows(torch.from_numpy(positions[s:e]))
-        stats.update(Batch(torch.from_numpy(acts_NF[s:e]), torch.arange(s, e), torch.from_numpy(tokens[s:e]),
-                           start_B, end_B, e - s))
+        stats.update(Batch(Latents.dense(torch.from_numpy(acts_NF[s:e].copy())), torch.arange(s, e),
+                           torch.from_numpy(tokens[s:e]), start_B, end_B, e - s))
     return stats
 
 
@@ -117,6 +118,29 @@ def test_streaming_stats_equal_brute_force_whatever_the_batches():
         assert records[f]["mean"] == pytest.approx(want["sum"] / want["count"] if want["count"] else 0.0, rel=1e-9)
     assert records[3]["top"] == [] and records[3]["count"] == 0
     assert [e["token_index"] for e in records[4]["top"]] == list(np.nonzero(acts[:, 4])[0][:5])
+
+
+def test_topk_latents_without_the_dense_matrix_give_the_same_records():
+    """The fast path of TopK SAEs (each token's k values and latents) against the dense matrix."""
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKConfig(d_in=D, d_sae=80, k=5))
+    torch.nn.init.normal_(sae.b_enc, -0.5, 0.5)  # some of the k largest are negative: ReLU'd to zero
+    window, n = 16, 16 * 30
+    x_ND = torch.randn(n, D)
+    positions_N = torch.arange(n) % window
+    tokens_N = torch.randint(0, 1000, (n,))
+    cfg = StatsConfig(top=4, samples=5, before=3, after=2)
+    dense, sparse = LatentStats(80, cfg), LatentStats(80, cfg)
+    with torch.no_grad():
+        for s in range(0, n, 4 * window):
+            sl = slice(s, s + 4 * window)
+            counted_B = positions_N[sl] >= 1
+            start_B, end_B = Batch.windows(positions_N[sl])
+            args = (torch.arange(s, s + 4 * window), tokens_N[sl], start_B, end_B, int(counted_B.sum()))
+            dense.update(Batch(Latents.dense(sae.encode(x_ND[sl]), counted_B), *args))
+            sparse.update(Batch(Latents.sparse(*sae.encode_sparse(x_ND[sl]), counted_B), *args))
+    assert sparse.records(0, 80) == dense.records(0, 80)
+    assert sum(len(r["top"]) for r in dense.records(0, 80)) > 100
 
 
 def test_sample_hash_is_uniform_enough_and_device_free():
@@ -194,23 +218,28 @@ def test_every_kind_of_dictionary_in_one_pass(tmp_path, store):
     save_saelens(tc, tmp_path / "tc", HookInfo(H0, "tiny", 16, hook_name_out=M1))
     cc = CrosscoderSAE(CrosscoderConfig(d_in=2 * D, d_sae=80, k=8, n_layers=2))
     save_crosscoder(cc, tmp_path / "cc", [H0, H1], [1.0, 1.0], "tiny", 16, True)
+    jr = JumpReLUSAE(JumpReLUConfig(d_in=D, d_sae=64))  # dense latents: the path of every non-TopK SAE
+    with torch.no_grad():
+        jr.set_threshold(torch.full((64,), 2.0))
+    save_saelens(jr, tmp_path / "jr", HookInfo(M1, "tiny", 16))
     cfg = StatsConfig(top=3, samples=4, before=2, after=2)
-    result = run_latents(LatentsConfig(store=store, saes=(str(group), str(tmp_path / "tc"), str(tmp_path / "cc")),
+    result = run_latents(LatentsConfig(store=store, saes=(str(group), str(tmp_path / "tc"), str(tmp_path / "cc"), str(tmp_path / "jr")),
                                        out=str(tmp_path / "out"), stats=cfg, batch_tokens=160, progress=False))
     names = [v["name"] for v in result.views]
-    assert names == [f"group/{H0}", f"group/{H1}", "tc", "cc"]
-    tokens, positions, acts = store_arrays(store, (H0, H1))
+    assert names == [f"group/{H0}", f"group/{H1}", "tc", "cc", "jr"]
+    tokens, positions, acts = store_arrays(store, (H0, H1, M1))
     from pipelines.saes import load_sae
 
     inputs = {f"group/{H0}": (str(group / H0), acts[H0]), f"group/{H1}": (str(group / H1), acts[H1]),
-              "tc": (str(tmp_path / "tc"), acts[H0]), "cc": (str(tmp_path / "cc"), torch.cat([acts[H0], acts[H1]], -1))}
+              "tc": (str(tmp_path / "tc"), acts[H0]), "cc": (str(tmp_path / "cc"), torch.cat([acts[H0], acts[H1]], -1)), "jr": (str(tmp_path / "jr"), acts[M1])}
     for name, (spec, x) in inputs.items():
         with torch.no_grad():
             latents_NF = load_sae(spec).sae.encode(x).numpy()
         records = read_records(result.out / name)
+        assert sum(r["count"] for r in records) > 0
         for f in range(0, len(records), 7):
             check_record(records[f], brute_force(latents_NF, tokens, positions, cfg, f, min_position=1), atol=1e-3)
-    assert [v["hook"] for v in result.views] == [H0, H1, H0, f"{H0}, {H1}"]
+    assert [v["hook"] for v in result.views] == [H0, H1, H0, f"{H0}, {H1}", M1]
 
 
 def test_logit_lens_is_the_decoder_through_the_unembedding(tmp_path, store, tiny_llama):

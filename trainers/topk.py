@@ -52,10 +52,15 @@ class TopKSAE(SAE):
     unit_norm_decoder: ClassVar[bool] = True
     saelens_architecture: ClassVar[str] = "topk"
 
+    def encode_sparse(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode` without the dense matrix: each token's ``k`` largest pre-activations
+        after the ReLU ``[B, k]`` (zeros where they are negative) and their latents ``[B, k]``."""
+        top = self.pre_acts(x_BD).topk(self.cfg.k, dim=-1)
+        return torch.relu(top.values), top.indices
+
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
-        pre_BF = self.pre_acts(x_BD)
-        top = pre_BF.topk(self.cfg.k, dim=-1)
-        return torch.zeros_like(pre_BF).scatter_(-1, top.indices, torch.relu(top.values))
+        vals_BK, idx_BK = self.encode_sparse(x_BD)
+        return vals_BK.new_zeros(x_BD.shape[0], self.cfg.d_sae).scatter_(-1, idx_BK, vals_BK)
 
     def training_step(self, x_BD: torch.Tensor, sparsity_scale: float = 1.0, dead_F: torch.Tensor | None = None,
                       target_BO: torch.Tensor | None = None) -> StepOutput:
