@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("store", "harvest", "stream", "train", "groups", "lora")
+BENCHMARKS = ("store", "harvest", "stream", "train", "groups", "lora", "latents")
 
 
 def machine() -> str:

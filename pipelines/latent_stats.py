@@ -29,7 +29,7 @@ Shape letters: B tokens in a batch, F latents, K examples kept per latent (``top
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -100,6 +100,9 @@ class Latents:
     dense_BF: torch.Tensor | None = None
     vals_BK: torch.Tensor | None = None
     idx_BK: torch.Tensor | None = None
+    """Latents of each row, ascending (so ``row * F + latent`` is sorted over the flattened batch)."""
+    d_sae: int = 0
+    _by_latent: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def dense(cls, latents_BF: torch.Tensor, counted_B: torch.Tensor | None = None) -> Latents:
@@ -109,11 +112,12 @@ class Latents:
         return cls(dense_BF=latents_BF)
 
     @classmethod
-    def sparse(cls, vals_BK: torch.Tensor, idx_BK: torch.Tensor, counted_B: torch.Tensor | None = None) -> Latents:
-        vals_BK = vals_BK.float()
+    def sparse(cls, vals_BK: torch.Tensor, idx_BK: torch.Tensor, d_sae: int, counted_B: torch.Tensor | None = None) -> Latents:
+        idx_BK, perm_BK = idx_BK.sort(dim=1)
+        vals_BK = vals_BK.float().gather(1, perm_BK)
         if counted_B is not None:
             vals_BK[~counted_B] = 0.0
-        return cls(vals_BK=vals_BK, idx_BK=idx_BK)
+        return cls(vals_BK=vals_BK, idx_BK=idx_BK, d_sae=d_sae)
 
     @property
     def rows(self) -> int:
@@ -127,12 +131,28 @@ class Latents:
         row_M, slot_M = torch.nonzero(self.vals_BK > 0, as_tuple=True)
         return row_M, self.idx_BK[row_M, slot_M], self.vals_BK[row_M, slot_M]
 
-    def at(self, row_MC: torch.Tensor, latent_M: torch.Tensor) -> torch.Tensor:
-        """``[M, C]``: latent ``latent_M[m]``'s activation on rows ``row_MC[m]``."""
+    def around(self, row_M: torch.Tensor, latent_M: torch.Tensor, before: int, after: int) -> torch.Tensor:
+        """``[M, C]``: latent ``latent_M[m]``'s activation on rows ``row_M[m] - before ..
+        row_M[m] + after`` (zero on rows outside the batch)."""
+        C = before + 1 + after
+        first_M = row_M - before
         if self.dense_BF is not None:
-            return self.dense_BF[row_MC, latent_M[:, None]]
-        match_MCK = self.idx_BK[row_MC] == latent_M[:, None, None]  # a latent is at most once in a row's k
-        return (self.vals_BK[row_MC] * match_MCK).sum(-1)
+            pos_MC = first_M[:, None] + torch.arange(C, device=row_M.device)
+            inside_MC = (pos_MC >= 0) & (pos_MC < self.rows)
+            return torch.where(inside_MC, self.dense_BF[pos_MC.clamp(0, self.rows - 1), latent_M[:, None]], 0.0)
+        # the batch's entries sorted by (latent, row): a latent's entries in rows first..first+C-1
+        # are the (at most C) entries from the first at or after (latent, first), one search each
+        if self._by_latent is None:
+            key_E, order_E = (self.idx_BK * self.rows + torch.arange(self.rows, device=row_M.device)[:, None]).flatten().sort()
+            self._by_latent = (key_E, self.vals_BK.flatten()[order_E])
+        key_E, val_E = self._by_latent
+        from_M = latent_M * self.rows + first_M.clamp(min=0)
+        at_MC = (torch.searchsorted(key_E, from_M)[:, None] + torch.arange(C, device=row_M.device)).clamp(max=key_E.numel() - 1)
+        offset_MC = key_E[at_MC] - (latent_M * self.rows + first_M)[:, None]  # the entry's row - first
+        hit_MC = (offset_MC >= 0) & (offset_MC < C) & (key_E[at_MC] // self.rows == latent_M[:, None])
+        out_MC = torch.zeros(row_M.shape[0], C + 1, device=row_M.device)  # column C takes the misses
+        out_MC.scatter_(1, torch.where(hit_MC, offset_MC, C), torch.where(hit_MC, val_E[at_MC], 0.0))
+        return out_MC[:, :C]
 
 
 @dataclass
@@ -250,7 +270,7 @@ def _contexts(batch: Batch, latent_M: torch.Tensor, row_M: torch.Tensor, context
     pos_MC = row_M[:, None] + offsets_C
     inside_MC = (pos_MC >= batch.window_start_B[row_M, None]) & (pos_MC < batch.window_end_B[row_M, None])
     pos_MC = pos_MC.clamp(0, batch.latents.rows - 1)
-    act_MC = torch.where(inside_MC, batch.latents.at(pos_MC, latent_M), 0.0)
+    act_MC = torch.where(inside_MC, batch.latents.around(row_M, latent_M, before, after), 0.0)
     tok_MC = torch.where(inside_MC, batch.tokens_B[pos_MC], EMPTY_INDEX).to(torch.int32)
     return act_MC, tok_MC
 

@@ -121,7 +121,7 @@ class View:
         x_BD = torch.cat([acts[h] for h in self.reads], dim=-1) if len(self.reads) > 1 else acts[self.reads[0]]
         sae = self.loaded.sae
         if isinstance(sae, TopKSAE):
-            return Latents.sparse(*sae.encode_sparse(x_BD), counted_B)
+            return Latents.sparse(*sae.encode_sparse(x_BD), sae.cfg.d_sae, counted_B)
         return Latents.dense(sae.encode(x_BD), counted_B)
 
     def decoder_out(self) -> torch.Tensor:

@@ -138,7 +138,7 @@ def test_topk_latents_without_the_dense_matrix_give_the_same_records():
             start_B, end_B = Batch.windows(positions_N[sl])
             args = (torch.arange(s, s + 4 * window), tokens_N[sl], start_B, end_B, int(counted_B.sum()))
             dense.update(Batch(Latents.dense(sae.encode(x_ND[sl]), counted_B), *args))
-            sparse.update(Batch(Latents.sparse(*sae.encode_sparse(x_ND[sl]), counted_B), *args))
+            sparse.update(Batch(Latents.sparse(*sae.encode_sparse(x_ND[sl]), 80, counted_B), *args))
     assert sparse.records(0, 80) == dense.records(0, 80)
     assert sum(len(r["top"]) for r in dense.records(0, 80)) > 100
 
