@@ -150,12 +150,12 @@ class LatentsResult:
     """``out`` held this run, finished: nothing was computed."""
 
 
-def _depth(hook: str) -> tuple[int, int]:
+def _depth(hook: str) -> int:
+    """The block a hook belongs to (0 for a name actstore does not parse)."""
     try:
-        point = HookPoint.parse(hook)
+        return HookPoint.parse(hook).layer
     except ValueError:
-        return (0, 0)
-    return point.layer, 0
+        return 0
 
 
 def _folder_name(text: str) -> str:
