@@ -208,7 +208,7 @@ def test_pass_equals_brute_force_over_the_store(tmp_path, store):
     assert json.loads((result.out / "latents.json").read_text())["views"][0]["d_sae"] == 96
 
 
-def test_every_kind_of_dictionary_in_one_pass(tmp_path, store):
+def test_every_kind_of_dictionary_in_one_pass(tmp_path, store, tiny_llama):
     """A Group-SAE folder gives a dashboard per member layer; a transcoder's latents are of its
     input hook; a crosscoder reads its layers together; one read of each batch serves all."""
     group = tmp_path / "group"
@@ -224,7 +224,8 @@ def test_every_kind_of_dictionary_in_one_pass(tmp_path, store):
     save_saelens(jr, tmp_path / "jr", HookInfo(M1, "tiny", 16))
     cfg = StatsConfig(top=3, samples=4, before=2, after=2)
     result = run_latents(LatentsConfig(store=store, saes=(str(group), str(tmp_path / "tc"), str(tmp_path / "cc"), str(tmp_path / "jr")),
-                                       out=str(tmp_path / "out"), stats=cfg, batch_tokens=160, progress=False))
+                                       out=str(tmp_path / "out"), stats=cfg, batch_tokens=160, model=str(tiny_llama),
+                                       logit_tokens=3, progress=False))
     names = [v["name"] for v in result.views]
     assert names == [f"group/{H0}", f"group/{H1}", "tc", "cc", "jr"]
     tokens, positions, acts = store_arrays(store, (H0, H1, M1))
@@ -237,9 +238,19 @@ def test_every_kind_of_dictionary_in_one_pass(tmp_path, store):
             latents_NF = load_sae(spec).sae.encode(x).numpy()
         records = read_records(result.out / name)
         assert sum(r["count"] for r in records) > 0
+        assert all(len(r["logits"]["top"]) == len(r["logits"]["bottom"]) == 3 for r in records)
         for f in range(0, len(records), 7):
             check_record(records[f], brute_force(latents_NF, tokens, positions, cfg, f, min_position=1), atol=1e-3)
     assert [v["hook"] for v in result.views] == [H0, H1, H0, f"{H0}, {H1}", M1]
+    # a crosscoder's logit lens goes through its deepest layer's decoder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    W_U_VD = AutoModelForCausalLM.from_pretrained(tiny_llama).lm_head.weight.detach()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    deepest_FD = load_sae(str(tmp_path / "cc")).sae.W_dec.detach().view(80, 2, D)[:, 1]
+    want = (deepest_FD @ W_U_VD.T).topk(3).indices
+    assert [[t for t, _ in r["logits"]["top"]] for r in read_records(result.out / "cc")[:5]] == \
+        [[tok.decode([i]) for i in row] for row in want[:5].tolist()]
 
 
 def test_logit_lens_is_the_decoder_through_the_unembedding(tmp_path, store, tiny_llama):
