@@ -438,7 +438,8 @@ def latents(
                          "resumed_from": result.resumed_from, "views": result.views})
         else:
             if result.already_finished:
-                typer.echo(FINISHED.format(out=out).replace("figures", "dashboards"), err=True)
+                typer.echo(f"the run in {out} is finished; nothing to do (its dashboards below; --overwrite starts it again)",
+                           err=True)
             show([latents_table(result)])
     if serve:
         with contextlib.suppress(KeyboardInterrupt):

@@ -26,15 +26,15 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import os
 import shutil
-import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from html import escape
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .files import write_text_atomic
 
 ASSETS = Path(__file__).with_name("dashboard_assets")
 PAGES = ("index.html", "latent.html")
@@ -79,50 +79,38 @@ def quantile_bands(sample: list[dict[str, Any]]) -> list[tuple[str, list[dict[st
     return [(band, [ascending[i] for i in q[::-1]]) for band, q in zip(BANDS, quarters[:3], strict=True)]
 
 
-def latent_record(rec: dict[str, Any], decode: Decoder, logits: dict[str, Any] | None, row: int) -> dict[str, Any]:
-    """A :meth:`pipelines.latent_stats.LatentStats.records` entry as the dashboard shows it; ``logits``
-    holds this shard's logit-lens tensors, ``row`` the latent's row in them."""
+def latent_record(rec: dict[str, Any], decode: Decoder, logits: Sequence[list] | None = None) -> dict[str, Any]:
+    """A :meth:`pipelines.latent_stats.LatentStats.records` entry as the dashboard shows it;
+    ``logits``: the latent's logit-lens ``(top values, top ids, bottom values, bottom ids)``."""
     out = {"latent": rec["latent"], "count": rec["count"], "frequency": rec["frequency"], "mean": _round(rec["mean"]),
            "max": _round(rec["max"]), "histogram": rec["histogram"],
            "top": [_example(e, decode) for e in rec["top"]],
            "quantiles": [{"band": band, "examples": [_example(e, decode) for e in examples]}
                          for band, examples in quantile_bands(rec["sample"])]}
     if logits is not None:
-        out["logits"] = {
-            "top": [[t, _round(v)] for t, v in zip(decode(logits["ti"][row].tolist()), logits["tv"][row].tolist(), strict=True)],
-            "bottom": [[t, _round(v)] for t, v in zip(decode(logits["bi"][row].tolist()), logits["bv"][row].tolist(), strict=True)],
-        }
+        top_vals, top_ids, bottom_vals, bottom_ids = logits
+        out["logits"] = {"top": [[t, _round(v)] for t, v in zip(decode(top_ids), top_vals, strict=True)],
+                         "bottom": [[t, _round(v)] for t, v in zip(decode(bottom_ids), bottom_vals, strict=True)]}
     return out
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def _dumps(doc: Any) -> str:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def write_json(path: Path, doc: Any) -> None:
-    _write_text(path, json.dumps(doc, indent=1) + "\n")
-
-
 def write_dashboard(folder: Path, index: dict[str, Any], shards: Iterable[tuple[int, list[dict[str, Any]]]]) -> None:
     """One SAE's dashboard (see the module docstring)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    for sub in ("assets", "data"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
     for name in PAGES:
         shutil.copyfile(ASSETS / name, folder / name)
-    (folder / "assets").mkdir(exist_ok=True)
     for name in SCRIPTS:
         shutil.copyfile(ASSETS / name, folder / "assets" / name)
-    _write_text(folder / "data" / "index.js", f"actstoreIndex({_dumps(index)});\n")
+    write_text_atomic(folder / "data" / "index.js", f"actstoreIndex({_dumps(index)});\n")
     for k, records in shards:
         lines = [_dumps(r) for r in records]
-        _write_text(folder / f"latents-{k:05d}.jsonl", "".join(line + "\n" for line in lines))
-        _write_text(folder / "data" / f"latents-{k:05d}.js", f"actstoreLatents({k},[{','.join(lines)}]);\n")
+        write_text_atomic(folder / f"latents-{k:05d}.jsonl", "".join(line + "\n" for line in lines))
+        write_text_atomic(folder / "data" / f"latents-{k:05d}.js", f"actstoreLatents({k},[{','.join(lines)}]);\n")
 
 
 def write_home(out: Path, views: list[dict[str, Any]]) -> None:
@@ -131,7 +119,7 @@ def write_home(out: Path, views: list[dict[str, Any]]) -> None:
         f'<tr><td><a href="{escape(v["name"])}/index.html">{escape(v["name"])}</a></td><td>{escape(v["hook"])}</td>'
         f'<td>{v["d_sae"]:,}</td><td>{v["dead"]:,}</td><td>{v["tokens"]:,}</td><td>{escape(v["sae"])}</td></tr>'
         for v in views)
-    _write_text(out / "index.html", f"""<!doctype html>
+    write_text_atomic(out / "index.html", f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>actstore latents</title>
 <link rel="stylesheet" href="{escape(views[0]["name"])}/assets/dashboard.css"></head>
 <body><main><h1>actstore latents</h1>

@@ -21,14 +21,19 @@ def read_json(path: str, what: str, hint: str = "") -> Any:
         raise ValueError(f"{what} {path} is not valid JSON ({e})") from None
 
 
-def write_json_atomic(path: str | Path, doc: Any) -> None:
-    """Write ``doc`` to ``path`` through a temporary file and a rename: a reader (or a rerun
-    after a crash) finds the old file or the whole new one, never a half-written one."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename: a reader (or a
+    rerun after a crash) finds the old file or the whole new one, never a half-written one."""
     target = Path(path)
     partial = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        partial.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        partial.write_text(text, encoding="utf-8")
         os.replace(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, doc: Any) -> None:
+    """``doc`` as indented JSON, written by :func:`write_text_atomic`."""
+    write_text_atomic(path, json.dumps(doc, indent=2, default=str) + "\n")

@@ -324,25 +324,24 @@ class LatentStats:
         :func:`pipelines.dashboard.latent_record` for what the dashboard adds), the examples'
         activations rounded to ``digits`` significant digits if given."""
         sl = slice(start, stop)
-        count = self.count_F[sl].tolist()
-        sums = self.sum_F[sl].tolist()
-        maxes = self.max_F[sl].tolist()
-        hist = self.hist_FH[sl].tolist()
-        top = _examples(self.top, sl, self.cfg.before, digits, order_by_act=False)
-        sample = _examples(self.sample, sl, self.cfg.before, digits, order_by_act=True)
-        out = []
-        for i, f in enumerate(range(start, stop)):
-            out.append({"latent": f, "count": count[i], "frequency": count[i] / self.tokens if self.tokens else 0.0,
-                        "mean": sums[i] / count[i] if count[i] else 0.0, "max": maxes[i], "histogram": hist[i],
-                        "top": top[i], "sample": sample[i]})
-        return out
+        frequency_F, mean_F = self._rates(sl)
+        columns = zip(self.count_F[sl].tolist(), frequency_F.tolist(), mean_F.tolist(), self.max_F[sl].tolist(),
+                      self.hist_FH[sl].tolist(), _examples(self.top, sl, self.cfg.before, digits, order_by_act=False),
+                      _examples(self.sample, sl, self.cfg.before, digits, order_by_act=True), strict=True)
+        return [{"latent": f, "count": count, "frequency": frequency, "mean": mean, "max": max_, "histogram": hist,
+                 "top": top, "sample": sample}
+                for f, (count, frequency, mean, max_, hist, top, sample) in zip(range(start, stop), columns, strict=True)]
 
     def summary(self) -> dict[str, list[float]]:
         """Frequency, mean and max of every latent (the dashboard's index)."""
-        count_F = self.count_F.double()
-        return {"frequency": (count_F / max(self.tokens, 1)).tolist(),
-                "mean": torch.where(count_F > 0, self.sum_F / count_F.clamp_min(1), 0.0).tolist(),
-                "max": self.max_F.tolist()}
+        frequency_F, mean_F = self._rates(slice(None))
+        return {"frequency": frequency_F.tolist(), "mean": mean_F.tolist(), "max": self.max_F.tolist()}
+
+    def _rates(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Firing frequency over the counted tokens and mean activation when firing (0 for a dead
+        latent), float64, of latents ``sl``."""
+        count_F = self.count_F[sl].double()
+        return count_F / max(self.tokens, 1), torch.where(count_F > 0, self.sum_F[sl] / count_F.clamp_min(1), 0.0)
 
 
 def round_significant(x: torch.Tensor, digits: int) -> torch.Tensor:

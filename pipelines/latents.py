@@ -45,6 +45,7 @@ from trainers.trainer import CHECKPOINT_DIR
 
 from . import dashboard
 from .capture import HookPoint
+from .files import write_json_atomic
 from .latent_stats import Batch, Latents, LatentStats, StatsConfig
 from .models import ModelLoadError, load_model, model_spec
 from .runs import RUN_KEY, open_run, run_record
@@ -289,10 +290,9 @@ def run_latents(cfg: LatentsConfig) -> LatentsResult:
         save(n_tokens)
         pass_seconds = time.perf_counter() - t_pass
 
-    summaries = write_dashboards(cfg, store, views, stats, tokenizer, device)
+    summaries = write_dashboards(cfg, views, stats, tokenizer, device)
     counted = next(iter(stats.values())).tokens
-    doc = {RUN_KEY: run_record(identity), "tokens": counted, "views": summaries}
-    dashboard.write_json(out / FINISHED_FILE, doc)
+    write_json_atomic(out / FINISHED_FILE, {RUN_KEY: run_record(identity), "tokens": counted, "views": summaries})
     return LatentsResult(out, counted, summaries, time.perf_counter() - t0, pass_seconds, resumed_from)
 
 
@@ -342,8 +342,8 @@ def logit_lens(views: list[View], model_name: str, k: int, device: torch.device)
     return out
 
 
-def write_dashboards(cfg: LatentsConfig, store: actstore.Store, views: list[View], stats: dict[str, LatentStats],
-                     tokenizer: Any, device: torch.device) -> list[dict[str, Any]]:
+def write_dashboards(cfg: LatentsConfig, views: list[View], stats: dict[str, LatentStats], tokenizer: Any,
+                     device: torch.device) -> list[dict[str, Any]]:
     """Each view's dashboard under ``out/<name>/`` and the page listing them."""
     out = Path(cfg.out)
     lens = logit_lens(views, cfg.model, cfg.logit_tokens, device) if cfg.model and cfg.logit_tokens else {}
@@ -361,9 +361,9 @@ def write_dashboards(cfg: LatentsConfig, store: actstore.Store, views: list[View
         shards = []
         for k in range(math.ceil(F / cfg.shard_size)):
             lo, hi = k * cfg.shard_size, min((k + 1) * cfg.shard_size, F)
-            logits = {name: t[lo:hi] for name, t in zip(("tv", "ti", "bv", "bi"), lens[v.name], strict=True)} \
-                if v.name in lens else None
-            records = [dashboard.latent_record(r, decode, logits, i) for i, r in enumerate(st.records(lo, hi, dashboard.DIGITS))]
+            logits = list(zip(*(t[lo:hi].tolist() for t in lens[v.name]), strict=True)) if v.name in lens else None
+            records = [dashboard.latent_record(r, decode, logits[i] if logits else None)
+                       for i, r in enumerate(st.records(lo, hi, dashboard.DIGITS))]
             shards.append((k, records))
         dashboard.write_dashboard(folder, index, shards)
         dead = sum(1 for f in summary["frequency"] if f == 0)
