@@ -90,3 +90,17 @@ def tiny_llama(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_gemma2(tmp_path_factory, tokenizer_dir):
     return _save_tiny("gemma2", tmp_path_factory.mktemp("tiny-gemma2"), tokenizer_dir)
+
+
+# ---- the reproduce scripts' shared store ------------------------------------------------------
+@pytest.fixture(scope="session")
+def reproduce_store(tmp_path_factory) -> str:
+    """The ``--quick`` store of ``benchmarks/reproduce_*.py`` (SmolLM2-135M, all 30 layers),
+    harvested once for the three scripts' tests."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from reproduce_common import shared_store
+
+    return shared_store(str(tmp_path_factory.mktemp("reproduce") / "store"), quick=True)
