@@ -457,6 +457,7 @@ def lora(
     layers: Annotated[str, typer.Option(help="Blocks to adapt: after (the blocks after the first SAE), all, or 10-29, 3,7,11.")] = "after",
     tokens: Annotated[str, typer.Option(help="Training tokens: 100k, 15M...")] = "1M",
     eval_tokens: Annotated[str, typer.Option(help="Held-out tokens measured before and after.")] = "32k",
+    eval_at: Annotated[str | None, typer.Option(help="Comma list of training-token counts below --tokens (24k,48k) at which the held-out evaluation also runs; each equals a run with that --tokens.")] = None,
     dataset: DatasetOpt = "builtin:python-docs",
     split: Annotated[str, typer.Option(help="Training split.")] = "train",
     eval_split: Annotated[str, typer.Option(help="Held-out split (local files have none: their first windows are held out).")] = "test",
@@ -484,9 +485,13 @@ def lora(
     from pipelines.text import TextConfig
 
     chosen = None if layers.strip() == "after" else parse_layers(layers, model_depth(model) if layers.strip() == "all" else None)
+    try:
+        budgets = tuple(parse_count(t) for t in eval_at.split(",") if t.strip()) if eval_at else ()
+    except ValueError as e:
+        raise ValueError(f"--eval-at {eval_at}: {e}") from None
     cfg = LoRAConfig(
         model=model, saes=tuple(sae), out=out, rank=rank, alpha=alpha, layers=chosen, tokens=parse_count(tokens),
-        eval_tokens=parse_count(eval_tokens), eval_split=eval_split, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        eval_tokens=parse_count(eval_tokens), eval_at=budgets, eval_split=eval_split, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         grad_clip=grad_clip, dropout=dropout, checkpoint_every=checkpoint_every, gradient_checkpointing=gradient_checkpointing,
         text=TextConfig(dataset=dataset, split=split, text_column=text_column, context_size=context_size, seed=seed),
         seed=seed, model_dtype=_model_dtype(model_dtype), device=device, progress=progress and not as_json,
@@ -497,7 +502,8 @@ def lora(
     if as_json:
         _print_json({"out": out, "layers": list(result.layers), "steps": result.steps, "tokens": result.tokens,
                      "before": result.before.to_json(), "after": result.after.to_json(),
-                     "ce_gap_closed": result.ce_gap_closed, "finished_before": result.finished_before})
+                     "ce_gap_closed": result.ce_gap_closed, "evals": [e.to_json() for e in result.evals],
+                     "finished_before": result.finished_before})
         return
     if result.finished_before:
         typer.echo(FINISHED.format(out=out))

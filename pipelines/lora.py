@@ -19,10 +19,20 @@ the SAEs, KL, L0 and FVU, and the CE gap closed::
 
     (ce_sae_before - ce_sae_after) / (ce_sae_before - ce_clean)
 
-printed and written to ``lora.json`` beside the peft adapter in ``--out``, last. Training
-checkpoints (adapter, optimiser, step: :mod:`trainers.checkpoint`, safetensors + JSON) go to
-``out/checkpoint`` every ``checkpoint_every`` steps. Both record the run's identity (every
-setting that changes the result, the model, and a digest of each SAE's files:
+printed and written to ``lora.json`` beside the peft adapter in ``--out``, last.
+
+``eval_at`` (``--eval-at``) also runs the held-out evaluation during training, after the step
+that reaches each of those training-token counts (the same measurement as the final one, the
+adapters in eval mode, then back to training). The learning rate is constant and the training
+windows and seed do not depend on ``tokens``, so the figures at ``T`` are those of a run with
+``tokens=T`` (tested): one run gives the CE gap closed at several budgets (arXiv 2501.19406
+plots it against training tokens). ``LoRAResult.evals`` and ``lora.json``'s ``"evals"``
+hold every evaluation after training, these and the final one (last, equal to ``after``);
+they are saved with each checkpoint, so a resumed run keeps those done before it stopped.
+
+Training checkpoints (adapter, optimiser, step, evaluations: :mod:`trainers.checkpoint`,
+safetensors + JSON) go to ``out/checkpoint`` every ``checkpoint_every`` steps. Both record the
+run's identity (every setting that changes the result, the model, and a digest of each SAE's files:
 :mod:`pipelines.runs`): rerunning the same command resumes from the last checkpoint and trains
 on exactly the windows an uninterrupted run would have, or, once the run is finished, changes
 nothing and reports its figures; another run's command is refused in one line.
@@ -112,8 +122,12 @@ class LoRAConfig:
     progress: bool = True
     overwrite: bool = False
     """Start again in an ``out`` that holds another (or the same) run, removing it."""
+    eval_at: tuple[int, ...] = ()
+    """Training-token counts (each below ``tokens``) after which the held-out evaluation also
+    runs; the figures at ``T`` equal a run's with ``tokens=T`` (module docstring)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "eval_at", tuple(sorted(set(self.eval_at))))
         if self.rank < 1:
             raise ValueError(f"--rank must be at least 1, got {self.rank}")
         if self.alpha <= 0 or self.lr <= 0:
@@ -122,20 +136,63 @@ class LoRAConfig:
             raise ValueError("--tokens, --eval-tokens and --batch-size must be positive")
         if self.grad_clip < 0 or self.weight_decay < 0 or not 0 <= self.dropout < 1 or self.checkpoint_every < 0:
             raise ValueError("--grad-clip, --weight-decay and --checkpoint-every must be >= 0 and --dropout in [0, 1)")
+        bad = [t for t in self.eval_at if not 0 < t < self.tokens]
+        if bad:
+            raise ValueError(f"--eval-at {','.join(map(str, bad))}: each value must be a training-token count above 0 "
+                             f"and below --tokens ({self.tokens:,}); drop it or raise --tokens")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.text.context_size
 
     @property
     def steps(self) -> int:
-        return math.ceil(self.tokens / (self.batch_size * self.text.context_size))
+        return math.ceil(self.tokens / self.tokens_per_step)
+
+    @property
+    def eval_steps(self) -> tuple[int, ...]:
+        """The steps after which ``eval_at`` evaluates: the first step reaching each count, as
+        ``steps`` rounds ``tokens`` up; one that is the last step is the final evaluation."""
+        return tuple(sorted({math.ceil(t / self.tokens_per_step) for t in self.eval_at} - {self.steps}))
 
     def settings(self) -> dict[str, Any]:
-        """The settings that change the result (what a resumed run must share with the checkpoint)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("out", "progress", "device", "checkpoint_every", "overwrite")}
+        """The settings that change the result (what a resumed run must share with the checkpoint).
+        ``eval_at`` only when given, so runs from before it existed keep their identity."""
+        skip = {"out", "progress", "device", "checkpoint_every", "overwrite"} | ({"eval_at"} if not self.eval_at else set())
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def identity(self) -> dict[str, Any]:
         """The run's identity (:mod:`pipelines.runs`): its settings, the model they name, and the
         SAEs' files (retraining an SAE in its folder makes another run)."""
         return {"settings": self.settings(), "model": model_identity(self.model),
                 "sae_files": [fingerprint(spec) for spec in self.saes]}
+
+
+def gap_closed(before: EvalResult, after: EvalResult) -> float:
+    """The CE gap closed, ``(ce_sae_before - ce_sae_after) / (ce_sae_before - ce_clean)`` (module
+    docstring); NaN when the SAEs left no gap."""
+    gap = before.ce_spliced - before.ce_clean
+    return (before.ce_spliced - after.ce_spliced) / gap if gap else float("nan")
+
+
+@dataclass(frozen=True)
+class LoRAEval:
+    """The held-out figures after ``steps`` optimiser steps: a run with ``tokens`` training
+    tokens would report the same."""
+
+    tokens: int
+    """Training tokens (whole steps)."""
+    steps: int
+    after: EvalResult
+    """As ``LoRAResult.after``: adapters on in the spliced and adapted passes."""
+    ce_gap_closed: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "steps": self.steps, "after": self.after.to_json(), "ce_gap_closed": self.ce_gap_closed}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LoRAEval:
+        return cls(d["tokens"], d["steps"], _eval_result(d["after"]), d["ce_gap_closed"])
 
 
 @dataclass(frozen=True)
@@ -148,14 +205,15 @@ class LoRAResult:
     tokens: int
     """Training tokens."""
     seconds: float
-    """Training time of this run (a resumed run: since the resume)."""
+    """Training time of this run (a resumed run: since the resume), ``eval_at``'s evaluations left out."""
     finished_before: bool = False
     """The run was already finished: nothing was trained or written, the figures are its ``lora.json``'s."""
+    evals: tuple[LoRAEval, ...] = ()
+    """Every held-out evaluation after training by step: ``eval_at``'s, then the final one (``after``)."""
 
     @property
     def ce_gap_closed(self) -> float:
-        gap = self.before.ce_spliced - self.before.ce_clean
-        return (self.before.ce_spliced - self.after.ce_spliced) / gap if gap else float("nan")
+        return gap_closed(self.before, self.after)
 
 
 def adapted_layers(saes: list[LoadedSAE], n_layers: int, layers: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -199,6 +257,10 @@ class LoRATrainer:
         self.step = 0
         self.curve: list[tuple[int, float]] = []
         """(step, KL) after each step."""
+        self.evals: list[LoRAEval] = []
+        """The ``eval_at`` evaluations done so far."""
+        self.eval_seconds = 0.0
+        """Time spent in them since this process started."""
         self.exhausted = False
 
     def fit(self, on_step) -> None:
@@ -235,7 +297,7 @@ class LoRATrainer:
 
         checkpoint.save(folder, {
             "version": STATE_VERSION, "step": self.step, "curve": self.curve, "before": before.to_json(),
-            RUN_KEY: self.record,
+            "evals": [e.to_json() for e in self.evals], RUN_KEY: self.record,
             "adapter": get_peft_model_state_dict(self.model, save_embedding_layers=False), "optimizer": self.opt.state_dict(),
         })
 
@@ -249,6 +311,7 @@ class LoRATrainer:
         set_peft_model_state_dict(self.model, state["adapter"])
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.curve = state["step"], [tuple(x) for x in state["curve"]]
+        self.evals = [LoRAEval.from_json(e) for e in state.get("evals", [])]  # absent before eval_at existed
 
 
 def _eval_result(d: dict[str, Any]) -> EvalResult:
@@ -257,9 +320,24 @@ def _eval_result(d: dict[str, Any]) -> EvalResult:
 
 
 def _finished(out: Path, info: dict[str, Any]) -> LoRAResult:
-    """The result a finished run recorded in ``lora.json``."""
-    return LoRAResult(out, _eval_result(info["before"]), _eval_result(info["after"]), tuple(info["layers"]), info["steps"],
-                      info["tokens"], 0.0, finished_before=True)
+    """The result a finished run recorded in ``lora.json`` (one from before ``evals`` existed: the final one)."""
+    before, after = _eval_result(info["before"]), _eval_result(info["after"])
+    evals = tuple(LoRAEval.from_json(e) for e in info.get("evals", [])) or (
+        LoRAEval(info["tokens"], info["steps"], after, gap_closed(before, after)),)
+    return LoRAResult(out, before, after, tuple(info["layers"]), info["steps"], info["tokens"], 0.0, finished_before=True,
+                      evals=evals)
+
+
+def _evaluate(cfg: LoRAConfig, model: nn.Module, splicer: Splicer, held_out: list[np.ndarray], before: EvalResult,
+              step: int, progress: bool) -> LoRAEval:
+    """The held-out figures of the adapted model after ``step`` steps, adapters in eval mode
+    (the caller puts the model back in training mode to go on)."""
+    model.eval()
+    with progress_bar(progress, "eval after", len(held_out), unit="windows") as advance:
+        after = measure(model, splicer, held_out, batch_size=cfg.batch_size, zero=False, adapted=True,
+                        autocast=cfg.autocast, on_windows=advance)
+    after = replace(after, ce_zero=before.ce_zero)  # the base model's zero ablation: unchanged by the adapters
+    return LoRAEval(step * cfg.tokens_per_step, step, after, gap_closed(before, after))
 
 
 def train_lora(cfg: LoRAConfig) -> LoRAResult:
@@ -299,22 +377,24 @@ def train_lora(cfg: LoRAConfig) -> LoRAResult:
         # the windows an uninterrupted run would train on from here
         trainer.windows = itertools.islice(token_windows(cfg.text, lm.tokenizer), skip + trainer.step * cfg.batch_size, None)
         start_step, t0 = trainer.step, time.perf_counter()
-        tokens_per_step = cfg.batch_size * cfg.text.context_size
+        tokens_per_step = cfg.tokens_per_step
         with progress_bar(cfg.progress, "lora", cfg.steps * tokens_per_step, trainer.step * tokens_per_step) as advance:
             def on_step(t: LoRATrainer) -> None:
                 advance(t.step * tokens_per_step)
+                if t.step in cfg.eval_steps:  # no bar of its own: the training bar is live
+                    t_eval = time.perf_counter()
+                    t.evals.append(_evaluate(cfg, model, splicer, held_out, before, t.step, progress=False))
+                    model.train()
+                    t.eval_seconds += time.perf_counter() - t_eval
                 if cfg.checkpoint_every and t.step % cfg.checkpoint_every == 0 and t.step < cfg.steps:
                     t.save_checkpoint(out / CHECKPOINT_DIR, before)
 
             out.mkdir(parents=True, exist_ok=True)
             trainer.fit(on_step)
-        seconds = time.perf_counter() - t0
-        model.eval()
-        with progress_bar(cfg.progress, "eval after", len(held_out), unit="windows") as advance:
-            after = measure(model, splicer, held_out, batch_size=cfg.batch_size, zero=False, adapted=True,
-                            autocast=cfg.autocast, on_windows=advance)
-    after = replace(after, ce_zero=before.ce_zero)  # the base model's zero ablation: unchanged by the adapters
-    result = LoRAResult(out, before, after, layers, trainer.step, trainer.step * tokens_per_step, seconds)
+        seconds = time.perf_counter() - t0 - trainer.eval_seconds
+        final = _evaluate(cfg, model, splicer, held_out, before, trainer.step, cfg.progress)
+    evals = (*(e for e in trainer.evals if e.steps < final.steps), final)
+    result = LoRAResult(out, before, final.after, layers, trainer.step, trainer.step * tokens_per_step, seconds, evals=evals)
     log.info("trained %d steps in %.0f s (%.0f tokens/s)", trainer.step - start_step, seconds,
              (trainer.step - start_step) * tokens_per_step / max(seconds, 1e-9))
     _save(result, cfg, model, saes, trainer)
@@ -341,7 +421,7 @@ def _save(result: LoRAResult, cfg: LoRAConfig, model: nn.Module, saes: list[Load
         "layers": list(result.layers), "steps": result.steps, "tokens": result.tokens,
         "text_ran_out": trainer.exhausted, "settings": {k: v for k, v in cfg.settings().items() if k != "model"},
         "before": result.before.to_json(), "after": result.after.to_json(), "ce_gap_closed": result.ce_gap_closed,
-        "curve": trainer.curve, RUN_KEY: trainer.record,
+        "evals": [e.to_json() for e in result.evals], "curve": trainer.curve, RUN_KEY: trainer.record,
     }
     write_json_atomic(out / ADAPTER_INFO, info)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)

@@ -202,18 +202,27 @@ def latents_table(result: LatentsResult) -> Table:
 
 
 def before_after_table(result: LoRAResult, title: str) -> Table:
-    """``actstore lora``: the held-out figures before and after the finetune."""
-    before, after = result.before, result.after
+    """``actstore lora``: the held-out figures before and after the finetune, with a column
+    for each ``--eval-at`` evaluation during it and the CE gap closed at each."""
+    before = result.before
+    during = [(f"after {e.tokens:,}", e.after, e.ce_gap_closed) for e in result.evals[:-1]]
+    columns = [*during, ("after", result.after, result.ce_gap_closed)]
     table = Table(title=f"{title} ({before.tokens:,} held-out positions)", title_justify="left")
-    for col in ("", "before", "after"):
+    for col in ("", "before", *(name for name, _, _ in columns)):
         table.add_column(col, justify="left" if not col else "right")
-    rows = [("CE clean", before.ce_clean, after.ce_clean), ("CE with SAEs", before.ce_spliced, after.ce_spliced),
-            ("CE gap", before.delta_loss, after.delta_loss), ("KL(p_clean || p_SAE)", before.kl, after.kl),
-            ("CE adapted, no SAE", before.ce_clean, after.ce_adapted)]
-    for s_before, s_after in zip(before.splices, after.splices, strict=True):
-        rows += [(f"L0 at {s_before.hook}", s_before.l0, s_after.l0), (f"FVU at {s_before.hook}", s_before.fvu, s_after.fvu)]
-    for name, b, a in rows:
-        table.add_row(name, f"{b:.4f}", "-" if a is None else f"{a:.4f}")
+    afters = [a for _, a, _ in columns]
+    rows = [("CE clean", before.ce_clean, [a.ce_clean for a in afters]),
+            ("CE with SAEs", before.ce_spliced, [a.ce_spliced for a in afters]),
+            ("CE gap", before.delta_loss, [a.delta_loss for a in afters]),
+            ("KL(p_clean || p_SAE)", before.kl, [a.kl for a in afters]),
+            ("CE adapted, no SAE", before.ce_clean, [a.ce_adapted for a in afters])]
+    for i, s_before in enumerate(before.splices):
+        rows += [(f"L0 at {s_before.hook}", s_before.l0, [a.splices[i].l0 for a in afters]),
+                 (f"FVU at {s_before.hook}", s_before.fvu, [a.splices[i].fvu for a in afters])]
+    for name, b, values in rows:
+        table.add_row(name, f"{b:.4f}", *("-" if v is None else f"{v:.4f}" for v in values))
+    if during:
+        table.add_row("CE gap closed", "", *(f"{gap:.1%}" for _, _, gap in columns))
     return table
 
 

@@ -3,7 +3,8 @@
 The spliced figures are checked against a plain reference (a hand-written forward hook and
 torch's own cross-entropy and KL), perfect SAEs must change nothing at every hook site (Llama
 and Gemma-2 wiring), LoRA must train only the blocks after the SAE, lower the KL, save an
-adapter that ``eval --adapter`` reproduces, and resume exactly from a checkpoint.
+adapter that ``eval --adapter`` reproduces, and resume exactly from a checkpoint; ``eval_at``'s
+evaluations during training must equal a shorter run's final ones and survive a resume.
 """
 
 from __future__ import annotations
@@ -410,3 +411,99 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, tiny_llama, mo
     assert recomputed.after.ce_spliced == pytest.approx(plain.after.ce_spliced, rel=1e-5)
     curves = [np.array(json.loads((tmp_path / run / "lora.json").read_text())["curve"]) for run in ("plain", "ckpt")]
     np.testing.assert_allclose(curves[1], curves[0], rtol=1e-5)
+
+
+# ---- evaluations during training (--eval-at) -------------------------------------------------
+STEP = 4 * 32  # lora_cfg's tokens per step
+
+
+def test_eval_at_gives_the_figures_of_a_run_with_that_many_tokens(tmp_path, tiny_llama):
+    sae_dir = save_sae(tmp_path / "sae", "blocks.1.hook_resid_post")
+    # LoRA dropout on: an evaluation that left the adapters in eval mode or drew random numbers would show
+    long = train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "long", tokens=6 * STEP, eval_at=(3 * STEP + 1, 2 * STEP),
+                               dropout=0.1))
+    short = train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "short", tokens=2 * STEP, dropout=0.1))
+    assert [(e.steps, e.tokens) for e in long.evals] == [(2, 2 * STEP), (4, 4 * STEP), (6, 6 * STEP)]  # 3 steps + 1 token: 4
+    at_two, final = long.evals[0], long.evals[-1]
+    for name in ("ce_spliced", "ce_adapted", "kl"):
+        assert getattr(at_two.after, name) == pytest.approx(getattr(short.after, name), rel=1e-5), name
+    assert at_two.ce_gap_closed == pytest.approx(short.ce_gap_closed, rel=1e-4)
+    assert at_two.after.ce_zero == long.before.ce_zero and at_two.after.splices[0].l0 == pytest.approx(8.0)
+    assert final.after == long.after and final.ce_gap_closed == long.ce_gap_closed
+    assert at_two.after.kl != pytest.approx(long.after.kl, rel=1e-3)  # training went on
+    assert [(e.steps, e.after) for e in short.evals] == [(2, short.after)]  # without eval_at: the final one alone
+
+    info = json.loads((tmp_path / "long" / "lora.json").read_text())
+    assert info["evals"] == json.loads(json.dumps([e.to_json() for e in long.evals]))
+    assert info["settings"]["eval_at"] == [2 * STEP, 3 * STEP + 1]
+    assert "eval_at" not in json.loads((tmp_path / "short" / "lora.json").read_text())["settings"]  # old runs' identity kept
+    again = train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "long", tokens=6 * STEP, eval_at=(2 * STEP, 3 * STEP + 1),
+                                dropout=0.1))
+    assert again.finished_before and again.evals == long.evals
+
+
+def test_a_resumed_run_keeps_the_evaluations_done_before_the_kill(tmp_path, tiny_llama, monkeypatch):
+    from pipelines import lora as lora_module
+    from trainers import checkpoint
+
+    sae_dir = save_sae(tmp_path / "sae", "blocks.1.hook_resid_post")
+    cfg = lora_cfg(tiny_llama, sae_dir, tmp_path / "lora", tokens=6 * STEP, eval_at=(2 * STEP,), checkpoint_every=3)
+    real_fit = LoRATrainer.fit
+
+    def fit_dying_after_step_4(self, on_step):  # evaluated at 2, checkpointed at 3, killed at 4
+        def dying(trainer):
+            on_step(trainer)
+            if trainer.step == 4:
+                raise KeyboardInterrupt
+
+        return real_fit(self, dying)
+
+    monkeypatch.setattr(LoRATrainer, "fit", fit_dying_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(cfg)
+    saved = checkpoint.read_state(tmp_path / "lora" / "checkpoint")
+    assert saved["step"] == 3 and [e["steps"] for e in saved["evals"]] == [2]
+    monkeypatch.setattr(LoRATrainer, "fit", real_fit)
+    steps_evaluated = []
+    real_evaluate = lora_module._evaluate
+
+    def counting(*args, **kwargs):
+        result = real_evaluate(*args, **kwargs)
+        steps_evaluated.append(result.steps)
+        return result
+
+    monkeypatch.setattr(lora_module, "_evaluate", counting)
+    resumed = train_lora(cfg)
+    assert steps_evaluated == [6]  # the evaluation at step 2 came from the checkpoint
+    assert [e.steps for e in resumed.evals] == [2, 6]
+    assert json.loads(json.dumps(resumed.evals[0].to_json())) == saved["evals"][0]
+
+
+def test_eval_at_must_lie_inside_the_run(tmp_path, tiny_llama):
+    for bad in ((0,), (STEP, 8 * STEP), (-5,)):
+        with pytest.raises(ValueError, match=r"^--eval-at .*below --tokens \(1,024\); drop it or raise --tokens$"):
+            lora_cfg(tiny_llama, "-", tmp_path / "x", eval_at=bad)
+    assert "eval_at" not in lora_cfg(tiny_llama, "-", tmp_path / "x").settings()
+    assert lora_cfg(tiny_llama, "-", tmp_path / "x", eval_at=(STEP, 2 * STEP)).settings()["eval_at"] == (STEP, 2 * STEP)
+    sae_dir = save_sae(tmp_path / "sae", "blocks.1.hook_resid_post")
+    base = ["lora", "--model", str(tiny_llama), "--sae", sae_dir, "--out", str(tmp_path / "l"), "--tokens", "256"]
+    one_line_error(run_cli(*base, "--eval-at", "128,abc"), "--eval-at 128,abc", "cannot read a count from 'abc'")
+    one_line_error(run_cli(*base, "--eval-at", "0"), "--eval-at 0", "not a positive whole count")
+    one_line_error(run_cli(*base, "--eval-at", "64,256"), "--eval-at 256", "below --tokens (256)")
+    assert not (tmp_path / "l").exists()
+
+
+def test_lora_cli_eval_at(tmp_path, tiny_llama):
+    sae_dir = save_sae(tmp_path / "sae", "blocks.1.hook_resid_post")
+    args = ["lora", "--model", str(tiny_llama), "--sae", sae_dir, "--out", str(tmp_path / "lora"), "--tokens", "256",
+            "--eval-at", "64", "--eval-tokens", "64", "--context-size", "32", "--rank", "4", "--model-dtype", "float32"]
+    run = run_cli(*args, "--no-progress")
+    assert run.exit_code == 0, (run.stderr[-2000:], run.exception)
+    table = [line for line in run.stdout.splitlines() if "after 128" in line or "CE gap closed" in line]
+    assert len(table) == 3 and "after 128" in table[0], run.stdout  # a column per evaluation; the gap closed at each
+    again = run_cli(*args, "--json")
+    assert again.exit_code == 0, (again.stderr[-2000:], again.exception)
+    summary = json.loads(again.stdout)
+    assert summary["finished_before"] and [(e["steps"], e["tokens"]) for e in summary["evals"]] == [(1, 128), (2, 256)]
+    assert summary["evals"][-1]["after"] == summary["after"]
+    assert summary["evals"][-1]["ce_gap_closed"] == pytest.approx(summary["ce_gap_closed"])
