@@ -3,11 +3,12 @@
 #   make test   virtualenv + install + the whole test suite (slow tests included)
 #   make test-fast  the same without the tests marked slow (SmolLM2, torchrun, kill -9, demo)
 #   make bench  every benchmark, one after the other, then one table of their figures
+#   make reproduce  the three seed papers' headline figures (docs/figures/), from one harvested store
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test test-fast demo bench lint clean
+.PHONY: setup test test-fast demo bench reproduce lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -33,6 +34,12 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# each script harvests the shared store (runs/reproduce/store) when it is missing and resumes after a kill
+reproduce: setup
+	$(PY) benchmarks/reproduce_jumprelu.py
+	$(PY) benchmarks/reproduce_groups.py
+	$(PY) benchmarks/reproduce_lora.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
