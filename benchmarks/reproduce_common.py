@@ -12,7 +12,8 @@ when it is there (``harvest`` resumes a partial store and does nothing to a fini
 Delta CE loss (``actstore eval``'s figure; Rajamanoharan et al. 2024, arXiv 2407.14435, §5.1):
 the mean next-token CE on held-out windows (the corpus' test split) with the SAE's
 reconstruction spliced in for its activation, minus the model's own CE on the same windows.
-:func:`spliced_ce` computes the clean CE once and one spliced pass per SAE
+:func:`spliced_ce` computes the clean CE once and one spliced pass per SAE (:class:`DeltaCE`
+caches them by SAE folder)
 (:class:`pipelines.splice.Splicer`: the BOS position keeps its activation, as in ``actstore
 eval``); it is tested equal to :func:`pipelines.evaluate.measure`.
 """
@@ -100,6 +101,13 @@ def shared_store(url: str, quick: bool, model=None, log=print) -> str:
     return url
 
 
+def resid_post(layer: int) -> str:
+    """The store's hook of block ``layer``'s residual stream."""
+    from pipelines.capture import hook_name
+
+    return hook_name(layer, "resid_post")
+
+
 def held_out_windows(tokenizer: Any, tokens: int) -> list[np.ndarray]:
     """The first ``tokens`` of the corpus' test split in windows of ``CONTEXT`` (``actstore eval``'s text)."""
     from pipelines.text import TextConfig, take_windows
@@ -108,19 +116,23 @@ def held_out_windows(tokenizer: Any, tokens: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def clean_ce(model: torch.nn.Module, windows: Sequence[np.ndarray], batch_size: int = 4) -> float:
-    """Mean next-token CE of ``model`` as it is (adapters and hooks included) on ``windows``."""
+def mean_ce(model: torch.nn.Module, windows: Sequence[np.ndarray], batch_size: int = 4, splicer: Any = None) -> float:
+    """Mean next-token CE of ``model`` on ``windows``: as it is, or with ``splicer``'s SAEs spliced in."""
     device = next(model.parameters()).device
     total, n = 0.0, 0
     for start in range(0, len(windows), batch_size):
         ids_BT = torch.from_numpy(np.stack(windows[start:start + batch_size])).to(device)
-        logits_BTV = model(input_ids=ids_BT, use_cache=False).logits
+        if splicer is None:
+            logits_BTV = model(input_ids=ids_BT, use_cache=False).logits
+        else:
+            splicer.set_inputs(ids_BT)
+            with splicer.mode("sae", measure=True):
+                logits_BTV = model(input_ids=ids_BT, use_cache=False).logits
         total += float(F.cross_entropy(logits_BTV[:, :-1].flatten(0, 1).float(), ids_BT[:, 1:].reshape(-1), reduction="sum"))
         n += ids_BT[:, 1:].numel()
     return total / n
 
 
-@torch.no_grad()
 def spliced_ce(lm: Any, windows: Sequence[np.ndarray], splices: Sequence[Sequence[str]], batch_size: int = 4,
                clean: float | None = None) -> tuple[float, list[dict[str, float]]]:
     """The clean CE (once; or ``clean`` when given) and, for each entry of ``splices`` (SAE specs
@@ -128,23 +140,13 @@ def spliced_ce(lm: Any, windows: Sequence[np.ndarray], splices: Sequence[Sequenc
     from pipelines.evaluate import load_saes
     from pipelines.splice import Splicer
 
-    ce0 = clean_ce(lm.model, windows, batch_size) if clean is None else clean
-    device = next(lm.model.parameters()).device
+    ce0 = mean_ce(lm.model, windows, batch_size) if clean is None else clean
     rows = []
     for specs in splices:
         saes = load_saes(list(specs), lm.model, MODEL)
-        total, n = 0.0, 0
         with Splicer(lm.model, saes, lm.tokenizer.bos_token_id) as splicer:
-            for start in range(0, len(windows), batch_size):
-                ids_BT = torch.from_numpy(np.stack(windows[start:start + batch_size])).to(device)
-                splicer.set_inputs(ids_BT)
-                with splicer.mode("sae", measure=True):
-                    logits_BTV = lm.model(input_ids=ids_BT, use_cache=False).logits
-                total += float(F.cross_entropy(logits_BTV[:, :-1].flatten(0, 1).float(), ids_BT[:, 1:].reshape(-1),
-                                               reduction="sum"))
-                n += ids_BT[:, 1:].numel()
+            ce = mean_ce(lm.model, windows, batch_size, splicer)
             stats = list(splicer.stats.values())
-        ce = total / n
         rows.append({"ce_spliced": ce, "delta_ce": ce - ce0, "l0": float(np.mean([s.l0 for s in stats])),
                      "fvu": float(np.mean([s.fvu for s in stats]))})
         del saes
@@ -167,27 +169,52 @@ class Cache:
         return value
 
 
-def interpolate_loglog(points: Sequence[tuple[float, float]], x: float) -> float | None:
-    """y at ``x`` on the piecewise log-log line through ``points`` (x, y > 0), None outside their x range."""
-    pts = sorted((px, py) for px, py in points if px > 0 and py > 0)
+class DeltaCE:
+    """Delta CE of SAEs spliced one at a time on ``tokens`` held-out tokens, cached in ``cache`` by
+    SAE folder (relative to ``root``) with the clean CE; the model loads on the first figure not
+    in the cache, so a finished rerun loads nothing."""
+
+    def __init__(self, root: Path, cache: Cache, tokens: int, log=print):
+        self.root, self.cache, self.tokens, self.log = root, cache, tokens, log
+        self.lm: Any = None
+        self.windows: list[Any] = []
+
+    def _model(self) -> Any:
+        if self.lm is None:
+            from pipelines.models import load_model
+
+            self.log(f"loading {MODEL} for delta CE on {self.tokens:,} held-out tokens ...")
+            self.lm = load_model(MODEL)
+            self.windows = held_out_windows(self.lm.tokenizer, self.tokens)
+        return self.lm
+
+    def clean(self) -> float:
+        key = f"clean_ce/{self.tokens}"
+        if self.cache.get(key) is None:
+            self.cache.put(key, mean_ce(self._model().model, self.windows))
+        return self.cache.get(key)
+
+    def __call__(self, sae: str) -> dict[str, float]:
+        """``spliced_ce``'s figures of the SAE in ``root / sae``."""
+        key = f"delta_ce/{self.tokens}/{sae}"
+        if self.cache.get(key) is None:
+            clean = self.clean()
+            self.cache.put(key, spliced_ce(self._model(), self.windows, [[str(self.root / sae)]], clean=clean)[1][0])
+        return self.cache.get(key)
+
+
+def interpolate(points: Sequence[tuple[float, float]], x: float, log_y: bool = True) -> float | None:
+    """y at ``x`` on the piecewise line through ``points`` in (log x, log y), or in (log x, y)
+    with ``log_y=False`` for figures that may be zero or negative (delta CE); None outside their
+    x range."""
+    pts = sorted((px, py) for px, py in points if px > 0 and (py > 0 or not log_y))
     for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
         if x0 <= x <= x1:
             if x1 == x0:
                 return y0
             t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
-    return None
-
-
-def interpolate_lin_logx(points: Sequence[tuple[float, float]], x: float) -> float | None:
-    """y at ``x`` on the piecewise line through ``points`` in (log x, y); for figures that may be
-    zero or negative (delta CE). None outside their x range."""
-    pts = sorted((px, py) for px, py in points if px > 0)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
-        if x0 <= x <= x1:
-            if x1 == x0:
-                return y0
-            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            if log_y:
+                return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
             return y0 + t * (y1 - y0)
     return None
 

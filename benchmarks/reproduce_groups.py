@@ -61,11 +61,11 @@ from reproduce_common import (  # noqa: E402
     MODEL,
     N_LAYERS,
     Cache,
+    DeltaCE,
     Paths,
-    held_out_windows,
     parse,
+    resid_post,
     shared_store,
-    spliced_ce,
     write_figures,
 )
 from rich.console import Console  # noqa: E402
@@ -152,7 +152,7 @@ def add_arguments(p) -> None:
 
 
 def hooks_of(s: Settings) -> list[str]:
-    return [f"blocks.{i}.hook_resid_post" for i in range(0, N_LAYERS, s.layer_stride)]
+    return [resid_post(i) for i in range(0, N_LAYERS, s.layer_stride)]
 
 
 def layer_groups(paths: Paths, s: Settings, hooks: list[str], cache: Cache) -> LayerGroups:
@@ -160,10 +160,7 @@ def layer_groups(paths: Paths, s: Settings, hooks: list[str], cache: Cache) -> L
     identity = {"store": paths.store, "hooks": hooks, "tokens": s.amad_tokens, "threshold": s.amad_threshold}
     saved = cache.get("groups")
     if saved and saved["identity"] == identity:
-        doc = saved["result"]
-        return LayerGroups(hooks=doc["hooks"], tokens=doc["tokens"], distances=doc["distances"],
-                           amad={int(g): v for g, v in doc["amad"].items()}, chosen=doc["chosen"], rule=doc["rule"],
-                           groups=doc["groups"], partitions={int(g): p for g, p in doc["partitions"].items()})
+        return LayerGroups.from_json(saved["result"])
     result = find_groups(GroupsConfig(store=paths.store, hooks=tuple(hooks), tokens=s.amad_tokens,
                                       amad_threshold=s.amad_threshold))
     cache.put("groups", {"identity": identity, "result": result.to_json()})
@@ -222,40 +219,6 @@ def train_set(base: TrainSAEConfig, name: str, groups: list[list[str]], out: Pat
     n = len(groups)
     log(f"  {name}: {n} SAEs, {base.tokens:,} tokens each" + (f", {seconds:.0f} s" if seconds is not None else ""))
     return SetResult(name, groups, layers, seconds, n * base.tokens, n * base.tokens * 6.0 * 2 * d_in * d_sae)
-
-
-class DeltaCE:
-    """Delta CE of single SAEs spliced one at a time, cached by SAE folder; the model loads on
-    the first figure not in the cache (a finished rerun loads nothing)."""
-
-    def __init__(self, root: Path, cache: Cache, tokens: int, log):
-        self.root, self.cache, self.tokens, self.log = root, cache, tokens, log
-        self.lm: Any = None
-        self.windows: list[Any] = []
-
-    def _load(self) -> None:
-        from pipelines.models import load_model
-
-        self.log(f"loading {MODEL} for delta CE on {self.tokens:,} held-out tokens ...")
-        self.lm = load_model(MODEL)
-        self.windows = held_out_windows(self.lm.tokenizer, self.tokens)
-
-    def clean(self) -> float:
-        key = f"clean_ce/{self.tokens}"
-        if self.cache.get(key) is None:
-            if self.lm is None:
-                self._load()
-            self.cache.put(key, spliced_ce(self.lm, self.windows, [])[0])
-        return self.cache.get(key)
-
-    def __call__(self, sae: str) -> dict[str, float]:
-        key = f"delta_ce/{self.tokens}/{sae}"
-        if self.cache.get(key) is None:
-            clean = self.clean()
-            if self.lm is None:
-                self._load()
-            self.cache.put(key, spliced_ce(self.lm, self.windows, [[str(self.root / sae)]], clean=clean)[1][0])
-        return self.cache.get(key)
 
 
 def measure_delta_ce(sets: dict[str, SetResult], hooks: list[str], delta: DeltaCE) -> dict[str, Any]:

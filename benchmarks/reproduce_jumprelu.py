@@ -47,12 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_common import (  # noqa: E402
     MODEL,
     Cache,
-    held_out_windows,
-    interpolate_lin_logx,
-    interpolate_loglog,
+    DeltaCE,
+    interpolate,
     parse,
+    resid_post,
     shared_store,
-    spliced_ce,
     write_figures,
 )
 from rich.console import Console  # noqa: E402
@@ -120,7 +119,7 @@ def train(store: str, out: Path, settings: dict[str, Any], console: Console) -> 
     whether it was finished before."""
     from pipelines.train import TrainSAEConfig, train_sae
 
-    hook = f"blocks.{LAYER}.hook_resid_post"
+    hook = resid_post(LAYER)
     entries = sweep(settings)
     console.print(f"training {len(entries)} SAEs on {hook}, {settings['tokens']:,} tokens, one read of the store per batch ...")
     t = time.perf_counter()
@@ -130,22 +129,12 @@ def train(store: str, out: Path, settings: dict[str, Any], console: Console) -> 
     return result.rows, time.perf_counter() - t, result.finished_before
 
 
-def delta_ce(rows: list[dict[str, Any]], out: Path, settings: dict[str, Any], console: Console) -> dict[str, dict[str, float]]:
-    """Every SAE's spliced figures by name (cached in ``spliced.json``)."""
-    cache = Cache(out / "spliced.json")
-    todo = [r["name"] for r in rows if cache.get(r["name"]) is None]
+def delta_ce(rows: list[dict[str, Any]], delta: DeltaCE, console: Console) -> dict[str, dict[str, float]]:
+    """Every SAE's spliced figures by name (cached by :class:`reproduce_common.DeltaCE`)."""
+    todo = [r["name"] for r in rows if delta.cache.get(f"delta_ce/{delta.tokens}/sweep/{r['name']}") is None]
     if todo:
-        from pipelines.models import load_model
-
-        console.print(f"delta CE: {len(todo)} SAEs spliced into {MODEL} on {settings['ce_tokens']:,} held-out tokens ...")
-        lm = load_model(MODEL, device="cpu")
-        windows = held_out_windows(lm.tokenizer, settings["ce_tokens"])
-        clean = cache.get("__clean__")
-        for name in todo:
-            clean, (row,) = spliced_ce(lm, windows, [[str(out / "sweep" / name)]], clean=clean)
-            cache.put("__clean__", clean)
-            cache.put(name, row)
-    return {r["name"]: cache.get(r["name"]) for r in rows}
+        console.print(f"delta CE: {len(todo)} SAEs spliced into {MODEL} on {delta.tokens:,} held-out tokens ...")
+    return {r["name"]: delta(f"sweep/{r['name']}") for r in rows}
 
 
 def points(rows: list[dict[str, Any]], spliced: dict[str, dict[str, float]]) -> dict[str, list[dict[str, float]]]:
@@ -160,8 +149,8 @@ def points(rows: list[dict[str, Any]], spliced: dict[str, dict[str, float]]) -> 
 
 def matched(curves: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, dict[str, float | None]]]:
     """FVU (log-log) and delta CE (log L0) of each architecture at each of ``MATCHED_L0``."""
-    return {str(l0): {a: {"fvu": interpolate_loglog([(p["l0"], p["fvu"]) for p in pts], l0),
-                          "delta_ce": interpolate_lin_logx([(p["l0"], p["delta_ce"]) for p in pts], l0)}
+    return {str(l0): {a: {"fvu": interpolate([(p["l0"], p["fvu"]) for p in pts], l0),
+                          "delta_ce": interpolate([(p["l0"], p["delta_ce"]) for p in pts], l0, log_y=False)}
                       for a, pts in curves.items()} for l0 in MATCHED_L0}
 
 
@@ -225,19 +214,20 @@ def main() -> None:
     timings = Cache(paths.out / "timings.json")
     if not finished_before:
         timings.put("train_seconds", seconds)
-    spliced = delta_ce(rows, paths.out, settings, console)
+    delta = DeltaCE(paths.out, Cache(paths.out / "spliced.json"), settings["ce_tokens"], console.print)
+    spliced = delta_ce(rows, delta, console)
     curves = points(rows, spliced)
     table = matched(curves)
     order = orderings(table)
     show(console, curves, table, order)
     n = len(rows)
-    title = (f"SmolLM2-135M blocks.{LAYER}.hook_resid_post: {n} SAEs ({settings['expansion']}x, {settings['tokens']:,} tokens "
+    title = (f"SmolLM2-135M {resid_post(LAYER)}: {n} SAEs ({settings['expansion']}x, {settings['tokens']:,} tokens "
              f"each, one sweep){' [quick]' if paths.quick else ''}")
     agree = [l0 for l0, o in order.items() if o["matches_paper"]]
     figures = {
-        "hook": f"blocks.{LAYER}.hook_resid_post", "settings": {**settings, "sparsity": {a: list(v) for a, v in settings["sparsity"].items()}},
+        "hook": resid_post(LAYER), "settings": {**settings, "sparsity": {a: list(v) for a, v in settings["sparsity"].items()}},
         "jumprelu": {"bandwidth": JUMPRELU_BANDWIDTH, "init_threshold": JUMPRELU_INIT_THRESHOLD},
-        "clean_ce": Cache(paths.out / "spliced.json").get("__clean__"), "curves": curves, "fvu_at_l0": table, "order": order,
+        "clean_ce": delta.clean(), "curves": curves, "fvu_at_l0": table, "order": order,
         "paper": {"claim": "at matched L0, JumpReLU reconstructs at least as well as TopK, both better than Gated "
                            "(Gemma 2 9B, arXiv 2407.14435 §5.1); Gated better than ReLU (arXiv 2404.16014)",
                   "order_best_first": list(PAPER_ORDER)},

@@ -49,6 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_common import CONTEXT, MODEL, Cache, parse, shared_store, write_figures  # noqa: E402
+from reproduce_common import resid_post as hook  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -79,10 +80,6 @@ PAPER = {
 """What the paper reports (its abstract and setup; the rank and token curves of its figures are
 read here for their direction only: the gap closed grows with training tokens and rank)."""
 COLORS = {"1 SAE": "tab:blue", "3 SAEs": "tab:red", "rank": "tab:green"}
-
-
-def hook(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -102,6 +102,12 @@ class LayerGroups:
         out["partitions"] = {str(g): v for g, v in self.partitions.items()}
         return out
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> LayerGroups:
+        """The inverse of :meth:`to_json` (JSON keys are strings; G is an int again)."""
+        return cls(**{**doc, "amad": {int(g): v for g, v in doc["amad"].items()},
+                      "partitions": {int(g): p for g, p in doc.get("partitions", {}).items()}})
+
 
 def layer_distances(store: actstore.Store, hooks: list[str], cfg: GroupsConfig) -> tuple[np.ndarray, int]:
     """``d [H, H]`` over a shuffled sample of up to ``cfg.tokens`` tokens, and how many were used.

@@ -217,3 +217,17 @@ def check_topk_sparse_step(d_in: int, d_sae: int, recon_tol: dict | None = None,
         torch.testing.assert_close(p.grad, q.grad, msg=name, atol=1e-5, rtol=1e-4)
     for (name, p), q in zip(fast.named_buffers(), ref.buffers(), strict=True):
         torch.testing.assert_close(p, q, msg=name)
+
+
+def run_reproduce(name: str, out: str | Path, store: str, timeout: float | None = None) -> tuple[Any, float]:
+    """``benchmarks/reproduce_<name>.py --quick --out OUT --store STORE`` in a fresh interpreter
+    from the repository root: the ``CompletedProcess`` (text output) and its wall-clock seconds."""
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(root / "benchmarks" / f"reproduce_{name}.py"), "--quick", "--out", str(out), "--store", store]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=timeout)
+    return done, time.perf_counter() - t

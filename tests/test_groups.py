@@ -14,6 +14,7 @@ import torch
 import actstore
 from pipelines.groups import (
     GroupsConfig,
+    LayerGroups,
     LayerSampled,
     amad,
     complete_linkage_partitions,
@@ -70,6 +71,8 @@ def test_distances_groups_and_amad_match_a_plain_reference(tmp_path):
     assert result.amad[1] == pytest.approx(want.max(), abs=1e-5)
     assert result.amad[2] == pytest.approx((want[0, 1] + want[2:, 2:].max()) / 2, abs=1e-5)
     assert list(result.amad) == [1, 2, 3, 4, 5] and all(len(result.partitions[g]) == g for g in result.amad)
+    # through JSON and back (reproduce_groups caches it so): the same result, G keys ints again
+    assert LayerGroups.from_json(json.loads(json.dumps(result.to_json()))) == result
 
 
 def test_complete_linkage_merges_by_the_largest_distance():

@@ -279,22 +279,29 @@ def test_the_teacher_is_the_base_model(tmp_path, tiny_llama):
     torch.testing.assert_close(teacher, base)
 
 
+def die_after_step(monkeypatch, step: int):
+    """Make ``LoRATrainer.fit`` raise KeyboardInterrupt (a kill) right after ``step``'s
+    callback; returns the real ``fit``."""
+    real_fit = LoRATrainer.fit
+
+    def fit_dying(self, on_step):
+        def dying(trainer):
+            on_step(trainer)
+            if trainer.step == step:
+                raise KeyboardInterrupt
+
+        return real_fit(self, dying)
+
+    monkeypatch.setattr(LoRATrainer, "fit", fit_dying)
+    return real_fit
+
+
 def test_lora_resumes_exactly_from_a_checkpoint(tmp_path, tiny_llama, monkeypatch):
     from safetensors.torch import load_file
 
     sae_dir = save_sae(tmp_path / "sae", "blocks.1.hook_resid_post")
     whole = train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "whole", checkpoint_every=3))
-    real_fit = LoRATrainer.fit
-
-    def fit_dying_after_step_4(self, on_step):  # step 3 checkpointed, step 4 lost
-        def dying(trainer):
-            on_step(trainer)
-            if trainer.step == 4:
-                raise KeyboardInterrupt
-
-        return real_fit(self, dying)
-
-    monkeypatch.setattr(LoRATrainer, "fit", fit_dying_after_step_4)
+    real_fit = die_after_step(monkeypatch, 4)  # step 3 checkpointed, step 4 lost
     with pytest.raises(KeyboardInterrupt):
         train_lora(lora_cfg(tiny_llama, sae_dir, tmp_path / "resumed", checkpoint_every=3))
     assert (tmp_path / "resumed" / "checkpoint" / "state.json").exists()
@@ -448,17 +455,7 @@ def test_a_resumed_run_keeps_the_evaluations_done_before_the_kill(tmp_path, tiny
 
     sae_dir = save_sae(tmp_path / "sae", "blocks.1.hook_resid_post")
     cfg = lora_cfg(tiny_llama, sae_dir, tmp_path / "lora", tokens=6 * STEP, eval_at=(2 * STEP,), checkpoint_every=3)
-    real_fit = LoRATrainer.fit
-
-    def fit_dying_after_step_4(self, on_step):  # evaluated at 2, checkpointed at 3, killed at 4
-        def dying(trainer):
-            on_step(trainer)
-            if trainer.step == 4:
-                raise KeyboardInterrupt
-
-        return real_fit(self, dying)
-
-    monkeypatch.setattr(LoRATrainer, "fit", fit_dying_after_step_4)
+    real_fit = die_after_step(monkeypatch, 4)  # evaluated at 2, checkpointed at 3, killed at 4
     with pytest.raises(KeyboardInterrupt):
         train_lora(cfg)
     saved = checkpoint.read_state(tmp_path / "lora" / "checkpoint")

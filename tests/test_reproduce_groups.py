@@ -7,18 +7,15 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "reproduce_groups.py"
+from tests.helpers import run_reproduce
 
 
 def _run(out: Path, store: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--store", store],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return run_reproduce("groups", out, store, timeout=900)[0]
 
 
 def _mtimes(folder: Path) -> dict[str, int]:

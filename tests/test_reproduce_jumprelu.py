@@ -6,29 +6,29 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_reproduce
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from reproduce_common import interpolate_lin_logx, interpolate_loglog  # noqa: E402
+from reproduce_common import interpolate  # noqa: E402
 from reproduce_jumprelu import ARCHS, MATCHED_L0, QUICK, matched, orderings  # noqa: E402
 
 
 def test_interpolation_by_hand():
     pts = [(10.0, 0.4), (40.0, 0.1)]
     # log-log: FVU ~ L0^-1 here, so at L0 20 it is 0.2
-    assert interpolate_loglog(pts, 20.0) == pytest.approx(0.2)
-    assert interpolate_loglog(pts, 10.0) == pytest.approx(0.4)
-    assert interpolate_loglog(pts, 5.0) is None and interpolate_loglog(pts, 41.0) is None
+    assert interpolate(pts, 20.0) == pytest.approx(0.2)
+    assert interpolate(pts, 10.0) == pytest.approx(0.4)
+    assert interpolate(pts, 5.0) is None and interpolate(pts, 41.0) is None
     # linear in log L0: halfway in log between 10 and 40 is 20
-    assert interpolate_lin_logx([(10.0, 1.0), (40.0, -1.0)], 20.0) == pytest.approx(0.0)
-    assert interpolate_loglog([(40.0, 0.1), (10.0, 0.4), (20.0, 0.3)], 15.0) == pytest.approx(
+    assert interpolate([(10.0, 1.0), (40.0, -1.0)], 20.0, log_y=False) == pytest.approx(0.0)
+    assert interpolate([(40.0, 0.1), (10.0, 0.4), (20.0, 0.3)], 15.0) == pytest.approx(
         math.exp(math.log(0.4) + math.log(1.5) / math.log(2) * math.log(0.3 / 0.4)))
 
 
@@ -54,11 +54,7 @@ def test_orderings_against_the_paper():
 @pytest.mark.slow
 def test_quick_run_end_to_end(reproduce_store, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "reproduce_jumprelu.py"), "--quick", "--out", str(out),
-           "--store", reproduce_store]
-    t = time.perf_counter()
-    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    t_first = time.perf_counter() - t
+    first, t_first = run_reproduce("jumprelu", out, reproduce_store)
     assert first.returncode == 0, first.stderr[-3000:]
     figures = out / "figures"
     assert (figures / "jumprelu.png").stat().st_size > 10_000
@@ -96,9 +92,7 @@ def test_quick_run_end_to_end(reproduce_store, tmp_path):
     # a rerun finds the finished sweep and the cached evaluations: nothing trained, same numbers
     summary = out / "jumprelu" / "sweep" / "summary.json"
     stamp = summary.stat().st_mtime_ns
-    t = time.perf_counter()
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    t_again = time.perf_counter() - t
+    again, t_again = run_reproduce("jumprelu", out, reproduce_store)
     assert again.returncode == 0, again.stderr[-3000:]
     redo = json.loads((figures / "jumprelu.json").read_text())
     assert redo["curves"] == doc["curves"] and redo["fvu_at_l0"] == doc["fvu_at_l0"]

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import folder_bytes
+from tests.helpers import folder_bytes, run_reproduce
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -40,10 +38,7 @@ def test_budgets_are_whole_steps_of_the_lora_tokens():
 @pytest.mark.slow
 def test_quick_run_end_to_end(reproduce_store, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "reproduce_lora.py"), "--quick", "--out", str(out), "--store", reproduce_store]
-    t = time.perf_counter()
-    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    t_first = time.perf_counter() - t
+    first, t_first = run_reproduce("lora", out, reproduce_store)
     assert first.returncode == 0, first.stderr[-3000:]
     figures = out / "figures"
     assert (figures / "lora.png").stat().st_size > 10_000
@@ -69,9 +64,7 @@ def test_quick_run_end_to_end(reproduce_store, tmp_path):
 
     # a rerun finds every run finished: nothing trained or written, the same numbers
     files = folder_bytes(out / "lora")
-    t = time.perf_counter()
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    t_again = time.perf_counter() - t
+    again, t_again = run_reproduce("lora", out, reproduce_store)
     assert again.returncode == 0, again.stderr[-3000:]
     redo = json.loads((figures / "lora.json").read_text())
     assert redo["points"] == points and redo["curves"] == curves and redo["headline"] == doc["headline"]
