@@ -269,8 +269,9 @@ def main() -> None:
     args, paths = parse(__doc__.split("\n")[0], "lora", add_arguments)
     try:
         s = settings(paths.quick, args.lora_tokens)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:  # one line, exit 2, nothing run (the project's rule for bad input)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     console = Console(width=None if sys.stdout.isatty() else 130)  # a log file keeps the table's columns whole
     t_all = time.perf_counter()
     store = shared_store(paths.store, paths.quick, log=console.print)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def test_budgets_are_whole_steps_of_the_lora_tokens():
         ("1 SAE", (15,), 64, 65_536, (16_384, 32_768)), ("rank", (15,), 4, 32_768, ()), ("rank", (15,), 16, 32_768, ()),
         ("3 SAEs", (6, 15, 24), 64, 65_536, (16_384, 32_768))]
     assert len(set(plan)) == 4 and len(set(lora_plan(paper_plan)) & set(plan)) == 0  # another budget: other folders
+
+
+def test_too_small_a_budget_is_one_line_and_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce_lora.py"), "--quick", "--lora-tokens", "2048",
+                           "--out", str(tmp_path), "--store", str(tmp_path / "none")], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --lora-tokens 2048: give at least 3,072 (3 steps of 1,024 tokens)"]
+    assert not (tmp_path / "none").exists()  # nothing harvested
 
 
 @pytest.mark.slow
